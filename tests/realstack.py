@@ -288,6 +288,7 @@ class Stack:
             self.user_id = self._create_user("alice")
             for _ in range(tailscaleds):
                 self.add_tailscaled()
+            self.wait_mesh()
             self._started = True
         except BaseException:
             self.stop()
@@ -482,6 +483,15 @@ class Stack:
                  "--timeout=60s", timeout=90)
         wait_for(lambda: node.status().get("BackendState") == "Running", 30,
                  f"tailscaled {node.name} Running")
+
+    def wait_mesh(self, timeout: float = 30) -> None:
+        """Poll until every tailscaled lists every other one as a peer."""
+        names = {t.name for t in self.tailscaleds}
+        for node in self.tailscaleds:
+            others = names - {node.name}
+            wait_for(lambda node=node, others=others: others <= {
+                p.get("HostName") for p in (node.status().get("Peer") or {}).values()},
+                timeout, f"{node.name} to see {sorted(others)}")
 
     def block_udp_between_nodes(self) -> None:
         """DERP-only: drop UDP on the bridge except to and from Headscale (STUN)."""

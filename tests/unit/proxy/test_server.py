@@ -1,0 +1,104 @@
+"""The proxies against a dialer that reaches loopback TCP servers."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+import trio.testing
+
+from trionet.errors import ConfigError
+from trionet.proxy import server, socks5
+
+
+class LoopbackDialer:
+    """Maps "tailnet" names to loopback ports; unknown names are a ConfigError."""
+
+    def __init__(self, names: dict[str, int]) -> None:
+        self.names = names
+
+    async def open_tcp_stream(self, host: str, port: int) -> trio.abc.Stream:
+        if host not in self.names:
+            raise ConfigError(f"unknown peer {host!r}")
+        return await trio.open_tcp_stream("127.0.0.1", self.names[host])
+
+    async def open_udp(self) -> server.UdpEndpoint:
+        raise NotImplementedError
+
+
+async def _echo_upper(stream: trio.SocketStream) -> None:
+    async for data in stream:
+        await stream.send_all(data.upper())
+
+
+async def _start_echo(nursery: trio.Nursery) -> int:
+    listeners = await nursery.start(partial(trio.serve_tcp, _echo_upper, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def _recv_exactly(stream: trio.abc.Stream, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = await stream.receive_some(n - len(out))
+        assert chunk, "closed early"
+        out += chunk
+    return out
+
+
+async def test_forward_pipes_both_ways(nursery: trio.Nursery) -> None:
+    echo = await _start_echo(nursery)
+    dialer = LoopbackDialer({"peer": echo})
+    port = await nursery.start(partial(server.serve_forward, 0, "peer", 80, dialer))
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    await client.send_all(b"hello")
+    assert await _recv_exactly(client, 5) == b"HELLO"
+    await client.aclose()
+
+
+async def test_socks5_connect_auth_and_unknown_host(nursery: trio.Nursery) -> None:
+    echo = await _start_echo(nursery)
+    dialer = LoopbackDialer({"peer": echo})
+    port = await nursery.start(partial(server.serve_socks5, 0, dialer, auth=("u", "p")))
+
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    await client.send_all(b"\x05\x01\x02")
+    assert await _recv_exactly(client, 2) == b"\x05\x02"
+    await client.send_all(b"\x01\x01u\x01p")
+    assert await _recv_exactly(client, 2) == b"\x01\x00"
+    await client.send_all(b"\x05\x01\x00" + socks5.encode_address("peer", 80) + b"early")
+    reply = await _recv_exactly(client, 10)
+    assert reply[1] == socks5.Reply.SUCCEEDED
+    assert await _recv_exactly(client, 5) == b"EARLY"
+    await client.aclose()
+
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    await client.send_all(b"\x05\x01\x02\x01\x01u\x01p\x05\x01\x00" + socks5.encode_address("nope", 1))
+    await _recv_exactly(client, 4)
+    reply = await _recv_exactly(client, 10)
+    assert reply[1] == socks5.Reply.HOST_UNREACHABLE
+
+    bad = await trio.open_tcp_stream("127.0.0.1", port)
+    await bad.send_all(b"GET / HTTP/1.1\r\n\r\n")
+    assert await bad.receive_some(100) == b""  # garbage: dropped, listener keeps serving
+    assert server.stats["socks5.bad_request"] >= 1
+
+
+async def test_http_proxy_connect_and_absolute_form(nursery: trio.Nursery) -> None:
+    echo = await _start_echo(nursery)
+    dialer = LoopbackDialer({"peer": echo})
+    port = await nursery.start(partial(server.serve_http_proxy, 0, dialer))
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    await client.send_all(b"CONNECT peer:80 HTTP/1.1\r\nHost: peer:80\r\n\r\nabc")
+    head = await _recv_exactly(client, len(b"HTTP/1.1 200 Connection established\r\n\r\n"))
+    assert head.startswith(b"HTTP/1.1 200")
+    assert await _recv_exactly(client, 3) == b"ABC"
+    await client.aclose()
+
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    await client.send_all(b"GET http://peer:80/x HTTP/1.1\r\nHost: peer\r\nProxy-Connection: keep-alive\r\n\r\n")
+    echoed = await _recv_exactly(client, len(b"GET /X HTTP/1.1\r\nHOST: PEER\r\nCONNECTION: CLOSE\r\n\r\n"))
+    assert echoed == b"GET /X HTTP/1.1\r\nHOST: PEER\r\nCONNECTION: CLOSE\r\n\r\n"
+
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    await client.send_all(b"CONNECT nope:80 HTTP/1.1\r\n\r\n")
+    assert (await client.receive_some(100)).startswith(b"HTTP/1.1 502")

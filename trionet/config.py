@@ -1,0 +1,143 @@
+"""The node's configuration: validated once, with one clear line per mistake."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+import attrs
+
+from trionet.errors import ConfigError
+
+DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "trionet"
+
+
+@attrs.frozen
+class Forward:
+    """--forward LOCALPORT=HOST:PORT, optionally [BIND:]LOCALPORT."""
+
+    bind: str
+    local_port: int
+    host: str
+    port: int
+
+
+@attrs.frozen
+class Serve:
+    """--serve TAILNETPORT=LOCALHOST:PORT."""
+
+    tailnet_port: int
+    local_host: str
+    local_port: int
+
+
+@attrs.frozen
+class Listen:
+    bind: str
+    port: int
+
+
+@attrs.frozen
+class NodeConfig:
+    login_server: str
+    state_dir: Path
+    auth_key: str | None = None
+    hostname: str = attrs.field(factory=lambda: socket.gethostname().split(".")[0] or "trionet")
+    ca_file: Path | None = None
+    ephemeral: bool = False
+    forwards: tuple[Forward, ...] = ()
+    serves: tuple[Serve, ...] = ()
+    socks5: Listen | None = None
+    socks5_auth: tuple[str, str] | None = None
+    http_proxy: Listen | None = None
+    udp_port: int = 0
+    udp_bind: str = ""  # "" = all addresses (v4 and v6)
+    advertise_endpoints: tuple[str, ...] = ()  # extra "ip:port" to advertise
+
+    @property
+    def ipc_socket(self) -> Path:
+        return self.state_dir / "trionet.sock"
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{what}: {text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if not rest.startswith(":"):
+            raise ConfigError(f"{what}: expected [IPv6]:PORT, got {text!r}")
+        return host, _port(rest[1:], what)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host, _port(port, what)
+
+
+def parse_listen(text: str, what: str, default_bind: str = "127.0.0.1") -> Listen:
+    if ":" not in text:
+        return Listen(default_bind, _port(text, what))
+    host, port = _host_port(text, what)
+    return Listen(host, port)
+
+
+def parse_forward(text: str) -> Forward:
+    left, sep, right = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--forward: expected LOCALPORT=HOST:PORT, got {text!r}")
+    listen = parse_listen(left, "--forward")
+    host, port = _host_port(right, "--forward")
+    return Forward(listen.bind, listen.port, host, port)
+
+
+def parse_serve(text: str) -> Serve:
+    left, sep, right = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--serve: expected TAILNETPORT=LOCALHOST:PORT, got {text!r}")
+    host, port = _host_port(right, "--serve")
+    return Serve(_port(left, "--serve"), host, port)
+
+
+def check_login_server(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"--login-server: {url!r} is not an http:// or https:// URL")
+    try:
+        parsed.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"--login-server: bad port in {url!r}") from exc
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ConfigError(f"--login-server: {url!r} must be a bare server URL (no path or query)")
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def read_auth_key(value: str | None) -> str | None:
+    """An auth key, or file:PATH to keep it out of argv (as tailscale does)."""
+    if value is None:
+        return os.environ.get("TRIONET_AUTHKEY") or None
+    if value.startswith("file:"):
+        path = Path(value[5:])
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--authkey: cannot read {path}: {exc.strerror}") from exc
+        if not key:
+            raise ConfigError(f"--authkey: {path} is empty")
+        return key
+    if not value.strip():
+        raise ConfigError("--authkey is empty")
+    return value.strip()
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,144 @@
+"""IPC: newline-delimited JSON on a Unix socket (mode 0600).
+
+Requests are objects with a "cmd" (status, peers, ping, disconnect); each
+answer is one line, {"ok": true, ...} or {"ok": false, "error": "..."}.
+A client that sends garbage gets an error line; a client that floods or
+stalls is cut off; neither affects any other client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trionet.errors import ConfigError, TransportError, TrionetError
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+IDLE_TIMEOUT = 300.0
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+stats: Counter[str] = Counter()
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket; refuse if another daemon is listening there."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody answers: a leftover from a crash
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another trionet daemon is running (socket {path}); stop it with `trionet down`")
+
+
+async def open_ipc_listener(path: Path) -> trio.SocketListener:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _claim_socket_path(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return trio.SocketListener(sock)
+
+
+async def _handle(stream: trio.SocketStream, handler: Handler) -> None:
+    buf = bytearray()
+    try:
+        while True:
+            with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                data = await stream.receive_some(4096)
+            if idle.cancelled_caught or not data:
+                return
+            buf += data
+            while (nl := buf.find(b"\n")) >= 0:
+                line = bytes(buf[:nl])
+                del buf[: nl + 1]
+                answer = await _answer(line, handler)
+                await stream.send_all(json.dumps(answer).encode() + b"\n")
+            if len(buf) > MAX_LINE:
+                stats["ipc.too_long"] += 1
+                await stream.send_all(b'{"ok": false, "error": "request line too long"}\n')
+                return
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _answer(line: bytes, handler: Handler) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        stats["ipc.bad_json"] += 1
+        return {"ok": False, "error": "request is not JSON"}
+    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+        stats["ipc.bad_request"] += 1
+        return {"ok": False, "error": 'request must be an object with a "cmd" string'}
+    try:
+        answer = await handler(request)
+    except TrionetError as exc:
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # a bug in a handler must not take the daemon down
+        log.exception("ipc handler failed for %r", request.get("cmd"))
+        return {"ok": False, "error": f"internal error: {exc.__class__.__name__}"}
+    return {"ok": True, **answer}
+
+
+async def serve_ipc(path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    listener = await open_ipc_listener(path)
+    task_status.started()
+    try:
+        await trio.serve_listeners(lambda s: _handle(s, handler), [listener])
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def request(path: Path, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Blocking client for the CLI: one request, one answer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise TransportError(f"trionet is not running (no daemon at {path})") from exc
+            raise TransportError(f"cannot reach the daemon at {path}: {exc.strerror}") from exc
+        sock.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise TransportError("the daemon closed the connection without answering")
+            buf += chunk
+    except TimeoutError as exc:
+        raise TransportError(f"the daemon did not answer within {timeout:.0f} s") from exc
+    finally:
+        sock.close()
+    answer: dict[str, Any] = json.loads(buf)
+    return answer

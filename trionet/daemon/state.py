@@ -1,0 +1,71 @@
+"""The daemon's status: a state machine written as a table.
+
+Everything that changes the status goes through `StatusMachine.move`; an
+illegal transition is our bug (LocalProtocolError), never silently accepted.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+
+import attrs
+
+from trionet.errors import LocalProtocolError
+
+
+class Status(enum.Enum):
+    STARTING = "Starting"
+    CONNECTING = "Connecting"
+    REGISTERING = "Registering"
+    RUNNING = "Running"
+    RECONNECTING = "Reconnecting"
+    SHUTTING_DOWN = "ShuttingDown"
+    STOPPED = "Stopped"
+    ERROR = "Error"
+
+
+S = Status
+# from-state -> states it may move to. ShuttingDown and Error are reachable from
+# every live state (a signal or a fatal error can come at any time).
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    S.STARTING: frozenset({S.CONNECTING, S.SHUTTING_DOWN, S.ERROR}),
+    S.CONNECTING: frozenset({S.REGISTERING, S.RUNNING, S.RECONNECTING, S.SHUTTING_DOWN, S.ERROR}),
+    S.REGISTERING: frozenset({S.RUNNING, S.RECONNECTING, S.SHUTTING_DOWN, S.ERROR}),
+    S.RUNNING: frozenset({S.RECONNECTING, S.REGISTERING, S.SHUTTING_DOWN, S.ERROR}),
+    S.RECONNECTING: frozenset({S.CONNECTING, S.SHUTTING_DOWN, S.ERROR}),
+    S.SHUTTING_DOWN: frozenset({S.STOPPED}),
+    S.ERROR: frozenset({S.SHUTTING_DOWN, S.STOPPED, S.RECONNECTING}),
+    S.STOPPED: frozenset(),
+}
+
+
+@attrs.define
+class StatusChange:
+    old: Status
+    new: Status
+    reason: str
+    at: float
+
+
+@attrs.define
+class StatusMachine:
+    status: Status = Status.STARTING
+    reason: str = ""
+    since: float = attrs.field(factory=time.time)
+    history: list[StatusChange] = attrs.field(factory=list)
+    listeners: list[Callable[[StatusChange], None]] = attrs.field(factory=list)
+
+    def move(self, new: Status, reason: str = "", at: float | None = None) -> None:
+        if new == self.status:
+            self.reason = reason or self.reason
+            return
+        if new not in TRANSITIONS[self.status]:
+            raise LocalProtocolError(f"illegal status transition {self.status.value} -> {new.value}")
+        change = StatusChange(self.status, new, reason, time.time() if at is None else at)
+        self.status, self.reason, self.since = new, reason, change.at
+        self.history.append(change)
+        del self.history[:-50]
+        for listener in list(self.listeners):
+            listener(change)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trionet.filter import PacketFilter, parse_ip_set
+
+ME = ipaddress.ip_network("100.64.0.5/32")
+ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+
+
+def ip4(src: str, dst: str, proto: int, l4: bytes) -> bytes:
+    total = 20 + len(l4)
+    return (struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0, 64, proto, 0,
+                        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed) + l4)
+
+
+def tcp(sport: int, dport: int, flags: int) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
+
+
+def udp(sport: int, dport: int) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8, 0)
+
+
+def test_allow_all_and_deny_all() -> None:
+    syn = ip4("100.64.0.2", "100.64.0.5", 6, tcp(5555, 80, 0x02))
+    assert PacketFilter(ALLOW_ALL, [ME]).allow_inbound(syn)
+    deny = PacketFilter([], [ME])
+    assert not deny.allow_inbound(syn)
+    assert deny.drops["no rule"] == 1
+    # continuation of a connection we opened passes without a rule
+    assert deny.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 6, tcp(80, 5555, 0x10)))
+
+
+def test_port_rule_and_source_restriction() -> None:
+    rules = [{"SrcIPs": ["100.64.0.2"], "DstPorts": [{"IP": "100.64.0.5/32", "Ports": {"First": 80, "Last": 80}}],
+              "IPProto": [6]}]
+    f = PacketFilter(rules, [ME])
+    assert f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 6, tcp(1, 80, 0x02)))
+    assert not f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 6, tcp(1, 81, 0x02)))
+    assert not f.allow_inbound(ip4("100.64.0.3", "100.64.0.5", 6, tcp(1, 80, 0x02)))
+    assert not f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 17, udp(1, 80)))  # wrong proto
+    assert not f.allow_inbound(ip4("100.64.0.2", "100.64.0.9", 6, tcp(1, 80, 0x02)))  # not ours
+
+
+def test_udp_reply_to_our_flow_passes() -> None:
+    f = PacketFilter([], [ME])
+    reply = ip4("100.64.0.2", "100.64.0.5", 17, udp(53, 40000))
+    assert not f.allow_inbound(reply)
+    f.note_outbound(ip4("100.64.0.5", "100.64.0.2", 17, udp(40000, 53)))
+    assert f.allow_inbound(reply)
+
+
+def test_icmp_echo_reply_always_passes_request_needs_rule() -> None:
+    f = PacketFilter([], [ME])
+    assert f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 1, b"\x00\x00\x00\x00\x00\x01\x00\x01"))
+    assert not f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 1, b"\x08\x00\x00\x00\x00\x01\x00\x01"))
+    assert PacketFilter(ALLOW_ALL, [ME]).allow_inbound(
+        ip4("100.64.0.2", "100.64.0.5", 1, b"\x08\x00\x00\x00\x00\x01\x00\x01"))
+
+
+def test_ip_set_forms() -> None:
+    assert parse_ip_set("10.0.0.1-10.0.0.4") == [ipaddress.ip_network("10.0.0.1/32"),
+                                               ipaddress.ip_network("10.0.0.2/31"),
+                                               ipaddress.ip_network("10.0.0.4/32")]
+    assert parse_ip_set("cap:foo") == []
+    assert len(parse_ip_set("*")) == 2
+
+
+@given(st.binary(max_size=80))
+def test_garbage_never_raises(data: bytes) -> None:
+    f = PacketFilter(ALLOW_ALL, [ME])
+    f.check_inbound(data)
+    f.note_outbound(data)

@@ -1,0 +1,209 @@
+"""The netmap's packet filter, enforced on inbound packets (sans-IO).
+
+Semantics follow tailscale wgengine/filter (filter.go runIn4/runIn6, match.go):
+
+* the destination must be one of our addresses;
+* ICMP echo replies and errors always pass; other ICMP passes if any rule
+  allows src -> dst on some port;
+* TCP without SYN passes (continuations of connections we opened); a SYN
+  must match a rule;
+* UDP passes if we recently sent the reverse flow, else must match;
+* TSMP (protocol 99) passes; other protocols need an all-ports rule.
+
+Outbound traffic is not filtered; it only feeds the UDP flow cache.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+TCP, UDP, ICMP4, ICMP6, TSMP, SCTP = 6, 17, 1, 58, 99, 132
+DEFAULT_PROTOS = frozenset({TCP, UDP, ICMP4, ICMP6})
+UDP_FLOW_CACHE = 512  # filter.go lruMax
+ALL_V4 = ipaddress.ip_network("0.0.0.0/0")
+ALL_V6 = ipaddress.ip_network("::/0")
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def parse_ip_set(text: str) -> list[IPNet]:
+    """One FilterRule address: "*", an IP, a CIDR or a range "a-b"."""
+    if text == "*":
+        return [ALL_V4, ALL_V6]
+    if text.startswith("cap:"):
+        return []  # capability-based sources need peer caps; none match a bare packet
+    if "-" in text and "/" not in text:
+        lo, hi = (ipaddress.ip_address(p) for p in text.split("-", 1))
+        return list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[arg-type]
+    return [ipaddress.ip_network(text, strict=False)]
+
+
+@attrs.frozen
+class DstMatch:
+    nets: tuple[IPNet, ...]
+    first: int
+    last: int
+
+
+@attrs.frozen
+class Match:
+    protos: frozenset[int]
+    srcs: tuple[IPNet, ...]
+    dsts: tuple[DstMatch, ...]
+
+
+@attrs.frozen
+class PacketInfo:
+    version: int
+    proto: int
+    src: IPAddr
+    dst: IPAddr
+    src_port: int = 0
+    dst_port: int = 0
+    tcp_syn_only: bool = False  # SYN without ACK: a new connection
+    icmp_response: bool = False  # echo reply or error
+
+
+def compile_rules(rules: Iterable[Any]) -> list[Match]:
+    out = []
+    for rule in rules or ():
+        try:
+            protos = frozenset(_get(rule, "IPProto") or ()) or DEFAULT_PROTOS
+            srcs = tuple(n for s in (_get(rule, "SrcIPs") or ()) for n in parse_ip_set(s))
+            dsts = []
+            for dp in _get(rule, "DstPorts") or ():
+                ports = _get(dp, "Ports") or {}
+                dsts.append(DstMatch(tuple(parse_ip_set(_get(dp, "IP"))),
+                                     int(_get(ports, "First", 0)), int(_get(ports, "Last", 0))))
+        except (ValueError, TypeError):
+            continue  # a rule we cannot read grants nothing
+        out.append(Match(protos, srcs, tuple(dsts)))
+    return out
+
+
+def parse_packet(packet: bytes | memoryview) -> PacketInfo | None:
+    """The fields the filter needs, or None for a packet too short to judge."""
+    if len(packet) < 20:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        proto = packet[9]
+        src: IPAddr = ipaddress.IPv4Address(bytes(packet[12:16]))
+        dst: IPAddr = ipaddress.IPv4Address(bytes(packet[16:20]))
+        frag = struct.unpack_from("!H", packet, 6)[0] & 0x1FFF
+        l4 = ihl if frag == 0 else len(packet)  # later fragments carry no ports
+    elif version == 6 and len(packet) >= 40:
+        proto = packet[6]
+        src = ipaddress.IPv6Address(bytes(packet[8:24]))
+        dst = ipaddress.IPv6Address(bytes(packet[24:40]))
+        l4 = 40
+    else:
+        return None
+    sport = dport = 0
+    syn_only = icmp_resp = False
+    if proto in (TCP, UDP, SCTP) and len(packet) >= l4 + 4:
+        sport, dport = struct.unpack_from("!HH", packet, l4)
+        if proto == TCP and len(packet) >= l4 + 14:
+            flags = packet[l4 + 13]
+            syn_only = bool(flags & 0x02) and not flags & 0x10
+    elif proto == ICMP4 and len(packet) > l4:
+        icmp_resp = packet[l4] in (0, 3, 11, 12)  # echo reply, unreachable, time exceeded, param
+    elif proto == ICMP6 and len(packet) > l4:
+        t = packet[l4]
+        icmp_resp = t == 129 or t < 128  # echo reply or an error
+    return PacketInfo(version, proto, src, dst, sport, dport, syn_only, icmp_resp)
+
+
+def _in(addr: IPAddr, nets: Sequence[IPNet]) -> bool:
+    return any(addr.version == n.version and addr in n for n in nets)
+
+
+class PacketFilter:
+    def __init__(self, rules: Iterable[Any] = (), local: Iterable[IPNet] = ()) -> None:
+        self.matches = compile_rules(rules)
+        self.local = list(local)
+        self.udp_flows: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self.drops: Counter[str] = Counter()
+
+    def update(self, rules: Iterable[Any] | None = None, local: Iterable[IPNet] | None = None) -> None:
+        if rules is not None:
+            self.matches = compile_rules(rules)
+        if local is not None:
+            self.local = list(local)
+
+    def note_outbound(self, packet: bytes | memoryview) -> None:
+        if len(packet) < 20 or packet[0] >> 4 not in (4, 6):
+            return
+        proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
+        if proto not in (UDP, SCTP):
+            return
+        info = parse_packet(packet)
+        if info is None:
+            return
+        key = (info.proto, info.dst, info.dst_port, info.src, info.src_port)  # the reply's tuple
+        self.udp_flows[key] = None
+        self.udp_flows.move_to_end(key)
+        while len(self.udp_flows) > UDP_FLOW_CACHE:
+            self.udp_flows.popitem(last=False)
+
+    def _match(self, info: PacketInfo, ports: bool) -> bool:
+        for m in self.matches:
+            if info.proto not in m.protos or not _in(info.src, m.srcs):
+                continue
+            for d in m.dsts:
+                if not _in(info.dst, d.nets):
+                    continue
+                if not ports or d.first <= info.dst_port <= d.last:
+                    return True
+        return False
+
+    def _match_all_ports(self, info: PacketInfo) -> bool:
+        return any(
+            info.proto in m.protos and _in(info.src, m.srcs)
+            and any(_in(info.dst, d.nets) and d.first == 0 and d.last == 65535 for d in m.dsts)
+            for m in self.matches)
+
+    def check_inbound(self, packet: bytes | memoryview) -> tuple[bool, str]:
+        info = parse_packet(packet)
+        if info is None:
+            return False, "unparseable"
+        if self.local and not _in(info.dst, self.local):
+            return False, "destination not ours"
+        if info.proto in (ICMP4, ICMP6):
+            if info.icmp_response:
+                return True, "icmp response"
+            return (True, "icmp ok") if self._match(info, ports=False) else (False, "no rule")
+        if info.proto == TCP:
+            if not info.tcp_syn_only:
+                return True, "tcp non-syn"
+            return (True, "tcp ok") if self._match(info, ports=True) else (False, "no rule")
+        if info.proto in (UDP, SCTP):
+            key = (info.proto, info.src, info.src_port, info.dst, info.dst_port)
+            if key in self.udp_flows:
+                return True, "udp cached"
+            return (True, "udp ok") if self._match(info, ports=True) else (False, "no rule")
+        if info.proto == TSMP:
+            return True, "tsmp"
+        if self._match_all_ports(info):
+            return True, "other ok"
+        return False, f"protocol {info.proto}"
+
+    def allow_inbound(self, packet: bytes | memoryview) -> bool:
+        ok, why = self.check_inbound(packet)
+        if not ok:
+            self.drops[why] += 1
+        return ok

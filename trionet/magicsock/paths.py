@@ -1,0 +1,225 @@
+"""Which path reaches a peer: direct UDP, DERP, or both until UDP is proven.
+
+Sans-IO: the driver tells this core what it saw (pongs, pings, CallMeMaybe,
+netmap updates) with the time, and asks it where to send and what disco
+messages to emit. Behaviour follows tailscaled's magicsock endpoint
+(wgengine/magicsock/endpoint.go):
+
+* a UDP address is *trusted* for `TRUST_UDP_ADDR` after a pong from it; while
+  trusted, packets go only there;
+* otherwise packets go to the best UDP address (if any) *and* over DERP to the
+  peer's home region, so the receiver's replay window dedupes;
+* candidates are pinged at most every `DISCO_PING_INTERVAL`; while the path is
+  not trusted we also send CallMeMaybe over DERP so the peer pings us back
+  (hole punching);
+* while the peer is active, the best address is re-pinged every
+  `HEARTBEAT_INTERVAL` so trust does not lapse.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+
+import attrs
+
+Addr = tuple[str, int]
+
+PING_TIMEOUT = 5.0  # tsconst pingTimeoutDuration
+TRUST_UDP_ADDR = 6.5  # trustUDPAddrDuration
+HEARTBEAT_INTERVAL = 3.0  # heartbeatInterval
+SESSION_ACTIVE_TIMEOUT = 45.0  # sessionActiveTimeout
+DISCO_PING_INTERVAL = 5.0  # discoPingInterval
+CALL_ME_MAYBE_INTERVAL = 5.0
+
+
+@attrs.frozen
+class PingAction:
+    """Send a disco Ping to `addr` over UDP (or over DERP when addr is None)."""
+
+    node_key: bytes
+    txid: bytes
+    addr: Addr | None
+    derp_region: int = 0
+
+
+@attrs.frozen
+class CallMeMaybeAction:
+    node_key: bytes
+    derp_region: int
+
+
+Action = PingAction | CallMeMaybeAction
+
+
+@attrs.define
+class _PendingPing:
+    addr: Addr | None
+    sent_at: float
+
+
+@attrs.define
+class PeerPath:
+    node_key: bytes
+    disco_key: bytes | None = None
+    home_derp: int = 0
+    endpoints: set[Addr] = attrs.field(factory=set)  # from the netmap
+    learned: dict[Addr, float] = attrs.field(factory=dict)  # from pings/CallMeMaybe, with time
+    best_addr: Addr | None = None
+    best_latency: float = 0.0
+    trust_until: float = 0.0
+    last_ping: dict[Addr, float] = attrs.field(factory=dict)
+    pending: dict[bytes, _PendingPing] = attrs.field(factory=dict)
+    last_active: float = -1e9
+    last_call_me_maybe: float = -1e9
+    last_derp_region: int = 0  # the region the peer last reached us through
+    pongs: int = 0
+
+    def candidates(self) -> set[Addr]:
+        return self.endpoints | set(self.learned)
+
+    def direct(self, now: float) -> bool:
+        return self.best_addr is not None and now <= self.trust_until
+
+
+def _addr_score(addr: Addr) -> int:
+    """Prefer loopback, then private, then public (endpoint.go betterAddr)."""
+    try:
+        ip = ipaddress.ip_address(addr[0])
+    except ValueError:
+        return 0
+    if ip.is_loopback:
+        return 50
+    if ip.is_private:
+        return 20
+    return 0
+
+
+@attrs.define
+class PathChooser:
+    peers: dict[bytes, PeerPath] = attrs.field(factory=dict)
+    txid_source: object = None  # tests may inject a deterministic callable
+
+    def _txid(self) -> bytes:
+        if callable(self.txid_source):
+            return bytes(self.txid_source())
+        return os.urandom(12)
+
+    # -- netmap
+    def upsert_peer(self, node_key: bytes, disco_key: bytes | None, home_derp: int,
+                    endpoints: Iterable[Addr]) -> PeerPath:
+        peer = self.peers.get(node_key)
+        if peer is None:
+            peer = self.peers[node_key] = PeerPath(node_key)
+        if disco_key != peer.disco_key:
+            # A new disco key means the peer restarted: what we proved is stale.
+            peer.best_addr, peer.trust_until, peer.pending = None, 0.0, {}
+            peer.disco_key = disco_key
+        peer.home_derp = home_derp
+        peer.endpoints = set(endpoints)
+        return peer
+
+    def remove_peer(self, node_key: bytes) -> None:
+        self.peers.pop(node_key, None)
+
+    # -- sending
+    def paths_for_send(self, node_key: bytes, now: float) -> tuple[Addr | None, int]:
+        """Where a packet to this peer goes: (udp address or None, DERP region or 0)."""
+        peer = self.peers.get(node_key)
+        if peer is None:
+            return None, 0
+        peer.last_active = now
+        if peer.direct(now):
+            return peer.best_addr, 0
+        region = peer.home_derp or peer.last_derp_region
+        return peer.best_addr, region
+
+    # -- what we saw
+    def note_derp_region(self, node_key: bytes, region: int) -> None:
+        peer = self.peers.get(node_key)
+        if peer is not None:
+            peer.last_derp_region = region
+
+    def on_ping(self, node_key: bytes, src: Addr | None, now: float) -> None:
+        """A disco Ping from the peer: its UDP source becomes a candidate."""
+        peer = self.peers.get(node_key)
+        if peer is not None and src is not None:
+            peer.learned[src] = now
+
+    def on_call_me_maybe(self, node_key: bytes, endpoints: Iterable[Addr], now: float) -> list[Action]:
+        """CallMeMaybe replaces older learned addresses and is answered with pings."""
+        peer = self.peers.get(node_key)
+        if peer is None:
+            return []
+        peer.learned = {addr: now for addr in endpoints}
+        actions: list[Action] = []
+        for addr in peer.learned:
+            actions.append(self._ping(peer, addr, now))
+        return actions
+
+    def on_pong(self, node_key: bytes, txid: bytes, src: Addr | None, now: float) -> bool:
+        """A Pong to one of our pings. Returns True when it proved a UDP path."""
+        peer = self.peers.get(node_key)
+        if peer is None:
+            return False
+        pending = peer.pending.pop(txid, None)
+        if pending is None or pending.addr is None:
+            return False
+        latency = now - pending.sent_at
+        if latency > PING_TIMEOUT:
+            return False
+        peer.pongs += 1
+        addr = pending.addr
+        better = (
+            peer.best_addr is None
+            or not peer.direct(now)
+            or addr == peer.best_addr
+            or (_addr_score(addr), -latency) > (_addr_score(peer.best_addr), -peer.best_latency)
+        )
+        if better:
+            peer.best_addr, peer.best_latency = addr, latency
+        if addr == peer.best_addr:
+            peer.trust_until = now + TRUST_UDP_ADDR
+        return True
+
+    # -- timers
+    def _ping(self, peer: PeerPath, addr: Addr, now: float) -> PingAction:
+        txid = self._txid()
+        peer.pending[txid] = _PendingPing(addr, now)
+        peer.last_ping[addr] = now
+        return PingAction(peer.node_key, txid, addr)
+
+    def poll(self, now: float, have_endpoints: bool = True) -> list[Action]:
+        """Disco work due at `now`: pings to candidates and CallMeMaybe over DERP."""
+        actions: list[Action] = []
+        for peer in self.peers.values():
+            if peer.disco_key is None:
+                continue
+            for txid, pending in list(peer.pending.items()):
+                if now - pending.sent_at > PING_TIMEOUT:
+                    del peer.pending[txid]
+            for addr, seen in list(peer.learned.items()):
+                if now - seen > 2 * SESSION_ACTIVE_TIMEOUT:
+                    del peer.learned[addr]
+            active = now - peer.last_active <= SESSION_ACTIVE_TIMEOUT
+            if not active:
+                continue
+            if peer.direct(now):
+                assert peer.best_addr is not None
+                if now - peer.last_ping.get(peer.best_addr, -1e9) >= HEARTBEAT_INTERVAL:
+                    actions.append(self._ping(peer, peer.best_addr, now))
+                continue
+            for addr in sorted(peer.candidates()):
+                if now - peer.last_ping.get(addr, -1e9) >= DISCO_PING_INTERVAL:
+                    actions.append(self._ping(peer, addr, now))
+            region = peer.home_derp or peer.last_derp_region
+            if (have_endpoints and region
+                    and now - peer.last_call_me_maybe >= CALL_ME_MAYBE_INTERVAL):
+                peer.last_call_me_maybe = now
+                actions.append(CallMeMaybeAction(peer.node_key, region))
+        return actions
+
+    def next_deadline(self, now: float) -> float:
+        """The driver polls at least this often; 1 s keeps every rule above on time."""
+        return now + 1.0

@@ -48,3 +48,18 @@ class LocalProtocolError(TrionetError):
 
 class RemoteProtocolError(TrionetError):
     """The peer sent bytes that break the protocol: count, log, drop."""
+
+
+def find_trionet_error(exc: BaseException) -> TrionetError | None:
+    """The TrionetError inside a (possibly nested) exception group, if any.
+
+    Nurseries wrap errors in groups; the user should still see one clear line.
+    """
+    if isinstance(exc, TrionetError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_trionet_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,3 @@
+from trionet.cli import main
+
+raise SystemExit(main())

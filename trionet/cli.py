@@ -1,0 +1,211 @@
+"""`python -m trionet up | status | peers | ping | down`.
+
+Words follow the `tailscale` CLI. Every mistake a user can make ends in one
+line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trionet import config as cfg
+from trionet.errors import ConfigError, TrionetError, find_trionet_error
+
+log = logging.getLogger("trionet")
+
+EPILOG_UP = """\
+examples:
+  trionet up --login-server https://hs.example:8443 --authkey file:/run/secrets/key \\
+      --forward 8080=web-server:80
+  curl http://127.0.0.1:8080/
+
+  trionet up --login-server URL --authkey KEY --socks5 1080
+  curl --socks5-hostname 127.0.0.1:1080 http://web-server/
+
+HOST may be a MagicDNS name (web-server.ts.test), a short name (web-server)
+or a tailnet IP. Listeners bind 127.0.0.1 unless you give BIND:PORT.
+The auth key may also come from $TRIONET_AUTHKEY; file:PATH keeps it out of
+the process list. State (keys, 0600) lives in --state-dir.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, like every other mistake
+        self.exit(2, f"trionet: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trionet", description="A userspace Tailscale node in pure Python.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def state_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", type=Path, default=Path(os.environ.get(
+            "TRIONET_STATE_DIR", cfg.DEFAULT_STATE_DIR)), help="keys, state and the IPC socket "
+            "(default: $TRIONET_STATE_DIR or ~/.local/state/trionet)")
+
+    up = sub.add_parser("up", help="join the tailnet and stay connected",
+                        epilog=EPILOG_UP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("--login-server", required=True, metavar="URL", help="Headscale URL")
+    up.add_argument("--authkey", "--auth-key", dest="authkey", metavar="KEY",
+                    help="pre-auth key, or file:PATH (default: $TRIONET_AUTHKEY)")
+    state_arg(up)
+    up.add_argument("--hostname", help="node name in the tailnet (default: this host's name)")
+    up.add_argument("--ca-file", type=Path, help="CA bundle for the login server and DERP (PEM)")
+    up.add_argument("--forward", action="append", default=[], metavar="[BIND:]LOCALPORT=HOST:PORT",
+                    help="local port -> tailnet host:port (repeatable)")
+    up.add_argument("--serve", action="append", default=[], metavar="TAILNETPORT=LOCALHOST:PORT",
+                    help="tailnet port on this node -> local host:port (repeatable)")
+    up.add_argument("--socks5", metavar="[BIND:]PORT", help="run a SOCKS5 proxy into the tailnet")
+    up.add_argument("--socks5-auth", metavar="USER:PASS", help="require this SOCKS5 username/password")
+    up.add_argument("--http-proxy", metavar="[BIND:]PORT", help="run an HTTP CONNECT proxy into the tailnet")
+    up.add_argument("--udp-port", type=int, default=0, help="WireGuard/disco UDP port (default: random)")
+    up.add_argument("--udp-bind", default="", metavar="ADDR", help="bind UDP to this address only")
+    up.add_argument("--json", action="store_true", help="print status changes as JSON lines")
+
+    for name, helptext in (("status", "show this node and its peers"), ("peers", "list peers")):
+        p = sub.add_parser(name, help=helptext)
+        state_arg(p)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    ping = sub.add_parser("ping", help="disco-ping a peer (name or IP) and report the path")
+    state_arg(ping)
+    ping.add_argument("peer")
+    ping.add_argument("-c", "--count", type=int, default=3)
+    ping.add_argument("--json", action="store_true")
+    down = sub.add_parser("down", help="stop the running daemon")
+    state_arg(down)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
+    login = cfg.check_login_server(args.login_server)
+    key = cfg.read_auth_key(args.authkey)
+    socks_auth = None
+    if args.socks5_auth:
+        user, sep, password = args.socks5_auth.partition(":")
+        if not sep or not user:
+            raise ConfigError("--socks5-auth: expected USER:PASS")
+        socks_auth = (user, password)
+    if args.ca_file is not None and not args.ca_file.is_file():
+        raise ConfigError(f"--ca-file: {args.ca_file} is not a readable file")
+    if not 0 <= args.udp_port < 65536:
+        raise ConfigError(f"--udp-port: {args.udp_port} is not a port number")
+    if args.udp_bind and not cfg.is_ip(args.udp_bind):
+        raise ConfigError(f"--udp-bind: {args.udp_bind!r} is not an IP address")
+    kwargs: dict[str, Any] = {}
+    if args.hostname:
+        kwargs["hostname"] = args.hostname
+    return cfg.NodeConfig(
+        login_server=login, state_dir=args.state_dir, auth_key=key, ca_file=args.ca_file,
+        forwards=tuple(cfg.parse_forward(f) for f in args.forward),
+        serves=tuple(cfg.parse_serve(s) for s in args.serve),
+        socks5=cfg.parse_listen(args.socks5, "--socks5") if args.socks5 else None,
+        socks5_auth=socks_auth,
+        http_proxy=cfg.parse_listen(args.http_proxy, "--http-proxy") if args.http_proxy else None,
+        udp_port=args.udp_port, udp_bind=args.udp_bind, **kwargs)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)  # default INFO, -v/-vv DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import trio
+
+    from trionet.daemon.run import run_daemon
+
+    config = config_from_args(args)
+    return trio.run(run_daemon, config, args.json)
+
+
+def _ipc(args: argparse.Namespace, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    from trionet.daemon import ipc
+
+    answer = ipc.request(args.state_dir / "trionet.sock", req, timeout)
+    if not answer.get("ok"):
+        raise TrionetError(str(answer.get("error", "the daemon refused the request")))
+    return answer
+
+
+def _fmt_peer(p: dict[str, Any]) -> str:
+    addrs = ",".join(a.split("/")[0] for a in p.get("addresses", [])[:1])
+    path = p.get("path") or "-"
+    online = "online" if p.get("online") else "offline"
+    return f"{addrs:<16} {p.get('name', '?'):<30} {online:<8} {path}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _ipc(args, {"cmd": "status"})
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    me = st.get("self") or {}
+    addrs = ",".join(a.split("/")[0] for a in me.get("addresses", []))
+    print(f"{st['status']}{': ' + st['reason'] if st.get('reason') else ''}")
+    print(f"{addrs:<16} {me.get('name', '?'):<30} home DERP {st.get('home_derp') or '-'}")
+    for p in st.get("peers", []):
+        print(_fmt_peer(p))
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    st = _ipc(args, {"cmd": "peers"})
+    if args.json:
+        print(json.dumps(st["peers"], indent=2, sort_keys=True))
+    else:
+        for p in st["peers"]:
+            print(_fmt_peer(p))
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    st = _ipc(args, {"cmd": "ping", "peer": args.peer, "count": args.count}, timeout=10 + 6 * args.count)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        for r in st["results"]:
+            if r.get("latency_ms") is None:
+                print(f"timeout waiting for pong from {args.peer}")
+            else:
+                print(f"pong from {st['peer']} ({st['ip']}) via {r['path']} in {r['latency_ms']:.1f}ms")
+    return 0 if any(r.get("latency_ms") is not None for r in st["results"]) else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _ipc(args, {"cmd": "disconnect"})
+    sock = args.state_dir / "trionet.sock"
+    deadline = time.monotonic() + 5
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("trionet: stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"up": cmd_up, "status": cmd_status, "peers": cmd_peers, "ping": cmd_ping, "down": cmd_down}
+    try:
+        return handlers[args.command](args)
+    except (TrionetError, BaseExceptionGroup) as exc:
+        err = find_trionet_error(exc)
+        if err is None:
+            raise
+        print(f"trionet: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        return 1

@@ -1,0 +1,127 @@
+"""`trionet up`: the daemon around a Node.
+
+run_daemon (root nursery)          <- SIGINT/SIGTERM/`trionet down` cancel here
+|-- ipc server                     (Status, Peers, Ping, Disconnect)
+|-- status printer                 (one line per change; a progress line while connecting)
+`-- Node.run                       (control, map stream, wg, magicsock, netstack)
+    `-- proxies                    (--forward, --socks5, --http-proxy, --serve)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import trio
+
+from trionet.config import NodeConfig
+from trionet.daemon import ipc
+from trionet.daemon.state import Status, StatusChange
+from trionet.errors import ConfigError, TrionetError, find_trionet_error
+from trionet.node import Node
+from trionet.proxy import server as proxy
+
+log = logging.getLogger("trionet")
+
+
+async def _ipc_handler(node: Node, stop: trio.CancelScope, request: dict[str, Any]) -> dict[str, Any]:
+    cmd = request["cmd"]
+    if cmd == "status":
+        return node.status()
+    if cmd == "peers":
+        return {"peers": node.peers()}
+    if cmd == "ping":
+        peer = request.get("peer")
+        count = request.get("count", 1)
+        if not isinstance(peer, str) or not isinstance(count, int) or not 0 < count <= 100:
+            raise ConfigError('ping needs {"peer": NAME, "count": 1..100}')
+        results = await node.ping(peer, count)
+        return {"peer": peer, "ip": node.resolve(peer), "results": results}
+    if cmd == "disconnect":
+        stop.cancel()
+        return {"stopping": True}
+    raise ConfigError(f"unknown command {cmd!r} (status, peers, ping, disconnect)")
+
+
+async def _signals(stop: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop.cancel()
+            return
+
+
+def _print_change(as_json: bool, change: StatusChange) -> None:
+    if as_json:
+        print(json.dumps({"status": change.new.value, "reason": change.reason, "at": change.at}),
+              flush=True)
+    else:
+        tail = f": {change.reason}" if change.reason else ""
+        log.info("%s%s", change.new.value, tail)
+
+
+async def _progress(node: Node) -> None:
+    """A live line on a terminal while we are not yet Running."""
+    if not sys.stderr.isatty():
+        return
+    frames = "|/-\\"
+    start = time.monotonic()
+    i = 0
+    while node.status_machine.status not in (Status.RUNNING, Status.STOPPED, Status.ERROR):
+        sys.stderr.write(f"\r{frames[i % 4]} {node.status_machine.status.value}... "
+                         f"{time.monotonic() - start:4.1f}s ")
+        sys.stderr.flush()
+        i += 1
+        await trio.sleep(0.1)
+    sys.stderr.write("\r\x1b[K")
+
+
+async def start_proxies(node: Node, config: NodeConfig, nursery: trio.Nursery) -> None:
+    """Every configured listener, bound before we report Running (port errors surface now)."""
+    for fwd in config.forwards:
+        await nursery.start(partial(proxy.serve_forward, fwd.local_port, fwd.host, fwd.port, node, fwd.bind))
+        log.info("forwarding %s:%s -> %s:%s", fwd.bind, fwd.local_port, fwd.host, fwd.port)
+    if config.socks5:
+        await nursery.start(partial(proxy.serve_socks5, config.socks5.port, node, config.socks5.bind,
+                                    config.socks5_auth))
+        log.info("SOCKS5 proxy on %s:%s", config.socks5.bind, config.socks5.port)
+    if config.http_proxy:
+        await nursery.start(partial(proxy.serve_http_proxy, config.http_proxy.port, node,
+                                    config.http_proxy.bind))
+        log.info("HTTP proxy on %s:%s", config.http_proxy.bind, config.http_proxy.port)
+    for srv in config.serves:
+        listener = await node.listen_tcp(srv.tailnet_port)
+        await nursery.start(partial(proxy.serve_inbound, listener, srv.local_host, srv.local_port))
+        log.info("serving tailnet port %s -> %s:%s", srv.tailnet_port, srv.local_host, srv.local_port)
+
+
+async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:
+    node = Node(config=config)
+    node.status_machine.listeners.append(partial(_print_change, as_json))
+    try:
+        async with trio.open_nursery() as root:
+            stop = root.cancel_scope
+            root.start_soon(_signals, stop)
+            await root.start(partial(ipc.serve_ipc, config.ipc_socket, partial(_ipc_handler, node, stop)))
+            root.start_soon(_progress, node)
+            await root.start(node.run)
+            await start_proxies(node, config, root)
+            await trio.sleep_forever()
+    except (TrionetError, BaseExceptionGroup) as exc:
+        err = find_trionet_error(exc)
+        if err is not None:
+            _safe_move(node, Status.ERROR, str(err))
+        raise
+    return 0
+
+
+def _safe_move(node: Node, status: Status, reason: str) -> None:
+    try:
+        node.status_machine.move(status, reason)
+    except TrionetError:
+        pass

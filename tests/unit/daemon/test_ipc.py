@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import socket
+import stat
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from trionet.daemon import ipc
+from trionet.errors import ConfigError, TransportError
+
+
+async def handler(request: dict[str, Any]) -> dict[str, Any]:
+    if request["cmd"] == "status":
+        return {"status": "Running"}
+    if request["cmd"] == "boom":
+        raise RuntimeError("bug")
+    raise ConfigError(f"unknown command {request['cmd']!r}")
+
+
+async def _ask(path: Path, raw: bytes) -> list[dict[str, Any]]:
+    stream = await trio.open_unix_socket(str(path))
+    await stream.send_all(raw)
+    buf = b""
+    with trio.fail_after(5):
+        while buf.count(b"\n") < raw.count(b"\n"):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            buf += chunk
+    await stream.aclose()
+    return [json.loads(line) for line in buf.splitlines()]
+
+
+async def test_answers_and_errors(nursery: trio.Nursery, tmp_path: Path) -> None:
+    path = tmp_path / "t.sock"
+    await nursery.start(partial(ipc.serve_ipc, path, handler))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    answers = await _ask(path, b'{"cmd":"status"}\nnot json\n[1]\n{"cmd":"nope"}\n{"cmd":"boom"}\n')
+    assert answers[0] == {"ok": True, "status": "Running"}
+    assert answers[1]["ok"] is False and "JSON" in answers[1]["error"]
+    assert answers[2]["ok"] is False
+    assert "unknown command" in answers[3]["error"]
+    assert answers[4] == {"ok": False, "error": "internal error: RuntimeError"}
+    # a flood without newlines is cut off; others are still served
+    flood = await trio.open_unix_socket(str(path))
+    await flood.send_all(b"x" * (ipc.MAX_LINE + 10))
+    assert b"too long" in await flood.receive_some(1000)
+    assert (await trio.to_thread.run_sync(ipc.request, path, {"cmd": "status"}))["status"] == "Running"
+
+
+async def test_stale_socket_replaced_live_one_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # a crash left the file behind
+    await nursery.start(partial(ipc.serve_ipc, path, handler))
+    with pytest.raises(ConfigError, match="another trionet daemon"):
+        await ipc.open_ipc_listener(path)
+
+
+async def test_not_a_socket_is_never_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("precious")
+    with pytest.raises(ConfigError, match="not a socket"):
+        await ipc.open_ipc_listener(path)
+    assert path.read_text() == "precious"
+
+
+def test_client_says_when_no_daemon(tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match="not running"):
+        ipc.request(tmp_path / "none.sock", {"cmd": "status"})

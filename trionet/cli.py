@@ -120,11 +120,12 @@ def _setup_logging(verbose: int) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # validate before importing the daemon: fail fast
+
     import trio
 
     from trionet.daemon.run import run_daemon
 
-    config = config_from_args(args)
     return trio.run(run_daemon, config, args.json)
 
 

@@ -1,0 +1,1 @@
+"""Paths to peers: UDP, DERP, disco (see conn.py for the driver)."""

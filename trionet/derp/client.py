@@ -53,6 +53,14 @@ HANDSHAKE_TIMEOUT: Final = 15.0  # the server itself gives ClientInfo 10 s (derp
 CLIENT_INFO: Final = {"version": frames.PROTOCOL_VERSION, "CanAckPings": True}
 
 
+class DerpProtocolError(RemoteProtocolError):
+    """Garbage from the server; ``events`` holds what the frames before it produced."""
+
+    def __init__(self, message: str, events: list[Event]) -> None:
+        super().__init__(message)
+        self.events = events
+
+
 class State(enum.Enum):
     AWAIT_SERVER_KEY = "await-server-key"
     AWAIT_SERVER_INFO = "await-server-info"
@@ -176,7 +184,11 @@ class DerpClient:
 
     # ------------------------------------------------------------ input side
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
-        """Bytes from the server in, events out. Raises RemoteProtocolError on garbage."""
+        """Bytes from the server in, events out.
+
+        Garbage raises DerpProtocolError (a RemoteProtocolError) carrying the
+        events of the frames that came before it; the client is then closed.
+        """
         if self.state is State.CLOSED:
             raise LocalProtocolError("receive_data on a closed DERP client")
         if not data:
@@ -189,10 +201,10 @@ class DerpClient:
             for ftype, payload in self._parser.frames():
                 self.stats["frames_in"] += 1
                 self._handle(ftype, payload, now, events)
-        except RemoteProtocolError:
+        except RemoteProtocolError as exc:
             self.state = State.CLOSED
             self.stats["protocol_errors"] += 1
-            raise
+            raise DerpProtocolError(str(exc), events) from exc
         return events
 
     def _handle(self, ftype: int, payload: bytes, now: float, events: list[Event]) -> None:

@@ -247,7 +247,7 @@ class Stack:
     """One Headscale and N tailscaled, each in its own namespace, on one bridge."""
 
     def __init__(self, headscale_version: str = NEWEST_HEADSCALE, workdir: Path | None = None,
-                 prefix: str | None = None, subnet: int | None = None) -> None:
+                 prefix: str | None = None, subnet: int | None = None, policy: str | None = None) -> None:
         self.version = headscale_version
         self.subnet = subnet if subnet is not None else pick_subnet()
         self.prefix = prefix or f"tn{self.subnet}"
@@ -263,6 +263,9 @@ class Stack:
         self._started = False
         self.user_id: str = ""
         self.policy_path = self.workdir / "hs" / "policy.hujson"
+        if policy is not None:  # an ACL policy (HuJSON); none = allow all
+            self.policy_path.parent.mkdir(parents=True, exist_ok=True)
+            self.policy_path.write_text(policy)
 
     # -- addresses
     def ip(self, last: int) -> str:

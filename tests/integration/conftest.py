@@ -50,8 +50,8 @@ def make_stack() -> Iterator[Callable[..., Stack]]:
     """A factory for private stacks that a test may restart, reshape or break."""
     made: list[Stack] = []
 
-    def factory(version: str = NEWEST_HEADSCALE, tailscaleds: int = 2) -> Stack:
-        stack = Stack(version)
+    def factory(version: str = NEWEST_HEADSCALE, tailscaleds: int = 2, policy: str | None = None) -> Stack:
+        stack = Stack(version, policy=policy)
         made.append(stack)
         return stack.start(tailscaleds=tailscaleds)
 

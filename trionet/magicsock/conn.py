@@ -1,0 +1,502 @@
+"""magicsock's trio driver: one UDP socket, DERP connections, disco.
+
+It moves WireGuard datagrams to and from peers (addressed by node key) over
+the best path the PathChooser knows, and answers and sends disco messages.
+The hot path runs in the task that read the datagram: the UDP reader and each
+DERP reader call `on_wireguard` synchronously, which decrypts and hands IP
+packets to the netstack without another task hop.
+
+Path tags name where a datagram came from, so answers go back the same way:
+``("udp", (ip, port))`` or ``("derp", region)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from trionet.derp import client as derp_client
+from trionet.derp.driver import DerpConnection, derp_url_for_node
+from trionet.errors import RemoteProtocolError
+from trionet.magicsock import disco, stun
+from trionet.magicsock.paths import Addr, CallMeMaybeAction, PathChooser, PingAction
+
+log = logging.getLogger(__name__)
+
+PathTag = tuple[str, Any]
+DERP_MAGIC_IP = "127.3.3.40"  # tailcfg.DerpMagicIP: a DERP region as a pseudo-address
+UDP_BATCH = 256
+STUN_RETRY = 0.5
+ENDPOINT_REFRESH = 25.0  # tailscaled re-STUNs about this often (endpointsFreshEnoughDuration 27 s)
+
+
+def _norm(addr: Any) -> Addr:
+    host = addr[0]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return (host, int(addr[1]))
+
+
+class MagicConn:
+    def __init__(
+        self,
+        node_private: bytes,
+        node_public: bytes,
+        disco_private: bytes,
+        disco_public: bytes,
+        on_wireguard: Callable[[bytes, bytes | None, PathTag], None],
+        *,
+        login_server: str,
+        ca_file: str | None = None,
+        udp_port: int = 0,
+        udp_bind: str = "",
+        on_endpoints_changed: Callable[[], None] | None = None,
+    ) -> None:
+        self.node_private = node_private
+        self.node_public = node_public
+        self.disco_private = disco_private
+        self.disco_public = disco_public
+        self.on_wireguard = on_wireguard
+        self.login_server = login_server
+        self.ca_file = ca_file
+        self.udp_port = udp_port
+        self.udp_bind = udp_bind
+        self.on_endpoints_changed = on_endpoints_changed
+        self.paths = PathChooser()
+        self.stats: Counter[str] = Counter()
+        self.sock: socket.socket | None = None
+        self.derp_map: Any = None
+        self.home_region = 0
+        self.derps: dict[int, DerpConnection] = {}
+        self._nursery: trio.Nursery | None = None
+        self._disco_boxes: dict[bytes, Any] = {}  # peer disco pub -> sealer/opener
+        self._disco_to_node: dict[bytes, bytes] = {}
+        self.stun_endpoints: list[Addr] = []
+        self.local_endpoints: list[Addr] = []
+        self._stun_tx: dict[bytes, float] = {}
+        self._derp_ready = trio.Event()
+        self._user_pings: dict[bytes, tuple[trio.Event, list[Any]]] = {}
+        self._endpoints_ready = trio.Event()
+
+    # ------------------------------------------------------------------ setup
+    def bind(self) -> None:
+        bind = self.udp_bind
+        if bind and ipaddress.ip_address(bind).version == 4:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        else:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            bind = bind or "::"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.setblocking(False)
+        sock.bind((bind, self.udp_port))
+        self.sock = sock
+        self.local_endpoints = self._local_addresses(sock.getsockname()[1])
+
+    def _local_addresses(self, port: int) -> list[Addr]:
+        if self.udp_bind and not ipaddress.ip_address(self.udp_bind).is_unspecified:
+            return [(self.udp_bind, port)]
+        out: list[Addr] = []
+        for _fam, addr in _interface_addresses():
+            ip = ipaddress.ip_address(addr)
+            if ip.is_loopback or ip.is_link_local or ip in _CGNAT or ip in _TS_ULA:
+                continue
+            out.append((addr, port))
+        return out
+
+    def endpoints(self) -> list[str]:
+        seen: list[Addr] = []
+        for ep in [*self.stun_endpoints, *self.local_endpoints]:
+            if ep not in seen:
+                seen.append(ep)
+        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in seen]
+
+    def endpoint_types(self) -> list[int]:
+        types = []
+        seen: list[Addr] = []
+        for ep, kind in [*((e, 2) for e in self.stun_endpoints), *((e, 1) for e in self.local_endpoints)]:
+            if ep not in seen:
+                seen.append(ep)
+                types.append(kind)
+        return types
+
+    # ------------------------------------------------------------- netmap in
+    def set_derp_map(self, derp_map: Any) -> None:
+        self.derp_map = derp_map
+        regions = sorted((derp_map.Regions or {}).keys()) if derp_map is not None else []
+        if regions and self.home_region not in regions:
+            # One region in Headscale's embedded map; with several, the lowest ID
+            # until latency-based choice (netcheck) exists.
+            self.home_region = int(regions[0])
+        if self.home_region:
+            self._ensure_derp(self.home_region, preferred=True)
+
+    def upsert_peer(self, node_key: bytes, disco_key: bytes | None, home_derp: int,
+                    endpoints: list[Addr]) -> None:
+        old = self.paths.peers.get(node_key)
+        if old is not None and old.disco_key and old.disco_key != disco_key:
+            self._disco_to_node.pop(old.disco_key, None)
+        self.paths.upsert_peer(node_key, disco_key, home_derp, endpoints)
+        if disco_key:
+            self._disco_to_node[disco_key] = node_key
+            if disco_key not in self._disco_boxes:
+                self._disco_boxes[disco_key] = disco.DiscoBox(self.disco_private, disco_key)
+
+    def remove_peer(self, node_key: bytes) -> None:
+        peer = self.paths.peers.get(node_key)
+        if peer is not None and peer.disco_key:
+            self._disco_to_node.pop(peer.disco_key, None)
+            self._disco_boxes.pop(peer.disco_key, None)
+        self.paths.remove_peer(node_key)
+
+    # --------------------------------------------------------------- sending
+    def send_wireguard(self, node_key: bytes, data: bytes, reply_path: PathTag | None = None) -> None:
+        """Send one WireGuard datagram to a peer; never blocks (drops and counts instead)."""
+        now = time.monotonic()
+        addr, region = self.paths.paths_for_send(node_key, now)
+        sent_udp = sent_derp = False
+        if reply_path is not None:
+            kind, where = reply_path
+            if kind == "udp":
+                self._send_udp(data, where)
+                sent_udp = where == addr
+            elif kind == "derp":
+                self._send_derp(where, node_key, data)
+                sent_derp = where == region
+        if addr is not None and not sent_udp:
+            self._send_udp(data, addr)
+        if region and not sent_derp:
+            self._send_derp(region, node_key, data)
+        if addr is None and not region and reply_path is None:
+            self.stats["send.no_path"] += 1
+
+    def _send_udp(self, data: bytes, addr: Addr) -> None:
+        if self.sock is None:
+            self.stats["send.udp_no_socket"] += 1
+            return
+        target: Any = addr
+        if self.sock.family == socket.AF_INET6 and ":" not in addr[0]:
+            target = ("::ffff:" + addr[0], addr[1])
+        try:
+            self.sock.sendto(data, target)
+            self.stats["send.udp"] += 1
+        except BlockingIOError:
+            self.stats["send.udp_full"] += 1
+        except OSError as exc:
+            self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
+
+    def _send_derp(self, region: int, node_key: bytes, data: bytes) -> None:
+        conn = self._ensure_derp(region)
+        if conn is None:
+            self.stats["send.derp_no_region"] += 1
+            return
+        if conn.send_packet_nowait(node_key, data):
+            self.stats["send.derp"] += 1
+        else:
+            self.stats["send.derp_dropped"] += 1
+
+    def _ensure_derp(self, region: int, preferred: bool = False) -> DerpConnection | None:
+        conn = self.derps.get(region)
+        if conn is not None:
+            return conn
+        if self.derp_map is None or self._nursery is None:
+            return None
+        reg = (self.derp_map.Regions or {}).get(region)
+        if reg is None or not reg.Nodes:
+            return None
+        url, ip = derp_url_for_node(reg.Nodes[0], self.login_server)
+        conn = DerpConnection(url, self.node_private, ca_file=self.ca_file, connect_ip=ip,
+                              preferred=preferred or region == self.home_region,
+                              on_packet=lambda src, pkt, r=region: self._on_derp_packet(r, src, pkt),
+                              on_event=lambda ev, r=region: self._on_derp_event(r, ev))
+        self.derps[region] = conn
+        self._nursery.start_soon(conn.run)
+        return conn
+
+    # -------------------------------------------------------------- receiving
+    def _on_derp_event(self, region: int, event: Any) -> None:
+        log.debug("derp region %s: %s", region, event)
+        if region == self.home_region and isinstance(event, derp_client.Connected):
+            self._derp_ready.set()
+
+    def _on_derp_packet(self, region: int, src: bytes, data: bytes) -> None:
+        self.stats["recv.derp"] += 1
+        if disco.looks_like_disco(data):
+            self._on_disco(data, ("derp", region), src)
+            return
+        self.paths.note_derp_region(src, region)
+        self.on_wireguard(data, src, ("derp", region))
+
+    async def _udp_reader(self) -> None:
+        assert self.sock is not None
+        sock = self.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(UDP_BATCH):
+                try:
+                    data, addr = sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # e.g. ICMP unreachable surfaced as ECONNREFUSED
+                    self.stats["recv.udp_error"] += 1
+                    log.debug("udp recv: %s", exc)
+                    continue
+                src = _norm(addr)
+                self.stats["recv.udp"] += 1
+                if stun.is_stun(data):
+                    self._on_stun(data)
+                elif disco.looks_like_disco(data):
+                    self._on_disco(data, ("udp", src), None)
+                else:
+                    self.on_wireguard(data, None, ("udp", src))
+
+    # ------------------------------------------------------------------ disco
+    def _on_disco(self, data: bytes, path: PathTag, derp_src: bytes | None) -> None:
+        now = time.monotonic()
+        try:
+            sender_disco = disco.sender_key(data)
+            box = self._disco_boxes.get(sender_disco)
+            if box is None:
+                self.stats["disco.unknown_sender"] += 1
+                return
+            msg = box.open(data)
+        except RemoteProtocolError as exc:
+            self.stats["disco.bad"] += 1
+            log.debug("disco from %s: %s", path, exc)
+            return
+        node_key = self._disco_to_node[sender_disco]
+        if isinstance(msg, disco.Ping):
+            self.stats["disco.ping_in"] += 1
+            if path[0] == "udp":
+                self.paths.on_ping(node_key, path[1], now)
+                src_ip, src_port = path[1]
+            else:
+                src_ip, src_port = DERP_MAGIC_IP, int(path[1])
+            pong = disco.Pong(tx_id=msg.tx_id, src=(src_ip, src_port))
+            self._send_disco(node_key, sender_disco, pong, path)
+        elif isinstance(msg, disco.Pong):
+            self.stats["disco.pong_in"] += 1
+            src = path[1] if path[0] == "udp" else None
+            waiter = self._user_pings.get(msg.tx_id)
+            if waiter is not None:
+                waiter[1][:] = [now, path]
+                waiter[0].set()
+            if self.paths.on_pong(node_key, msg.tx_id, src, now):
+                log.debug("direct path to %s proven via %s", node_key.hex()[:8], src)
+        elif isinstance(msg, disco.CallMeMaybe):
+            self.stats["disco.callmemaybe_in"] += 1
+            for action in self.paths.on_call_me_maybe(node_key, [_norm(e) for e in msg.endpoints], now):
+                self._do(action)
+        else:
+            self.stats["disco.ignored"] += 1
+
+    def _send_disco(self, node_key: bytes, disco_key: bytes | None, msg: Any, path: PathTag) -> None:
+        if disco_key is None:
+            return
+        box = self._disco_boxes.get(disco_key)
+        if box is None:
+            return
+        wire = box.seal(self.disco_public, msg)
+        kind, where = path
+        if kind == "udp":
+            self._send_udp(wire, where)
+        else:
+            self._send_derp(where, node_key, wire)
+
+    def _do(self, action: PingAction | CallMeMaybeAction) -> None:
+        peer = self.paths.peers.get(action.node_key)
+        if peer is None:
+            return
+        if isinstance(action, PingAction):
+            ping = disco.Ping(tx_id=action.txid, node_key=self.node_public)
+            path: PathTag = ("udp", action.addr) if action.addr else ("derp", action.derp_region)
+            self.stats["disco.ping_out"] += 1
+            self._send_disco(action.node_key, peer.disco_key, ping, path)
+        else:
+            eps = [*self.stun_endpoints, *self.local_endpoints]
+            if eps:
+                self.stats["disco.callmemaybe_out"] += 1
+                self._send_disco(action.node_key, peer.disco_key, disco.CallMeMaybe(endpoints=eps),
+                                 ("derp", action.derp_region))
+
+    async def disco_ping(self, node_key: bytes, timeout: float = 5.0) -> dict[str, Any]:
+        """One disco ping on the path data would take now (UDP if proven, else DERP)."""
+        peer = self.paths.peers.get(node_key)
+        if peer is None or not peer.disco_key:
+            return {"latency_ms": None, "path": None, "error": "peer has no disco key"}
+        now = time.monotonic()
+        addr, region = self.paths.paths_for_send(node_key, now)
+        path: PathTag = ("udp", addr) if addr is not None and not region else ("derp", region)
+        if path == ("derp", 0):
+            return {"latency_ms": None, "path": None, "error": "no path to peer"}
+        txid = os.urandom(12)
+        event, result = trio.Event(), []
+        self._user_pings[txid] = (event, result)
+        if path[0] == "udp":  # also let the path chooser learn from this pong
+            self.paths.peers[node_key].pending[txid] = _pending(path[1], now)
+        try:
+            self._send_disco(node_key, peer.disco_key, disco.Ping(tx_id=txid, node_key=self.node_public), path)
+            with trio.move_on_after(timeout):
+                await event.wait()
+        finally:
+            del self._user_pings[txid]
+        if not result:
+            return {"latency_ms": None, "path": _describe(path)}
+        return {"latency_ms": (result[0] - now) * 1000, "path": _describe(result[1])}
+
+    async def _disco_timer(self) -> None:
+        while True:
+            now = time.monotonic()
+            for action in self.paths.poll(now, have_endpoints=bool(self.local_endpoints or
+                                                                     self.stun_endpoints)):
+                self._do(action)
+            await trio.sleep_until(trio.current_time() + 1.0)
+
+    # ------------------------------------------------------------------- STUN
+    def _stun_servers(self) -> list[Addr]:
+        out: list[Addr] = []
+        if self.derp_map is None:
+            return out
+        region = (self.derp_map.Regions or {}).get(self.home_region)
+        for node in (region.Nodes if region else None) or []:
+            port = node.STUNPort or 3478
+            if port < 0:
+                continue
+            host = node.IPv4 or node.HostName
+            if host:
+                out.append((host, port))
+        return out
+
+    def _send_stun(self) -> None:
+        for server in self._stun_servers():
+            txid = os.urandom(12)
+            self._stun_tx[txid] = time.monotonic()
+            try:
+                ip = socket.gethostbyname(server[0]) if not _is_ip(server[0]) else server[0]
+            except OSError:
+                self.stats["stun.resolve_failed"] += 1
+                continue
+            self._send_udp(stun.binding_request(txid), (ip, server[1]))
+
+    def _on_stun(self, data: bytes) -> None:
+        try:
+            txid, addr = stun.parse_response(data)
+        except RemoteProtocolError as exc:
+            self.stats["stun.bad"] += 1
+            log.debug("stun: %s", exc)
+            return
+        if self._stun_tx.pop(txid, None) is None:
+            self.stats["stun.unsolicited"] += 1
+            return
+        ep = _norm(addr)
+        if ep not in self.stun_endpoints:
+            self.stun_endpoints = [ep]
+            if self.on_endpoints_changed is not None:
+                self.on_endpoints_changed()
+        self._endpoints_ready.set()
+
+    async def _stun_loop(self) -> None:
+        while True:
+            self._send_stun()
+            with trio.move_on_after(STUN_RETRY if not self._endpoints_ready.is_set() else ENDPOINT_REFRESH):
+                await trio.sleep_forever()
+            self._stun_tx = {t: s for t, s in self._stun_tx.items() if time.monotonic() - s < 10}
+
+    async def wait_endpoints(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._endpoints_ready.wait()
+
+    # -------------------------------------------------------------------- run
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.sock is not None:
+                nursery.start_soon(self._udp_reader)
+                nursery.start_soon(self._stun_loop)
+            nursery.start_soon(self._disco_timer)
+            if self.derp_map is not None:
+                self.set_derp_map(self.derp_map)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                if self.sock is not None:
+                    self.sock.close()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "counters": dict(self.stats),
+            "home_derp": self.home_region,
+            "endpoints": self.endpoints(),
+            "derp": {str(r): c.statistics() for r, c in self.derps.items()},
+        }
+
+
+def _describe(path: PathTag) -> str:
+    kind, where = path
+    if kind == "udp":
+        return f"udp {where[0]}:{where[1]}"
+    return f"DERP({where})"
+
+
+def _pending(addr: Addr, now: float) -> Any:
+    from trionet.magicsock.paths import _PendingPing
+
+    return _PendingPing(addr, now)
+
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_TS_ULA = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _interface_addresses() -> list[tuple[int, str]]:
+    """Every address on this host's interfaces (Linux: from /proc and ioctl-free `ip`)."""
+    out: list[tuple[int, str]] = []
+    try:
+        import fcntl  # noqa: F401 - Linux only
+    except ImportError:  # pragma: no cover
+        return out
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                raw = line.split()[0]
+                out.append((socket.AF_INET6, str(ipaddress.IPv6Address(bytes.fromhex(raw)))))
+    except OSError:
+        pass
+    for _idx, name in socket.if_nameindex():
+        addr = _ipv4_of(name)
+        if addr:
+            out.append((socket.AF_INET, addr))
+    return out
+
+
+def _ipv4_of(ifname: str) -> str | None:
+    import fcntl
+    import struct
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
+        return socket.inet_ntoa(packed[20:24])
+    except OSError:
+        return None
+    finally:
+        s.close()

@@ -129,7 +129,8 @@ def require_binaries(version: str) -> None:
         raise StackError("real-stack binaries missing (run `make stack-bin`): " + ", ".join(missing))
 
 
-def run(cmd: list[str], check: bool = True, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(cmd: list[str], check: bool = True, timeout: float = 60,
+        **kw: Any) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise StackError(f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")

@@ -47,7 +47,7 @@ def parse_ip_set(text: str) -> list[IPNet]:
         return []  # capability-based sources need peer caps; none match a bare packet
     if "-" in text and "/" not in text:
         lo, hi = (ipaddress.ip_address(p) for p in text.split("-", 1))
-        return list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[arg-type]
+        return list(ipaddress.summarize_address_range(lo, hi))
     return [ipaddress.ip_network(text, strict=False)]
 
 

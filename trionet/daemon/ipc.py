@@ -17,6 +17,7 @@ import socket
 import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ async def open_ipc_listener(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def _handle(stream: trio.SocketStream, handler: Handler) -> None:
+async def _handle(stream: trio.abc.Stream, handler: Handler) -> None:
     buf = bytearray()
     try:
         while True:
@@ -112,7 +113,7 @@ async def serve_ipc(path: Path, handler: Handler, *, task_status: Any = trio.TAS
     listener = await open_ipc_listener(path)
     task_status.started()
     try:
-        await trio.serve_listeners(lambda s: _handle(s, handler), [listener])
+        await trio.serve_listeners(partial(_handle, handler=handler), [listener])
     finally:
         with contextlib.suppress(OSError):
             path.unlink()

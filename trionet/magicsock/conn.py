@@ -20,6 +20,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -217,8 +218,8 @@ class MagicConn:
         url, ip = derp_url_for_node(reg.Nodes[0], self.login_server)
         conn = DerpConnection(url, self.node_private, ca_file=self.ca_file, connect_ip=ip,
                               preferred=preferred or region == self.home_region,
-                              on_packet=lambda src, pkt, r=region: self._on_derp_packet(r, src, pkt),
-                              on_event=lambda ev, r=region: self._on_derp_event(r, ev))
+                              on_packet=partial(self._on_derp_packet, region),
+                              on_event=partial(self._on_derp_event, region))
         self.derps[region] = conn
         self._nursery.start_soon(conn.run)
         return conn
@@ -340,12 +341,14 @@ class MagicConn:
         if path == ("derp", 0):
             return {"latency_ms": None, "path": None, "error": "no path to peer"}
         txid = os.urandom(12)
-        event, result = trio.Event(), []
+        event = trio.Event()
+        result: list[Any] = []
         self._user_pings[txid] = (event, result)
         if path[0] == "udp":  # also let the path chooser learn from this pong
             self.paths.peers[node_key].pending[txid] = _pending(path[1], now)
         try:
-            self._send_disco(node_key, peer.disco_key, disco.Ping(tx_id=txid, node_key=self.node_public), path)
+            ping = disco.Ping(tx_id=txid, node_key=self.node_public)
+            self._send_disco(node_key, peer.disco_key, ping, path)
             with trio.move_on_after(timeout):
                 await event.wait()
         finally:

@@ -1,0 +1,230 @@
+"""trionet vs tailscaled, side by side, through the same kind of door.
+
+Both are measured as SOCKS5 proxies reaching the same services on peer ts1:
+trionet's `--socks5` (in our namespace) and tailscaled ts2's `--socks5-server`
+(in ts2's namespace). The client is the same Python code for both, run in the
+proxy's namespace, so the ratio compares the proxies, not the clients.
+
+Rows: single stream MB/s (direct and DERP), 64-byte round trip p50/p99,
+200 concurrent connections (aggregate MB/s and setups/s), CPU s/GB, RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.realstack import NEWEST_HEADSCALE, REPO, Stack, build, wait_for
+
+CLIENT = r'''
+import json, socket, struct, sys, time, threading, hashlib
+
+def socks(proxy, host, port):
+    s = socket.create_connection(proxy, timeout=60)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    h = host.encode()
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(h)]) + h + struct.pack("!H", port))
+    r = b""
+    while len(r) < 10:
+        r += s.recv(10 - len(r))
+    assert r[1] == 0, r
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+def stream(proxy, host, port, size):
+    s = socks(proxy, host, port)
+    s.sendall(b"GET /blob HTTP/1.0\r\n\r\n")
+    got = 0
+    t0 = time.perf_counter()
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        got += len(b)
+    dt = time.perf_counter() - t0
+    return {"bytes": got, "seconds": dt, "mbps": got / dt / 1e6}
+
+def rr(proxy, host, port, n):
+    s = socks(proxy, host, port)
+    msg = b"x" * 64
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s.sendall(msg)
+        got = b""
+        while len(got) < 64:
+            got += s.recv(64 - len(got))
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    return {"p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[int(len(lat) * 0.99)] * 1e3, "n": n}
+
+def concurrent(proxy, host, port, conns, path):
+    results = [0] * conns
+    setup = [0.0] * conns
+    def one(i):
+        t0 = time.perf_counter()
+        s = socks(proxy, host, port)
+        setup[i] = time.perf_counter() - t0
+        s.sendall(("GET %s HTTP/1.0\r\n\r\n" % path).encode())
+        while True:
+            b = s.recv(1 << 18)
+            if not b:
+                break
+            results[i] += len(b)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(conns)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    dt = time.perf_counter() - t0
+    return {"mbps": sum(results) / dt / 1e6, "setups_per_s": conns / dt, "bytes": sum(results),
+            "mean_setup_ms": sum(setup) / conns * 1e3}
+
+mode, host, port, proxy_port, arg = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+proxy = ("127.0.0.1", proxy_port)
+if mode == "stream":
+    print(json.dumps(stream(proxy, host, port, int(arg))))
+elif mode == "rr":
+    print(json.dumps(rr(proxy, host, port, int(arg))))
+else:
+    print(json.dumps(concurrent(proxy, host, port, int(arg), "/small")))
+'''
+
+ECHO = r'''
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(512)
+def serve(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        b = c.recv(65536)
+        if not b: break
+        c.sendall(b)
+while True:
+    c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+'''
+
+HTTP_PORT, ECHO_PORT = 8000, 7000
+TRIONET_SOCKS, TS2_SOCKS = 11090, 1055
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_client(ns: list[str], mode: str, host: str, port: int, proxy_port: int, arg: int) -> dict[str, Any]:
+    out = subprocess.run([*ns, sys.executable, "-c", CLIENT, mode, host, str(port), str(proxy_port), str(arg)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench client {mode} failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def main(out_json: Path | None = None, blob_mb: int = 200) -> dict[str, Any]:
+    build((NEWEST_HEADSCALE,))
+    stack = Stack(NEWEST_HEADSCALE).start(tailscaleds=2)
+    procs: list[subprocess.Popen[bytes]] = []
+    results: dict[str, Any] = {"rows": []}
+    try:
+        ts1, ts2 = stack.tailscaleds
+        ts1_ip = ts1.ip4()
+        www = stack.workdir / "www"
+        www.mkdir()
+        with (www / "blob").open("wb") as f:
+            for _ in range(blob_mb):
+                f.write(os.urandom(1 << 20))
+        (www / "small").write_bytes(os.urandom(256 << 10))
+        procs.append(subprocess.Popen([*ts1.host.exec_prefix(), sys.executable, "-m", "http.server",
+                                       str(HTTP_PORT), "--bind", "127.0.0.1", "--directory", str(www)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([*ts1.host.exec_prefix(), sys.executable, "-c", ECHO, str(ECHO_PORT)]))
+        state = stack.workdir / "trionet-state"
+        keyfile = stack.workdir / "key"
+        keyfile.write_text(stack.preauth_key())
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "trionet", "up", "--login-server", stack.server_url, "--authkey",
+             f"file:{keyfile}", "--state-dir", str(state), "--hostname", "bench", "--ca-file",
+             str(stack.ca_file), "--udp-bind", stack.local_ip, "--socks5", str(TRIONET_SOCKS)],
+            stdout=(stack.workdir / "trionet.log").open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
+        procs.append(daemon)
+
+        def running() -> bool:
+            st = subprocess.run([sys.executable, "-m", "trionet", "status", "--json", "--state-dir", str(state)],
+                                capture_output=True, text=True)
+            return st.returncode == 0 and json.loads(st.stdout)["status"] == "Running"
+
+        wait_for(running, 60, "trionet Running")
+        time.sleep(3)
+        idle_rss = {"trionet": rss_mb(daemon.pid), "tailscaled": rss_mb(ts2.proc.pid)}  # type: ignore[union-attr]
+        sides = {
+            "trionet": ([], TRIONET_SOCKS, daemon.pid),
+            "tailscaled": (ts2.host.exec_prefix(), TS2_SOCKS, ts2.proc.pid),  # type: ignore[union-attr]
+        }
+
+        def both(label: str, mode: str, port: int, arg: int, key: str, higher_better: bool = True,
+                 cpu: bool = False) -> None:
+            row: dict[str, Any] = {"metric": label}
+            for name, (ns, proxy_port, pid) in sides.items():
+                run_client(ns, mode, ts1_ip, port, proxy_port, min(arg, 8) if mode == "rr" else arg)  # warm up
+                c0 = cpu_seconds(pid)
+                r = run_client(ns, mode, ts1_ip, port, proxy_port, arg)
+                row[name] = r[key]
+                row[name + "_detail"] = r
+                if cpu:
+                    row[name + "_cpu_s_per_gb"] = (cpu_seconds(pid) - c0) / (r["bytes"] / 1e9)
+                    row[name + "_rss_mb"] = rss_mb(pid)
+            row["ratio"] = row["trionet"] / row["tailscaled"] if row["tailscaled"] else None
+            row["higher_is_better"] = higher_better
+            results["rows"].append(row)
+            print(f"{label:<44} trionet {row['trionet']:10.2f}  tailscaled {row['tailscaled']:10.2f}  "
+                  f"ratio {row['ratio']:.2f}", flush=True)
+
+        print(f"{'metric':<44} (same run, same service on ts1, both through SOCKS5)")
+        both(f"single stream {blob_mb} MB, direct (MB/s)", "stream", HTTP_PORT, blob_mb, "mbps", cpu=True)
+        both("64-byte round trip p50 (ms)", "rr", ECHO_PORT, 2000, "p50_ms", higher_better=False)
+        results["rows"][-1]["p99"] = {n: results["rows"][-1][n + "_detail"]["p99_ms"] for n in sides}
+        print(f"{'64-byte round trip p99 (ms)':<44} trionet {results['rows'][-1]['p99']['trionet']:10.2f}  "
+              f"tailscaled {results['rows'][-1]['p99']['tailscaled']:10.2f}")
+        both("200 concurrent connections (MB/s)", "concurrent", HTTP_PORT, 200, "mbps")
+        both("200 concurrent: connection setups/s", "concurrent", HTTP_PORT, 200, "setups_per_s")
+        stack.block_udp_between_nodes()
+        time.sleep(8)  # let both sides notice the direct path is gone
+        both(f"single stream {blob_mb} MB, DERP only (MB/s)", "stream", HTTP_PORT, blob_mb, "mbps")
+        stack.unblock_udp()
+        results["rss_idle_mb"] = idle_rss
+        results["rss_after_mb"] = {"trionet": rss_mb(daemon.pid), "tailscaled": rss_mb(ts2.proc.pid)}  # type: ignore[union-attr]
+        print(f"RSS idle MB: {idle_rss}; after load: {results['rss_after_mb']}")
+        row0 = results["rows"][0]
+        print(f"CPU s/GB (direct stream): trionet {row0['trionet_cpu_s_per_gb']:.1f}, "
+              f"tailscaled {row0['tailscaled_cpu_s_per_gb']:.1f}")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        stack.stop()
+    if out_json:
+        out_json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else None)

@@ -1,0 +1,77 @@
+"""`make bench`: every benchmark in one run; one table; JSON and a PNG chart.
+
+Each row is a ratio measured in the same run: trionet against tailscaled
+(through the same kind of SOCKS5 door, to the same service) or against a raw
+baseline (bare ChaCha20-Poly1305, kernel-to-kernel TCP).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.realstack import REPO
+
+OUT = REPO / "bench-results"
+SCRIPTS = ["bench_wg.py", "bench_netstack.py", "bench_derp.py", "bench_netmap.py"]
+
+
+def run_script(name: str) -> dict[str, Any]:
+    path = REPO / "tests" / "bench" / name
+    if not path.exists():
+        return {"error": f"{name} missing"}
+    out_json = OUT / (path.stem + ".json")
+    print(f"\n### {name}", flush=True)
+    proc = subprocess.run([sys.executable, str(path), "--json", str(out_json)], cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), **__import__("os").environ})
+    if proc.returncode != 0 or not out_json.exists():
+        return {"error": f"{name} exited {proc.returncode}"}
+    result: dict[str, Any] = json.loads(out_json.read_text())
+    return result
+
+
+def chart(node: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in node.get("rows", []) if r.get("ratio")]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.5))
+    labels = [r["metric"] for r in rows]
+    ratios = [r["ratio"] if r.get("higher_is_better", True) else 1 / r["ratio"] for r in rows]
+    ax.barh(labels, ratios, color=["tab:green" if x >= 0.5 else "tab:orange" for x in ratios])
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("trionet / tailscaled (higher is better for trionet)")
+    ax.set_title(f"trionet vs tailscaled, {time.strftime('%Y-%m-%d %H:%M')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    results: dict[str, Any] = {"when": time.time()}
+    for name in SCRIPTS:
+        results[name] = run_script(name)
+    print("\n### trionet vs tailscaled (bench_node.py)", flush=True)
+    from tests.bench import bench_node
+
+    results["node"] = bench_node.main(OUT / "bench_node.json")
+    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    chart(results["node"], OUT / "results.png")
+    print(f"\nwrote {OUT / 'results.json'} and {OUT / 'results.png'}")
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    if failed:
+        print("benchmarks that failed: " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

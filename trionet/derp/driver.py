@@ -52,6 +52,7 @@ BACKOFF_JITTER = 1.0
 MAX_QUEUED_BYTES = 2 << 20  # per connection; beyond it send_packet_nowait drops
 MAX_RESPONSE_HEAD = 16 << 10
 READ_SIZE = 256 << 10
+WS_MAX_MESSAGE = 32 << 10  # coder/websocket's default read limit (32768) on the server side
 
 OnPacket = Callable[[bytes, bytes], None]
 OnEvent = Callable[[Any], None]
@@ -166,7 +167,12 @@ class _WebSocketLink:
         return bytes(msg)
 
     async def send_all(self, data: bytes) -> None:
-        await self.ws.send_message(data)
+        # Headscale reads with coder/websocket's default 32 KiB read limit and closes the
+        # connection on a bigger message (measured against 0.29.2: 32767 bytes pass, 32837
+        # do not). Its NetConn joins messages into one byte stream, so split freely.
+        view = memoryview(data)
+        for i in range(0, len(view), WS_MAX_MESSAGE):
+            await self.ws.send_message(bytes(view[i : i + WS_MAX_MESSAGE]))
 
     async def aclose(self) -> None:
         await self.ws.aclose()
@@ -443,21 +449,34 @@ class DerpConnection:
             raise RemoteProtocolError(f"DERP upgrade answered with Upgrade: {headers.get('upgrade')!r}")
         return _StreamLink(stream), rest
 
-    async def _open_websocket(self, stream: trio.abc.Stream, nursery: trio.Nursery) -> _Link:
+    async def _host_websocket(
+        self, stream: trio.abc.Stream, *, task_status: trio.TaskStatus[_Link] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Runs trio-websocket's reader task; turns its failures (h11, wsproto) into TransportError."""
         host = _hostport(self.host, self.port, 443 if self.tls else 80)
-        ws = await trio_websocket.wrap_client_stream(
-            nursery,
-            stream,  # type: ignore[arg-type]
-            host,
-            self.path,
-            subprotocols=["derp"],
-            message_queue_size=64,
-            max_message_size=frames.MAX_FRAME_LEN + frames.HEADER_LEN,
-        )
-        if ws.subprotocol != "derp":
-            await ws.aclose()
-            raise TransportError(f"DERP WebSocket at {self.url} did not accept subprotocol 'derp'")
-        return _WebSocketLink(ws)
+        try:
+            async with trio.open_nursery() as ws_nursery:
+                ws = await trio_websocket.wrap_client_stream(
+                    ws_nursery,
+                    stream,  # type: ignore[arg-type]
+                    host,
+                    self.path,
+                    subprotocols=["derp"],
+                    message_queue_size=64,
+                    max_message_size=frames.MAX_FRAME_LEN + frames.HEADER_LEN,
+                )
+                if ws.subprotocol != "derp":
+                    await ws.aclose()
+                    raise TransportError(f"DERP WebSocket at {self.url} did not accept subprotocol 'derp'")
+                task_status.started(_WebSocketLink(ws))
+                await trio.sleep_forever()
+        except Exception as exc:  # a group of plain Exceptions; Cancelled is a BaseException
+            leaf: BaseException = exc
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            if isinstance(leaf, TransportError):
+                raise leaf from exc
+            raise TransportError(f"DERP WebSocket to {self.url} failed: {type(leaf).__name__}: {leaf}") from exc
 
     async def _connect_and_pump(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -465,7 +484,7 @@ class DerpConnection:
                 stream = await self._open_stream()
                 try:
                     if self.transport == "websocket":
-                        link = await self._open_websocket(stream, nursery)
+                        link = await nursery.start(self._host_websocket, stream)
                         leftover = b""
                     else:
                         link, leftover = await self._open_http(stream)

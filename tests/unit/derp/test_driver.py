@@ -279,25 +279,15 @@ def test_derp_url_for_node() -> None:
         None,
     )
     # the login server's host without a port: its port
-    assert (
-        derp_url_for_node({"HostName": "hs.test"}, "https://hs.test:8443")[0] == "https://hs.test:8443/derp"
-    )
+    assert derp_url_for_node({"HostName": "hs.test"}, "https://hs.test:8443")[0] == "https://hs.test:8443/derp"
     # another host without a port: 443, as Tailscale does
-    assert (
-        derp_url_for_node({"HostName": "derp.example"}, "https://hs.test:8443")[0]
-        == "https://derp.example/derp"
-    )
+    assert derp_url_for_node({"HostName": "derp.example"}, "https://hs.test:8443")[0] == "https://derp.example/derp"
     # plain http only for the login server's own listener when it is http
     assert derp_url_for_node({"HostName": "h", "DERPPort": 8080}, "http://h:8080")[0] == "http://h:8080/derp"
     assert derp_url_for_node({"HostName": "o", "DERPPort": 8080}, "http://h:8080")[0] == "https://o:8080/derp"
     # IPv4 "none" disables the family; IPv6 brackets
-    assert (
-        derp_url_for_node({"HostName": "h", "IPv4": "none", "IPv6": "fd00::1"}, "https://h")[1] == "fd00::1"
-    )
-    assert (
-        derp_url_for_node({"HostName": "fd00::2", "DERPPort": 8443}, "https://x")[0]
-        == "https://[fd00::2]:8443/derp"
-    )
+    assert derp_url_for_node({"HostName": "h", "IPv4": "none", "IPv6": "fd00::1"}, "https://h")[1] == "fd00::1"
+    assert derp_url_for_node({"HostName": "fd00::2", "DERPPort": 8443}, "https://x")[0] == "https://[fd00::2]:8443/derp"
 
     class Node:  # attribute-style (cattrs) objects work too
         HostName = "a.b"
@@ -329,6 +319,7 @@ async def test_websocket_transport_subprotocol_and_binary_messages() -> None:
 
     server = FakeServer()
     seen_subprotocols: list[Any] = []
+    sizes: list[int] = []
 
     async def handler(request: Any) -> None:
         seen_subprotocols.append(request.proposed_subprotocols)
@@ -337,7 +328,9 @@ async def test_websocket_transport_subprotocol_and_binary_messages() -> None:
         for i in range(len(hello)):  # split the ServerKey frame across messages
             await ws.send_message(hello[i : i + 1])
         while True:
-            reply = server.feed(await ws.get_message())
+            message = await ws.get_message()
+            sizes.append(len(message))
+            reply = server.feed(message)
             if reply:
                 await ws.send_message(reply + frames.build_recv_packet(b"\x07" * 32, b"over ws"))
 
@@ -356,9 +349,15 @@ async def test_websocket_transport_subprotocol_and_binary_messages() -> None:
         with trio.fail_after(5):
             await rec.got.wait()
             a.send_packet_nowait(b"\x08" * 32, b"back")
-            while not server.received or server.received[-1][0] != frames.FrameType.SEND_PACKET:
+            a.send_packet_nowait(b"\x08" * 32, bytes(65536))
+            while len([r for r in server.received if r[0] == frames.FrameType.SEND_PACKET]) < 2:
                 await trio.sleep(0.01)
         assert seen_subprotocols == [("derp",)] or seen_subprotocols == [["derp"]]
         assert rec.packets == [(b"\x07" * 32, b"over ws")]
-        assert server.received[-1] == (frames.FrameType.SEND_PACKET, b"\x08" * 32 + b"back")
+        sends = [r for r in server.received if r[0] == frames.FrameType.SEND_PACKET]
+        assert sends == [
+            (frames.FrameType.SEND_PACKET, b"\x08" * 32 + b"back"),
+            (frames.FrameType.SEND_PACKET, b"\x08" * 32 + bytes(65536)),
+        ]
+        assert max(sizes) <= 32768  # Headscale's websocket read limit
         nursery.cancel_scope.cancel()

@@ -65,9 +65,7 @@ def test_send_packet_size_limit() -> None:
 
 
 def test_parser_byte_by_byte() -> None:
-    wire = (
-        frames.build_recv_packet(KEY_A, b"x" * 100) + frames.build_keep_alive() + frames.build_health("dup")
-    )
+    wire = frames.build_recv_packet(KEY_A, b"x" * 100) + frames.build_keep_alive() + frames.build_health("dup")
     parser = FrameParser()
     got: list[Frame] = []
     for i in range(len(wire)):

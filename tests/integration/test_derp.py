@@ -1,0 +1,237 @@
+"""trionet's DERP client and STUN against Headscale's real embedded DERP server.
+
+Each Headscale version gets a private stack (this module restarts Headscale).
+DERP identities are real registered node keys: a stock tailscaled registers
+with a pre-auth key, is stopped, and its node private key (from its state
+file) becomes one of our DERP clients. So Headscale 0.29's
+``verify_clients: true`` admits them for the right reason, and no running
+tailscaled shares the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+from nacl.public import PrivateKey
+
+from tests.realstack import HEADSCALE_VERSIONS, STUN_PORT, Stack, Tailscaled
+from trionet.derp import client as dc
+from trionet.derp.driver import DerpConnection, derp_url_for_node
+from trionet.magicsock import disco, stun
+
+pytestmark = pytest.mark.integration
+
+
+def node_private_key(node: Tailscaled) -> bytes:
+    """The node (= WireGuard = DERP) private key tailscaled persisted for its profile."""
+    state = json.loads((node.dir / "state" / "tailscaled.state").read_text())
+    current = base64.b64decode(state["_current-profile"]).decode()
+    prefs = json.loads(base64.b64decode(state[current]))
+    text = prefs["Config"]["PrivateNodeKey"]
+    assert text.startswith("privkey:")
+    return bytes.fromhex(text.removeprefix("privkey:"))
+
+
+class DerpStack:
+    def __init__(self, stack: Stack, keys: list[bytes]) -> None:
+        self.stack = stack
+        self.keys = keys
+        self.version = stack.version
+
+    @property
+    def at_least_024(self) -> bool:
+        return tuple(int(x) for x in self.version.split(".")) >= (0, 24, 0)
+
+    @property
+    def verifies_clients(self) -> bool:
+        return tuple(int(x) for x in self.version.split(".")) >= (0, 27, 0)
+
+    def derp_url(self) -> tuple[str, str | None]:
+        # the embedded region as Headscale builds it (GenerateRegion): host and port of server_url
+        node = {"HostName": self.stack.hs_host.ip, "DERPPort": 8443, "IPv4": self.stack.hs_host.ip}
+        return derp_url_for_node(node, self.stack.server_url)
+
+    def connection(self, private: bytes, transport: str = "http", **kw: Any) -> DerpConnection:
+        url, ip = self.derp_url()
+        kw.setdefault("backoff", lambda n: min(0.2 * 2**n, 2.0))
+        return DerpConnection(url, private, ca_file=str(self.stack.ca_file), connect_ip=ip, transport=transport, **kw)
+
+
+@pytest.fixture(scope="module", params=HEADSCALE_VERSIONS, ids=lambda v: f"hs{v}")
+def derp_stack(request: pytest.FixtureRequest) -> Iterator[DerpStack]:
+    stack = Stack(request.param)
+    try:
+        stack.start(tailscaleds=0)
+        keys = []
+        for name in ("dk1", "dk2"):
+            node = stack.add_tailscaled(name)
+            keys.append(node_private_key(node))
+            stack.stop_tailscaled(node)  # its key stays registered; nobody else uses it now
+        yield DerpStack(stack, keys)
+    finally:
+        stack.stop()
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.packets: list[tuple[bytes, bytes]] = []
+        self.events: list[Any] = []
+        self._arrived = trio.Event()
+
+    def on_packet(self, src: bytes, data: bytes) -> None:
+        self.packets.append((src, data))
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    def on_event(self, ev: Any) -> None:
+        self.events.append(ev)
+
+    async def wait_for(self, n: int) -> None:
+        while len(self.packets) < n:
+            await self._arrived.wait()
+
+
+def pub(private: bytes) -> bytes:
+    return bytes(PrivateKey(private).public_key)
+
+
+def _transports() -> list[Any]:
+    return [pytest.param("http", id="http-upgrade"), pytest.param("websocket", id="websocket")]
+
+
+@pytest.mark.parametrize("transport", _transports())
+async def test_two_clients_exchange_packets(derp_stack: DerpStack, transport: str) -> None:
+    if transport == "websocket" and not derp_stack.at_least_024:
+        await _websocket_refused_by_023(derp_stack)  # a fact of 0.23, tested rather than skipped
+        return
+    k1, k2 = derp_stack.keys
+    in1, in2 = Inbox(), Inbox()
+    a = derp_stack.connection(k1, transport, preferred=True, on_packet=in1.on_packet, on_event=in1.on_event)
+    b = derp_stack.connection(k2, transport, on_packet=in2.on_packet, on_event=in2.on_event)
+    big = bytes(range(256)) * 256  # 64 KiB: the largest packet DERP carries
+    wire_disco = disco.DiscoBox(bytes(PrivateKey.generate()), pub(k2)).seal(None, disco.Ping(b"t" * 12, pub(k1)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        nursery.start_soon(b.run)
+        with trio.fail_after(20):
+            await a.wait_connected()
+            await b.wait_connected()
+            # in windows: derpserver queues at most 32 packets per receiving client and drops the rest
+            for window in range(0, 100, 10):
+                for i in range(window, window + 10):
+                    assert a.send_packet_nowait(pub(k2), b"a->b %d" % i)
+                await in2.wait_for(window + 10)
+            await b.send_packet(pub(k1), big)
+            await b.send_packet(pub(k1), wire_disco)
+            await in1.wait_for(2)
+            rtt = await a.ping()
+        assert in2.packets == [(pub(k1), b"a->b %d" % i) for i in range(100)]
+        assert in1.packets == [(pub(k2), big), (pub(k2), wire_disco)]
+        assert 0 <= rtt < 1.0
+        assert isinstance(in1.events[0], dc.Connected)
+        stats = a.statistics()
+        assert stats["packets_out"] == 100 and stats["pongs_in"] == 1 and stats.get("unknown_frames", 0) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def _websocket_refused_by_023(derp_stack: DerpStack) -> None:
+    """Headscale 0.23 has no serveWebsocket: it answers the upgrade with raw DERP. We fail cleanly."""
+    a = derp_stack.connection(derp_stack.keys[0], "websocket")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        with trio.fail_after(20):
+            while a.statistics().get("closed_transport_error", 0) < 2:
+                await trio.sleep(0.05)
+        assert not a.connected
+        nursery.cancel_scope.cancel()
+
+
+async def test_peer_gone_for_disco_to_absent_peer(derp_stack: DerpStack) -> None:
+    inbox = Inbox()
+    a = derp_stack.connection(derp_stack.keys[0], on_event=inbox.on_event)
+    absent = pub(bytes(PrivateKey.generate()))
+    wire = disco.DiscoBox(bytes(PrivateKey.generate()), absent).seal(
+        None, disco.Ping(b"x" * 12, pub(derp_stack.keys[0]))
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        with trio.fail_after(20):
+            await a.wait_connected()
+            a.send_packet_nowait(absent, wire)  # derpserver answers PeerGone(NotHere) for disco only
+            while not any(isinstance(e, dc.PeerGone) for e in inbox.events):
+                await trio.sleep(0.05)
+        gone = next(e for e in inbox.events if isinstance(e, dc.PeerGone))
+        assert gone.peer == absent and gone.reason == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_unregistered_key_and_verify_clients(derp_stack: DerpStack) -> None:
+    """0.29 (verify_clients: true) drops an unregistered node key after ClientInfo; 0.23 admits it."""
+    stranger = derp_stack.connection(bytes(PrivateKey.generate()))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stranger.run)
+        with trio.fail_after(20):
+            if derp_stack.verifies_clients:
+                while stranger.statistics().get("closed_transport_error", 0) < 2:
+                    await trio.sleep(0.05)
+                assert stranger.statistics().get("connects", 0) == 0
+                assert "closed the connection" in stranger.last_error
+            else:
+                await stranger.wait_connected()
+        nursery.cancel_scope.cancel()
+
+
+async def test_stun_binding_returns_our_mapped_address(derp_stack: DerpStack) -> None:
+    stack = derp_stack.stack
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((stack.local_ip, 0))
+        txid = stun.new_txid()
+        request = stun.binding_request(txid)
+        with trio.fail_after(10):
+            while True:  # UDP: resend until answered
+                await sock.sendto(request, (stack.hs_host.ip, STUN_PORT))
+                with trio.move_on_after(0.5):
+                    data, src = await sock.recvfrom(2048)
+                    break
+        assert stun.is_stun(data) and not disco.looks_like_disco(data)
+        got_txid, mapped = stun.parse_response(data)
+        assert got_txid == txid
+        assert mapped == sock.getsockname()
+        assert src == (stack.hs_host.ip, STUN_PORT)
+
+
+async def test_reconnects_after_headscale_restart(derp_stack: DerpStack) -> None:
+    """Kill Headscale under a live link: Disconnected, backoff retries while it is down, then Connected."""
+    inbox = Inbox()
+    k1, k2 = derp_stack.keys
+    a = derp_stack.connection(k1, on_event=inbox.on_event)
+    peer_inbox = Inbox()
+    b = derp_stack.connection(k2, on_packet=peer_inbox.on_packet)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        nursery.start_soon(b.run)
+        with trio.fail_after(20):
+            await a.wait_connected()
+            await b.wait_connected()
+        await trio.to_thread.run_sync(derp_stack.stack.restart_headscale, 3.0)
+        with trio.fail_after(60):
+            while a.statistics().get("connects", 0) < 2 or not a.connected:
+                await trio.sleep(0.1)
+            await b.wait_connected()
+            while b.statistics().get("connects", 0) < 2:
+                await trio.sleep(0.1)
+            a.send_packet_nowait(pub(k2), b"after restart")
+            await peer_inbox.wait_for(1)
+        kinds = [type(e).__name__ for e in inbox.events]
+        assert kinds[0] == "Connected" and "Disconnected" in kinds and kinds[-1] == "Connected"
+        stats = a.statistics()
+        assert stats["connect_attempts"] >= 3  # at least one refused attempt while Headscale was down
+        assert peer_inbox.packets == [(pub(k1), b"after restart")]
+        nursery.cancel_scope.cancel()

@@ -495,6 +495,7 @@ class DerpConnection:
             self.client = client
             try:
                 nursery.start_soon(self._writer, link, client)
+                nursery.start_soon(self._watchdog, client)
                 if leftover:
                     self._receive(client, leftover)
                 await self._reader(link, client)
@@ -518,16 +519,23 @@ class DerpConnection:
 
     async def _reader(self, link: _Link, client: dc.DerpClient) -> None:
         receive = link.receive_some
+        wake = self._wake_writer
         while True:
-            with trio.move_on_at(client.next_deadline()):
-                data = await receive()
-                if not data:
-                    raise TransportError("the DERP server closed the connection")
-                self._receive(client, data)
-                if client.pending_bytes:
-                    self._wake.set()
-                continue
-            client.check_timers(trio.current_time())
+            data = await receive()
+            if not data:
+                raise TransportError("the DERP server closed the connection")
+            self._receive(client, data)
+            if client.pending_bytes:  # a Pong to send
+                wake()
+
+    def _wake_writer(self) -> None:
+        self._wake.set()
+
+    async def _watchdog(self, client: dc.DerpClient) -> None:
+        """Ends the link when the login stalls or the server goes silent (no per-read timer)."""
+        while True:
+            await trio.sleep_until(client.next_deadline())
+            client.check_timers(trio.current_time())  # raises TransportError when dead
 
     def _receive(self, client: dc.DerpClient, data: bytes) -> None:
         try:

@@ -37,7 +37,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
@@ -88,8 +88,9 @@ class Disconnected:
     connected: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
+class Packet(NamedTuple):
+    """A packet relayed to us (a NamedTuple: the hot path makes one per packet)."""
+
     src: bytes  # node public key of the sender
     data: bytes
 
@@ -148,6 +149,8 @@ EXPECTED: Final[dict[State, frozenset[int]]] = {
 }
 
 MAX_OUTGOING_PINGS: Final = 16
+RECV_PACKET: Final = int(FrameType.RECV_PACKET)
+KEY_LEN: Final = frames.KEY_LEN
 
 
 class DerpClient:
@@ -195,26 +198,35 @@ class DerpClient:
             return []
         self.stats["bytes_in"] += len(data)
         self.last_received = now
-        self._parser.feed(data)
+        parser = self._parser
+        parser.feed(data)
         events: list[Event] = []
+        next_frame = parser.next_frame
+        stats = self.stats
+        packets = 0
         try:
-            for ftype, payload in self._parser.frames():
-                self.stats["frames_in"] += 1
-                self._handle(ftype, payload, now, events)
+            while (frame := next_frame()) is not None:
+                ftype, payload = frame
+                if ftype == RECV_PACKET and self.state is State.CONNECTED:  # the hot path, inline
+                    if len(payload) < KEY_LEN:
+                        raise RemoteProtocolError(f"short DERP RecvPacket frame: {len(payload)} bytes")
+                    events.append(Packet(payload[:KEY_LEN], payload[KEY_LEN:]))
+                    packets += 1
+                else:
+                    stats["frames_in"] += 1
+                    self._handle(ftype, payload, now, events)
         except RemoteProtocolError as exc:
             self.state = State.CLOSED
-            self.stats["protocol_errors"] += 1
+            stats["protocol_errors"] += 1
             raise DerpProtocolError(str(exc), events) from exc
+        finally:
+            if packets:
+                stats["packets_in"] += packets
+                stats["frames_in"] += packets
         return events
 
     def _handle(self, ftype: int, payload: bytes, now: float, events: list[Event]) -> None:
         state = self.state
-        if ftype == FrameType.RECV_PACKET and state is State.CONNECTED:  # the hot path first
-            if len(payload) < frames.KEY_LEN:
-                raise RemoteProtocolError(f"short DERP RecvPacket frame: {len(payload)} bytes")
-            self.stats["packets_in"] += 1
-            events.append(Packet(payload[: frames.KEY_LEN], payload[frames.KEY_LEN :]))
-            return
         if ftype not in EXPECTED[state]:
             if ftype not in frames.KNOWN_FRAME_TYPES:
                 self.stats["unknown_frames"] += 1

@@ -235,3 +235,21 @@ async def test_reconnects_after_headscale_restart(derp_stack: DerpStack) -> None
         assert stats["connect_attempts"] >= 3  # at least one refused attempt while Headscale was down
         assert peer_inbox.packets == [(pub(k1), b"after restart")]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.soak
+async def test_real_server_keepalive_interval(derp_stack: DerpStack) -> None:
+    """Headscale's DERP sends KeepAlive every 60 s + 0-5 s jitter; our 130 s deadline covers two."""
+    a = derp_stack.connection(derp_stack.keys[0])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        with trio.fail_after(20):
+            await a.wait_connected()
+        start = trio.current_time()
+        with trio.fail_after(dc.KEEPALIVE_INTERVAL + dc.KEEPALIVE_JITTER + 5):
+            while a.statistics().get("keepalives_in", 0) < 1:
+                await trio.sleep(0.5)
+        waited = trio.current_time() - start
+        assert dc.KEEPALIVE_INTERVAL - 1 <= waited <= dc.KEEPALIVE_INTERVAL + dc.KEEPALIVE_JITTER + 1
+        assert a.statistics()["connects"] == 1
+        nursery.cancel_scope.cancel()

@@ -207,13 +207,16 @@ async def test_stun_binding_returns_our_mapped_address(derp_stack: DerpStack) ->
         assert src == (stack.hs_host.ip, STUN_PORT)
 
 
-async def test_reconnects_after_headscale_restart(derp_stack: DerpStack) -> None:
+@pytest.mark.parametrize("transport", _transports())
+async def test_reconnects_after_headscale_restart(derp_stack: DerpStack, transport: str) -> None:
     """Kill Headscale under a live link: Disconnected, backoff retries while it is down, then Connected."""
+    if transport == "websocket" and not derp_stack.at_least_024:
+        transport = "http"  # 0.23 has no WebSocket DERP (see _websocket_refused_by_023)
     inbox = Inbox()
     k1, k2 = derp_stack.keys
-    a = derp_stack.connection(k1, on_event=inbox.on_event)
+    a = derp_stack.connection(k1, transport, on_event=inbox.on_event)
     peer_inbox = Inbox()
-    b = derp_stack.connection(k2, on_packet=peer_inbox.on_packet)
+    b = derp_stack.connection(k2, transport, on_packet=peer_inbox.on_packet)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.run)
         nursery.start_soon(b.run)
@@ -252,4 +255,17 @@ async def test_real_server_keepalive_interval(derp_stack: DerpStack) -> None:
         waited = trio.current_time() - start
         assert dc.KEEPALIVE_INTERVAL - 1 <= waited <= dc.KEEPALIVE_INTERVAL + dc.KEEPALIVE_JITTER + 1
         assert a.statistics()["connects"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_tls_is_verified(derp_stack: DerpStack) -> None:
+    """Without the stack's CA (system store only) the certificate is refused and we keep retrying."""
+    url, ip = derp_stack.derp_url()
+    a = DerpConnection(url, derp_stack.keys[0], connect_ip=ip, backoff=lambda n: 0.1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        with trio.fail_after(20):
+            while a.statistics().get("closed_transport_error", 0) < 2:
+                await trio.sleep(0.05)
+        assert not a.connected and "CERTIFICATE_VERIFY_FAILED" in a.last_error
         nursery.cancel_scope.cancel()

@@ -69,6 +69,16 @@ _RECOVERABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def _describe(exc: BaseException) -> str:
+    """One line: the exception and its causes (trio wraps SSL errors in BrokenResourceError)."""
+    parts = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 3:
+        parts.append(f"{type(seen).__name__}: {seen}" if str(seen) else type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
+
+
 def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
     """min(2^n, 60) s plus up to 1 s of jitter; n = consecutive failures so far."""
     r = rng or random
@@ -380,7 +390,7 @@ class DerpConnection:
             exc = group.exceptions[0]
             while isinstance(exc, BaseExceptionGroup):
                 exc = exc.exceptions[0]
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            reason = _describe(exc)
             if isinstance(exc, RemoteProtocolError):
                 self.stats["closed_protocol_error"] += 1
             else:

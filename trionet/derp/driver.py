@@ -71,7 +71,7 @@ _RECOVERABLE: tuple[type[BaseException], ...] = (
 
 def _describe(exc: BaseException) -> str:
     """One line: the exception and its causes (trio wraps SSL errors in BrokenResourceError)."""
-    parts = []
+    parts: list[str] = []
     seen: BaseException | None = exc
     while seen is not None and len(parts) < 3:
         parts.append(f"{type(seen).__name__}: {seen}" if str(seen) else type(seen).__name__)

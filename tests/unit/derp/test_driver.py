@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from nacl.public import PrivateKey
 
 from tests.unit.derp.fakerelay import FakeRelay
@@ -361,3 +363,73 @@ async def test_websocket_transport_subprotocol_and_binary_messages() -> None:
         ]
         assert max(sizes) <= 32768  # Headscale's websocket read limit
         nursery.cancel_scope.cancel()
+
+
+async def test_upgrade_response_split_anywhere_keeps_following_frames(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The 101 head arrives byte by byte and the ServerKey + ServerInfo ride in its last segment."""
+    from tests.unit.derp.fakeserver import FakeServer
+
+    server = FakeServer()
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nDerp-Version: 2\r\nDerp-Public-Key: x\r\n\r\n"
+    rec = Recorder()
+
+    async def open_stream() -> trio.abc.Stream:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            request = await server_stream.receive_some()
+            assert request.startswith(b"GET /derp HTTP/1.1\r\nHost: derp.test\r\n")
+            for i in range(len(head) - 1):
+                await server_stream.send_all(head[i : i + 1])
+                await trio.sleep(0.001)
+            await server_stream.send_all(head[-1:] + server.hello())
+            while True:
+                reply = server.feed(await server_stream.receive_some())
+                if reply:
+                    await server_stream.send_all(reply + frames.build_recv_packet(b"\x05" * 32, b"first"))
+
+        nursery.start_soon(serve)
+        return client_stream
+
+    async with trio.open_nursery() as nursery:
+        a = DerpConnection("http://derp.test/derp", key(), open_stream=open_stream, on_packet=rec.on_packet)
+        nursery.start_soon(a.run)
+        with trio.fail_after(5):
+            await rec.got.wait()
+        assert rec.packets == [(b"\x05" * 32, b"first")]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("head", "error"),
+    [
+        (b"HTTP/1.1 426 Upgrade Required\r\n\r\nDERP requires connection upgrade", "HTTP 426"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", "Upgrade: 'websocket'"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "bad HTTP status line"),
+    ],
+)
+async def test_upgrade_refusals(autojump_clock: trio.testing.MockClock, head: bytes, error: str) -> None:
+    async def open_stream() -> trio.abc.Stream:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        await server_stream.send_all(head)
+        return client_stream
+
+    a = DerpConnection("http://derp.test/derp", key(), open_stream=open_stream, backoff=lambda n: 100.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        await trio.sleep(1)
+        assert error in a.last_error and not a.connected
+        nursery.cancel_scope.cancel()
+
+
+@given(st.binary(max_size=300))
+def test_upgrade_head_parser_garbage(head: bytes) -> None:
+    from trionet.derp.driver import _parse_upgrade_response
+    from trionet.errors import RemoteProtocolError
+
+    try:
+        _parse_upgrade_response(head)
+    except RemoteProtocolError:
+        pass

@@ -1,0 +1,438 @@
+"""The TS2021 control client: server key, /ts2021 upgrade, HTTP/2 over Noise.
+
+    async with open_session(config, state) as conn:
+        await conn.register()
+        async for netmap, change in conn.map_updates(magic): ...
+        await conn.lite_update(endpoints, types, home_region)
+
+Facts (protocol-notes §2-§5, checked in tailscale control/ts2021,
+controlhttp, controlclient/direct.go and headscale noise.go/poll.go):
+`GET /key?v=CAPVER`; `POST /ts2021` with `Upgrade: tailscale-control-protocol`
+and the base64 initiation in `X-Tailscale-Handshake`; the 101 is followed by
+the 51-byte response; the first plaintext may be the early payload
+("\xff\xff\xffTS" + BE32 length + JSON); then HTTP/2 with prior knowledge.
+Map messages are LE32-length-prefixed, zstd-compressed when asked.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import platform
+import ssl
+import struct
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import trio
+import zstandard
+
+from trionet import __version__, proto
+from trionet.control.netmap import Netmap, NetmapChange
+from trionet.errors import AuthError, ConfigError, ControlError, RemoteProtocolError, TransportError
+from trionet.keys import ZERO_NODE_KEY, format_key, parse_key
+from trionet.noise.core import RESPONSE_LEN, Initiator
+from trionet.noise.stream import NoiseStream
+
+log = logging.getLogger(__name__)
+
+# 113 is Headscale 0.29's minimum (checked at the Noise handshake); 0.23 takes
+# >= 61. 116 also implies HomeDERP (cap 111) and nil AllowedIPs = Addresses
+# (cap 112), and stays below peer-relay (121) and TSMP disco adverts (144).
+CAPVER = 116
+EARLY_MAGIC = b"\xff\xff\xffTS"
+CONNECT_TIMEOUT = 15.0
+MAX_MAP_MESSAGE = 64 << 20
+
+
+class StreamEnded(TransportError):
+    """The server ended the map stream; reconnect."""
+
+
+def _split_server(url: str) -> tuple[str, str, int, bool]:
+    parts = urllib.parse.urlsplit(url)
+    tls = parts.scheme == "https"
+    if parts.hostname is None:
+        raise ConfigError(f"login server {url!r} has no host")
+    return parts.netloc, parts.hostname, parts.port or (443 if tls else 80), tls
+
+
+async def _open_stream(url: str, ca_file: str | None) -> tuple[trio.abc.Stream, str]:
+    netloc, host, port, tls = _split_server(url)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            tcp: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            if tls:
+                ctx = ssl.create_default_context(cafile=ca_file)
+                ctx.set_alpn_protocols(["http/1.1"])
+                stream = trio.SSLStream(tcp, ctx, server_hostname=host)
+                await stream.do_handshake()
+                return stream, netloc
+            return tcp, netloc
+    except trio.TooSlowError as exc:
+        raise TransportError(f"cannot reach login server {url}: no answer in {CONNECT_TIMEOUT:.0f} s") from exc
+    except ssl.SSLError as exc:
+        raise TransportError(f"TLS to login server {url} failed: {exc.reason or exc}") from exc
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__ or exc
+        raise TransportError(f"TLS to login server {url} failed: {cause}") from exc
+    except OSError as exc:
+        raise TransportError(f"cannot reach login server {url}: {exc.strerror or exc}") from exc
+
+
+async def _read_http_head(stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise TransportError("login server closed the connection before answering")
+        buf += data
+        if len(buf) > 65536:
+            raise RemoteProtocolError("HTTP response head too long")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError) as exc:
+        raise RemoteProtocolError(f"not an HTTP response: {lines[0][:80]!r}") from exc
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, rest
+
+
+async def fetch_server_key(url: str, ca_file: str | None) -> bytes:
+    stream, netloc = await _open_stream(url, ca_file)
+    try:
+        await stream.send_all(f"GET /key?v={CAPVER} HTTP/1.1\r\nHost: {netloc}\r\n"
+                              f"User-Agent: trionet/{__version__}\r\nConnection: close\r\n\r\n".encode())
+        with trio.fail_after(CONNECT_TIMEOUT):
+            status, headers, body = await _read_http_head(stream)
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                body += data
+    except trio.TooSlowError as exc:
+        raise TransportError(f"login server {url} did not answer /key") from exc
+    finally:
+        await trio.aclose_forcefully(stream)
+    if status != 200:
+        raise ControlError(f"{url}/key answered HTTP {status}: is this a Headscale/Tailscale server?")
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    try:
+        return parse_key(json.loads(body)["publicKey"], "mkey:")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ControlError(f"{url}/key gave no usable server key") from exc
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += body[:size]
+        body = body[size + 2:]
+    return out
+
+
+class H2Connection:
+    """A small HTTP/2 client on h2: one reader task, many concurrent requests."""
+
+    def __init__(self, stream: trio.abc.Stream, authority: str) -> None:
+        self.stream = stream
+        self.authority = authority
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.lock = trio.Lock()
+        self.responses: dict[int, trio.MemorySendChannel[Any]] = {}
+        self.flow = trio.Event()
+        self.closed: BaseException | None = None
+
+    async def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    async def start(self) -> None:
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(16 << 20)
+        await self._flush()
+
+    async def reader(self) -> None:
+        try:
+            while True:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise TransportError("control connection closed")
+                try:
+                    events = self.h2.receive_data(data)
+                except Exception as exc:  # h2's protocol errors
+                    raise RemoteProtocolError(f"HTTP/2 error from control: {exc}") from exc
+                for ev in events:
+                    self._dispatch(ev)
+                async with self.lock:
+                    await self._flush()
+                self.flow.set()
+                self.flow = trio.Event()
+        except BaseException as exc:
+            self.closed = exc
+            for ch in self.responses.values():
+                ch.send_nowait(("error", exc))
+            raise
+
+    def _dispatch(self, ev: Any) -> None:
+        sid = getattr(ev, "stream_id", None)
+        ch = self.responses.get(sid) if sid is not None else None
+        if isinstance(ev, h2.events.ResponseReceived) and ch:
+            status = int(dict(ev.headers).get(":status", "0"))
+            ch.send_nowait(("status", status))
+        elif isinstance(ev, h2.events.DataReceived):
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if ch:
+                ch.send_nowait(("data", ev.data))
+        elif isinstance(ev, h2.events.StreamEnded) and ch:
+            ch.send_nowait(("end", None))
+        elif isinstance(ev, h2.events.StreamReset) and ch:
+            ch.send_nowait(("error", TransportError(f"control reset the request (code {ev.error_code})")))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            exc = TransportError(f"control closed the HTTP/2 connection (code {ev.error_code})")
+            for c in self.responses.values():
+                c.send_nowait(("error", exc))
+
+    @asynccontextmanager
+    async def request(self, method: str, path: str, body: bytes) -> AsyncIterator[trio.MemoryReceiveChannel[Any]]:
+        if self.closed is not None:
+            raise TransportError(f"control connection is closed: {self.closed}")
+        send, recv = trio.open_memory_channel[Any](1 << 16)
+        async with self.lock:
+            sid = self.h2.get_next_available_stream_id()
+            self.responses[sid] = send
+            self.h2.send_headers(sid, [(":method", method), (":path", path), (":scheme", "https"),
+                                       (":authority", self.authority), ("content-type", "application/json"),
+                                       ("content-length", str(len(body)))])
+            await self._flush()
+        view = memoryview(body)
+        while view:
+            async with self.lock:
+                window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+                if window > 0:
+                    chunk = view[:window]
+                    view = view[len(chunk):]
+                    self.h2.send_data(sid, bytes(chunk), end_stream=not view)
+                    await self._flush()
+                    continue
+            await self.flow.wait()
+        if not body:
+            async with self.lock:
+                self.h2.end_stream(sid)
+                await self._flush()
+        try:
+            yield recv
+        finally:
+            self.responses.pop(sid, None)
+
+    async def simple(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        async with self.request(method, path, body) as events:
+            status, out = 0, b""
+            async for kind, value in events:
+                if kind == "status":
+                    status = value
+                elif kind == "data":
+                    out += value
+                elif kind == "end":
+                    return status, out
+                else:
+                    raise value
+        raise TransportError("control request ended without an answer")
+
+
+class ControlConnection:
+    def __init__(self, config: Any, state: Any, h2conn: H2Connection) -> None:
+        self.config = config
+        self.state = state
+        self.h2 = h2conn
+        self.node_key = format_key("nodekey:", state.node_public)
+        self.disco_key = format_key("discokey:", state.disco_public)
+        self.netmap = Netmap()
+
+    def hostinfo(self, home_region: int = 0) -> dict[str, Any]:
+        return {"Hostname": self.config.hostname, "OS": "linux", "IPNVersion": f"trionet-{__version__}",
+                "GoArch": platform.machine(), "NetInfo": {"PreferredDERP": home_region}}
+
+    async def register(self) -> proto.RegisterResponse:
+        req: dict[str, Any] = {"Version": CAPVER, "NodeKey": self.node_key, "OldNodeKey": ZERO_NODE_KEY,
+                               "Hostinfo": self.hostinfo()}
+        if self.config.auth_key:
+            req["Auth"] = {"AuthKey": self.config.auth_key}
+        status, body = await self.h2.simple("POST", "/machine/register", json.dumps(req).encode())
+        text = body.decode(errors="replace").strip()
+        if status == 401:
+            raise AuthError("the login server rejected the auth key")
+        if status != 200:
+            if "key" in text.lower() or "auth" in text.lower():
+                raise AuthError(f"the login server rejected the auth key: {text[:200]}")
+            raise ControlError(f"register failed: HTTP {status}: {text[:200]}")
+        resp: proto.RegisterResponse = proto.loads(body, proto.RegisterResponse)
+        if resp.Error:
+            raise AuthError(f"the login server rejected the auth key: {resp.Error}")
+        if resp.NodeKeyExpired:
+            raise AuthError("this node's key has expired; log in again with an auth key")
+        if not resp.MachineAuthorized:
+            if resp.AuthURL:
+                raise AuthError(f"interactive login needed at {resp.AuthURL}; use a pre-auth key")
+            raise AuthError("the login server did not authorize this node (no or invalid auth key)")
+        self.state.extra["registered_server"] = self.config.login_server
+        self.state.save()
+        return resp
+
+    def map_request(self, endpoints: list[str], types: list[int], home: int, stream: bool) -> dict[str, Any]:
+        req: dict[str, Any] = {"Version": CAPVER, "NodeKey": self.node_key, "DiscoKey": self.disco_key,
+                               "Endpoints": endpoints, "EndpointTypes": types,
+                               "Hostinfo": self.hostinfo(home), "Stream": stream}
+        if stream:
+            req.update(KeepAlive=True, Compress="zstd")
+        else:
+            req["OmitPeers"] = True
+        return req
+
+    async def lite_update(self, endpoints: list[str], types: list[int], home_region: int) -> None:
+        body = json.dumps(self.map_request(endpoints, types, home_region, stream=False)).encode()
+        status, text = await self.h2.simple("POST", "/machine/map", body)
+        if status != 200:
+            raise ControlError(f"endpoint update failed: HTTP {status}: {text[:200]!r}")
+
+    async def map_updates(self, magic: Any) -> AsyncIterator[tuple[Netmap, NetmapChange]]:
+        req = self.map_request(magic.endpoints(), magic.endpoint_types(), magic.home_region, stream=True)
+        dctx = zstandard.ZstdDecompressor()
+        async with self.h2.request("POST", "/machine/map", json.dumps(req).encode()) as events:
+            buf = bytearray()
+            status = 0
+            async for kind, value in events:
+                if kind == "status":
+                    status = value
+                    if status == 404:
+                        raise AuthError("the login server does not know this node any more; re-run with an auth key")
+                    if status != 200:
+                        continue
+                elif kind == "data":
+                    if status != 200:
+                        raise ControlError(f"map request failed: HTTP {status}: {bytes(value)[:200]!r}")
+                    buf += value
+                    while len(buf) >= 4:
+                        (size,) = struct.unpack_from("<I", buf)
+                        if size > MAX_MAP_MESSAGE:
+                            raise RemoteProtocolError(f"map message of {size} bytes is over the limit")
+                        if len(buf) < 4 + size:
+                            break
+                        raw = bytes(buf[4:4 + size])
+                        del buf[:4 + size]
+                        if raw[:4] == b"\x28\xb5\x2f\xfd":
+                            try:
+                                raw = dctx.decompressobj().decompress(raw)
+                            except zstandard.ZstdError as exc:
+                                raise RemoteProtocolError(f"bad zstd map message: {exc}") from exc
+                        resp = proto.loads(raw, proto.MapResponse)
+                        change = self.netmap.apply(resp)
+                        if change.keepalive:
+                            continue
+                        yield self.netmap, change
+                elif kind == "end":
+                    raise StreamEnded("the login server ended the map stream")
+                else:
+                    raise value
+
+
+@asynccontextmanager
+async def open_session(config: Any, state: Any) -> AsyncIterator[ControlConnection]:
+    """Fetch the server key, upgrade to TS2021, and run HTTP/2 over Noise."""
+    url = config.login_server
+    ca = str(config.ca_file) if config.ca_file else None
+    server_key = await fetch_server_key(url, ca)
+    stream, netloc = await _open_stream(url, ca)
+    try:
+        init = Initiator(state.machine_private, server_key, CAPVER)
+        msg = base64.b64encode(init.initiation()).decode()
+        await stream.send_all(
+            f"POST /ts2021 HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: tailscale-control-protocol\r\n"
+            f"Connection: upgrade\r\nX-Tailscale-Handshake: {msg}\r\nContent-Length: 0\r\n\r\n".encode())
+        with trio.fail_after(CONNECT_TIMEOUT):
+            status, headers, rest = await _read_http_head(stream)
+            if status != 101 or headers.get("upgrade", "").lower() != "tailscale-control-protocol":
+                raise ControlError(f"{url}/ts2021 answered HTTP {status}, not an upgrade")
+            while len(rest) < RESPONSE_LEN:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise ControlError("the login server closed the connection during the Noise handshake "
+                                       f"(does it accept capability version {CAPVER}?)")
+                rest += data
+        noise = init.response(rest[:RESPONSE_LEN])
+        nstream = NoiseStream(stream, noise, rest[RESPONSE_LEN:])
+        first = b""
+        while len(first) < 9:
+            data = await nstream.receive_some(9 - len(first))
+            if not data:
+                raise TransportError("control connection closed after the handshake")
+            first += data
+        leftover = b""
+        if first[:5] == EARLY_MAGIC:
+            (n,) = struct.unpack_from("!I", first, 5)
+            if n > 10 << 20:
+                raise RemoteProtocolError("early payload too large")
+            payload = b""
+            while len(payload) < n:
+                data = await nstream.receive_some(n - len(payload))
+                if not data:
+                    raise TransportError("control connection closed in the early payload")
+                payload += data
+        else:
+            leftover = first
+        h2conn = H2Connection(_Prepend(nstream, leftover), netloc)
+        await h2conn.start()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h2conn.reader)
+            try:
+                yield ControlConnection(config, state, h2conn)
+            finally:
+                nursery.cancel_scope.cancel()
+    except trio.TooSlowError as exc:
+        raise TransportError(f"login server {url} did not complete the TS2021 upgrade") from exc
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise TransportError(f"control connection to {url} broke: {exc.__cause__ or exc}") from exc
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+class _Prepend(trio.abc.Stream):
+    """Give back bytes we read past the early-payload check."""
+
+    def __init__(self, inner: trio.abc.Stream, first: bytes) -> None:
+        self.inner = inner
+        self.first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.first:
+            out, self.first = bytes(self.first), b""
+            return out
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

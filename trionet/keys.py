@@ -1,0 +1,158 @@
+"""Keys and the state file.
+
+* machine key: the static key of the TS2021 Noise session (`mkey:`);
+* node key: the WireGuard static key, the DERP identity and the netmap's
+  `NodeKey`, all one key (`nodekey:`); there is no separate WireGuard key;
+* disco key: NaCl box for disco only (`discokey:`), fresh at every start as
+  tailscaled does (wgengine/magicsock NewConn).
+
+Private keys are `privkey:` text, clamped at creation (types/key/util.go).
+The state file is written atomically (temp file, fsync, rename, fsync dir)
+with mode 0600. A corrupt or unreadable state file is a StateFileError and is
+never replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import attrs
+from nacl.bindings import crypto_scalarmult_base
+
+from trionet.errors import StateFileError
+
+STATE_NAME = "state.json"
+STATE_VERSION = 1
+
+
+def clamp(raw: bytes) -> bytes:
+    b = bytearray(raw)
+    b[0] &= 248
+    b[31] = (b[31] & 127) | 64
+    return bytes(b)
+
+
+def new_private() -> bytes:
+    return clamp(os.urandom(32))
+
+
+def public_of(private: bytes) -> bytes:
+    return bytes(crypto_scalarmult_base(private))
+
+
+def format_key(prefix: str, raw: bytes) -> str:
+    if len(raw) != 32:
+        raise ValueError(f"a key is 32 bytes, not {len(raw)}")
+    return prefix + raw.hex()
+
+
+def parse_key(text: str, prefix: str) -> bytes:
+    if not isinstance(text, str) or not text.startswith(prefix):
+        raise ValueError(f"expected a {prefix} key, got {str(text)[:24]!r}")
+    body = text[len(prefix):]
+    if len(body) != 64 or body != body.lower():
+        raise ValueError(f"{prefix} key must be 64 lowercase hex digits")
+    return bytes.fromhex(body)
+
+
+def parse_public(text: str, prefix: str) -> bytes:
+    return parse_key(text, prefix)
+
+
+ZERO_NODE_KEY = format_key("nodekey:", bytes(32))
+
+
+@attrs.define
+class State:
+    """What a node keeps across restarts, plus this run's disco key."""
+
+    path: Path
+    machine_private: bytes
+    node_private: bytes
+    disco_private: bytes = attrs.field(factory=new_private)
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def machine_public(self) -> bytes:
+        return public_of(self.machine_private)
+
+    @property
+    def node_public(self) -> bytes:
+        return public_of(self.node_private)
+
+    @property
+    def disco_public(self) -> bytes:
+        return public_of(self.disco_private)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION,
+                "machine_private": format_key("privkey:", self.machine_private),
+                "node_private": format_key("privkey:", self.node_private), **self.extra}
+
+    def save(self) -> None:
+        write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Whole or not at all: a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_state(state_dir: Path) -> State | None:
+    path = state_dir / STATE_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(f"cannot read state file {path}: {exc.strerror}") from exc
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown state file version {doc.get('version') if isinstance(doc, dict) else '?'}")
+        machine = parse_key(doc["machine_private"], "privkey:")
+        node = parse_key(doc["node_private"], "privkey:")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise StateFileError(f"state file {path} is corrupt ({exc}); move it away to start as a new node") from exc
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, 0o600)  # keys are secrets: tighten, never loosen
+    extra = {k: v for k, v in doc.items() if k not in ("version", "machine_private", "node_private")}
+    return State(path, machine, node, extra=extra)
+
+
+def load_or_create_state(state_dir: Path) -> State:
+    state = load_state(state_dir)
+    if state is None:
+        state = State(state_dir / STATE_NAME, new_private(), new_private())
+        try:
+            state.save()
+        except OSError as exc:
+            raise StateFileError(f"cannot write state file {state.path}: {exc.strerror}") from exc
+    return state

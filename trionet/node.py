@@ -1,0 +1,410 @@
+"""`trionet.Node`: a tailnet node inside a Trio program.
+
+    async with trionet.Node(login_server=URL, auth_key=KEY, state_dir=DIR) as node:
+        stream = await node.open_tcp_stream("peer-name", 80)
+
+The node is a nursery tree (architecture.md): control + map stream, the
+WireGuard timer, magicsock (UDP reader, DERP connections, disco), the
+netstack timer and whatever listeners the caller starts. Leaving the
+`async with` cancels the tree; everything closes with it.
+
+The hot path runs in the task that read the datagram: magicsock's reader calls
+`_on_wireguard`, which decrypts, filters and hands IP packets to the netstack,
+which wakes the stream's reader. The netstack's output callback encrypts and
+sends in the caller's task. No queue or task hop in between.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trionet import keys as keymod
+from trionet.config import NodeConfig, check_login_server, is_ip
+from trionet.daemon.state import Status, StatusMachine
+from trionet.errors import ConfigError, TransportError, TrionetError
+from trionet.filter import PacketFilter
+from trionet.magicsock.conn import MagicConn, PathTag
+
+try:  # the data plane: WireGuard and the userspace IP stack
+    from trionet.netstack import NetStack
+    from trionet.wg import WgDevice
+
+    HAVE_DATA_PLANE = True
+except ImportError:  # pragma: no cover - only while those packages are being built
+    HAVE_DATA_PLANE = False
+
+log = logging.getLogger(__name__)
+
+MAGIC_DNS_IP = "100.100.100.100"
+
+
+def _ip_net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text, strict=False)
+
+
+class Node:
+    def __init__(
+        self,
+        login_server: str | None = None,
+        auth_key: str | None = None,
+        state_dir: str | Path | None = None,
+        hostname: str | None = None,
+        ca_file: str | Path | None = None,
+        *,
+        config: NodeConfig | None = None,
+        udp_port: int = 0,
+        udp_bind: str = "",
+    ) -> None:
+        if config is None:
+            if login_server is None or state_dir is None:
+                raise ConfigError("Node needs login_server and state_dir (or a NodeConfig)")
+            kwargs: dict[str, Any] = {}
+            if hostname:
+                kwargs["hostname"] = hostname
+            config = NodeConfig(login_server=check_login_server(login_server), state_dir=Path(state_dir),
+                                auth_key=auth_key, ca_file=Path(ca_file) if ca_file else None,
+                                udp_port=udp_port, udp_bind=udp_bind, **kwargs)
+        self.config = config
+        self.status_machine = StatusMachine()
+        self.stats: Counter[str] = Counter()
+        self.netmap: Any = None
+        self.filter = PacketFilter()
+        self.wg: Any = None
+        self.stack: Any = None
+        self.magic: MagicConn | None = None
+        self.control: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._running = trio.Event()
+        self._fatal: BaseException | None = None
+        self._peer_ids_by_key: dict[bytes, int] = {}
+        self._key_by_peer_id: dict[int, bytes] = {}
+        self._stack_ready = trio.Event()
+        self._cm: Any = None
+
+    # --------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Node:
+        self._cm = self._open()
+        await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        cm, self._cm = self._cm, None
+        return bool(await cm.__aexit__(*exc))
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The node's nursery tree; `task_status.started()` once the node is Running."""
+        from trionet.daemon.session import ControlSession
+
+        self.status_machine.move(Status.CONNECTING, f"contacting {self.config.login_server}")
+        state = keymod.load_or_create_state(self.config.state_dir)
+        self.keys = state
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.magic = MagicConn(
+                    state.node_private, state.node_public, state.disco_private, state.disco_public,
+                    self._on_wireguard, login_server=self.config.login_server,
+                    ca_file=str(self.config.ca_file) if self.config.ca_file else None,
+                    udp_port=self.config.udp_port, udp_bind=self.config.udp_bind,
+                    on_endpoints_changed=self._endpoints_changed)
+                try:
+                    self.magic.bind()
+                except OSError as exc:  # UDP is optional: DERP carries everything alone
+                    log.warning("UDP socket unavailable (%s); using DERP only", exc)
+                self.wg = WgDevice(state.node_private) if HAVE_DATA_PLANE else None
+                self.control = ControlSession(self.config, state, self.magic, self._on_netmap,
+                                              self.status_machine)
+                await nursery.start(self.magic.run)
+                nursery.start_soon(self.control.run)
+                if self.wg is not None:
+                    nursery.start_soon(self._wg_timer)
+                with trio.fail_after(self.config_timeout):
+                    await self._wait_running()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            if self.status_machine.status not in (Status.STOPPED, Status.SHUTTING_DOWN):
+                self.status_machine.move(Status.SHUTTING_DOWN, "stopping")
+            self.status_machine.move(Status.STOPPED, "")
+
+    config_timeout = 60.0
+
+    async def _wait_running(self) -> None:
+        while not self._running.is_set():
+            if self.control.fatal is not None:
+                raise self.control.fatal
+            with trio.move_on_after(0.1):
+                await self._running.wait()
+
+    # ---------------------------------------------------------------- netmap
+    def _on_netmap(self, netmap: Any, change: Any) -> None:
+        """Every netmap change reaches WireGuard, paths, the filter and the stack."""
+        self.netmap = netmap
+        assert self.magic is not None
+        if getattr(change, "derp_map_changed", True) and netmap.derp_map is not None:
+            self.magic.set_derp_map(netmap.derp_map)
+        me = netmap.self_node
+        if me is not None and self.stack is None and HAVE_DATA_PLANE:
+            self._start_stack(me)
+        elif me is not None and self.stack is not None:
+            self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
+        if getattr(change, "filter_changed", True):
+            self.filter.update(rules=netmap.packet_filter or [])
+        seen: set[bytes] = set()
+        for peer in netmap.peers.values():
+            key = keymod.parse_public(peer.Key, "nodekey:")
+            seen.add(key)
+            old_key = self._key_by_peer_id.get(peer.ID)
+            if old_key is not None and old_key != key:  # re-keyed peer: forget the old key
+                if self.wg is not None:
+                    self.wg.remove_peer(old_key)
+                self.magic.remove_peer(old_key)
+            self._key_by_peer_id[peer.ID] = key
+            self._peer_ids_by_key[key] = peer.ID
+            allowed = peer.AllowedIPs if peer.AllowedIPs is not None else peer.Addresses
+            if self.wg is not None:
+                self.wg.set_peer(key, [_ip_net(a) for a in allowed or ()])
+            disco = keymod.parse_public(peer.DiscoKey, "discokey:") if peer.DiscoKey else None
+            endpoints = [_split_endpoint(e) for e in peer.Endpoints or ()]
+            self.magic.upsert_peer(key, disco, netmap.home_derp_of(peer), [e for e in endpoints if e])
+        for key in list(self._peer_ids_by_key):
+            if key not in seen:
+                if self.wg is not None:
+                    self.wg.remove_peer(key)
+                self.magic.remove_peer(key)
+                peer_id = self._peer_ids_by_key.pop(key)
+                if self._key_by_peer_id.get(peer_id) == key:
+                    del self._key_by_peer_id[peer_id]
+        if me is not None and not self._running.is_set():
+            self._running.set()
+
+    def _start_stack(self, me: Any) -> None:
+        addrs = [ipaddress.ip_interface(a).ip for a in me.Addresses or ()]
+        self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
+        self.stack = NetStack(addresses=addrs, output=self._on_ip_out, mtu=1280)
+        assert self._nursery is not None
+        self._nursery.start_soon(self.stack.run)
+        self._stack_ready.set()
+
+    def _endpoints_changed(self) -> None:
+        if self.control is not None:
+            self.control.endpoints_changed()
+
+    # -------------------------------------------------------------- hot path
+    def _on_ip_out(self, packet: bytes) -> None:
+        assert self.wg is not None and self.magic is not None
+        self.filter.note_outbound(packet)
+        for tx in self.wg.send_ip(packet, time.monotonic(), time.time()):
+            self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
+
+    def _on_wireguard(self, data: bytes, derp_src: bytes | None, path: PathTag) -> None:
+        if self.wg is None or self.magic is None:
+            self.stats["drop.no_wireguard"] += 1
+            return
+        got = self.wg.receive(data, time.monotonic(), time.time(), src=path)
+        for tx in got.transmits:
+            self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None) or path)
+        if not got.packets:
+            return
+        stack = self.stack
+        if stack is None:
+            self.stats["drop.no_stack"] += len(got.packets)
+            return
+        allowed = []
+        for _peer, packet in got.packets:
+            if self.filter.allow_inbound(packet):
+                allowed.append(packet)
+            else:
+                self.stats["drop.filtered"] += 1
+        if allowed:
+            stack.deliver_many(allowed)
+
+    async def _wg_timer(self) -> None:
+        assert self.wg is not None and self.magic is not None
+        while True:
+            now = time.monotonic()
+            for tx in self.wg.tick(now, time.time()):
+                self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
+            deadline = self.wg.next_deadline()
+            delay = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
+            await trio.sleep(delay)
+
+    # ------------------------------------------------------------------ names
+    def resolve(self, host: str) -> str:
+        """A tailnet IP for a MagicDNS name, short name, or IP literal."""
+        if is_ip(host):
+            return host
+        if self.netmap is None:
+            raise TransportError("not connected yet: no netmap to resolve names from")
+        name = host.lower().rstrip(".")
+        for peer in [*self.netmap.peers.values(), *([self.netmap.self_node] if self.netmap.self_node else [])]:
+            fqdn = (peer.Name or "").lower().rstrip(".")
+            short = fqdn.split(".")[0]
+            hostinfo_name = ((peer.Hostinfo.Hostname if peer.Hostinfo else None) or "").lower()
+            if name in (fqdn, short) or (name == hostinfo_name and not short):
+                for addr in peer.Addresses or ():
+                    ip = ipaddress.ip_interface(addr).ip
+                    if ip.version == 4:
+                        return str(ip)
+                if peer.Addresses:
+                    return str(ipaddress.ip_interface(peer.Addresses[0]).ip)
+        raise ConfigError(f"unknown peer {host!r}: not in this node's netmap")
+
+    def _peer_for(self, host: str) -> Any:
+        ip = ipaddress.ip_address(self.resolve(host))
+        for peer in self.netmap.peers.values():
+            for addr in peer.Addresses or ():
+                if ipaddress.ip_interface(addr).ip == ip:
+                    return peer
+        raise ConfigError(f"{host!r} is not a peer of this node")
+
+    # -------------------------------------------------------------------- API
+    async def _ready_stack(self) -> Any:
+        if not HAVE_DATA_PLANE:
+            raise TransportError("this build has no data plane yet (trionet.wg / trionet.netstack missing)")
+        await self._stack_ready.wait()
+        assert self.stack is not None
+        return self.stack
+
+    async def open_tcp_stream(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+        """A TCP connection to a tailnet host (MagicDNS name, short name or IP)."""
+        stack = await self._ready_stack()
+        ip = self.resolve(host)
+        try:
+            stream: trio.abc.HalfCloseableStream = await stack.open_tcp_stream(ip, port)
+        except TrionetError:
+            raise
+        except OSError as exc:
+            raise TransportError(f"connecting to {host}:{port} failed: {exc}") from exc
+        return stream
+
+    async def listen_tcp(self, port: int) -> trio.abc.Listener[Any]:
+        """Accept TCP connections to this node's tailnet addresses on `port`."""
+        stack = await self._ready_stack()
+        listener: trio.abc.Listener[Any] = stack.listen_tcp(port)
+        return listener
+
+    async def open_udp(self, port: int = 0) -> Any:
+        stack = await self._ready_stack()
+        return _NamedUdp(self, stack.udp_endpoint(port))
+
+    async def ping(self, peer: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Disco-ping a peer; one result per ping: latency and the path it took."""
+        assert self.magic is not None
+        node = self._peer_for(peer)
+        key = keymod.parse_public(node.Key, "nodekey:")
+        results = []
+        for i in range(count):
+            if i:
+                await trio.sleep(1)
+            results.append(await self.magic.disco_ping(key, timeout))
+        return results
+
+    def status(self) -> dict[str, Any]:
+        me = self.netmap.self_node if self.netmap else None
+        return {
+            "status": self.status_machine.status.value,
+            "reason": self.status_machine.reason,
+            "since": self.status_machine.since,
+            "self": _node_json(me) if me else None,
+            "home_derp": self.magic.home_region if self.magic else 0,
+            "endpoints": self.magic.endpoints() if self.magic else [],
+            "peers": self.peers(),
+            "stats": self.statistics(),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        if self.netmap is None:
+            return []
+        out = []
+        for peer in sorted(self.netmap.peers.values(), key=lambda p: p.ID):
+            info = _node_json(peer)
+            key = self._key_by_peer_id.get(peer.ID)
+            if key is not None and self.magic is not None:
+                path = self.magic.paths.peers.get(key)
+                now = time.monotonic()
+                if path is not None and path.direct(now):
+                    info["path"] = f"direct {path.best_addr[0]}:{path.best_addr[1]}"  # type: ignore[index]
+                elif path is not None:
+                    info["path"] = f"derp {path.home_derp or path.last_derp_region}"
+                if self.wg is not None:
+                    info["wireguard"] = self.wg.peer_statistics(key)
+            out.append(info)
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "node": dict(self.stats),
+            "filter_drops": dict(self.filter.drops),
+            "magicsock": self.magic.statistics() if self.magic else {},
+            "wireguard": self.wg.statistics() if self.wg else {},
+            "netstack": self.stack.statistics() if self.stack else {},
+        }
+
+
+class _NamedUdp:
+    """A netstack UDP endpoint that also takes tailnet names."""
+
+    def __init__(self, node: Node, endpoint: Any) -> None:
+        self.node = node
+        self.endpoint = endpoint
+
+    async def send_to(self, data: bytes, host: str, port: int) -> None:
+        await self.endpoint.send_to(data, (self.node.resolve(host), port))
+
+    async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
+        data, addr = await self.endpoint.receive_from()
+        return data, (str(addr[0]), int(addr[1]))
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+def _node_json(node: Any) -> dict[str, Any]:
+    return {
+        "id": node.ID,
+        "name": (node.Name or "").rstrip("."),
+        "hostname": node.Hostinfo.Hostname if node.Hostinfo else None,
+        "node_key": node.Key,
+        "disco_key": node.DiscoKey,
+        "addresses": list(node.Addresses or ()),
+        "online": node.Online,
+        "home_derp": node.HomeDERP or _legacy_region(node.DERP or ""),
+        "endpoints": list(node.Endpoints or ()),
+    }
+
+
+def _legacy_region(text: str) -> int:
+    from trionet.control.netmap import legacy_derp_region
+
+    return legacy_derp_region(text)
+
+
+def _split_endpoint(text: str) -> tuple[str, int] | None:
+    try:
+        if text.startswith("["):
+            host, _, port = text[1:].partition("]:")
+        else:
+            host, _, port = text.rpartition(":")
+        ipaddress.ip_address(host)
+        return host, int(port)
+    except ValueError:
+        return None

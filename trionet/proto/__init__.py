@@ -1,0 +1,171 @@
+"""Tailscale's JSON wire types, as attrs classes with Go's exact field names.
+
+One cattrs converter reads them: unknown fields are ignored and every field
+has a default, so a newer server never crashes us; `None` fields are left out
+when we write. Names follow tailcfg.go (PascalCase with upper-case acronyms).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import cattrs
+
+from trionet.errors import RemoteProtocolError
+
+# Each list/dict field defaults to None ("absent"), because in map deltas
+# absent means "unchanged" (protocol-notes §0, §5.3).
+
+
+@attrs.define
+class NetInfo:
+    PreferredDERP: int = 0
+
+
+@attrs.define
+class Hostinfo:
+    Hostname: str | None = None
+    OS: str | None = None
+    IPNVersion: str | None = None
+    GoArch: str | None = None
+    NetInfo: NetInfo | None = None
+
+
+@attrs.define
+class DERPNode:
+    Name: str = ""
+    RegionID: int = 0
+    HostName: str = ""
+    CertName: str | None = None
+    IPv4: str | None = None
+    IPv6: str | None = None
+    STUNPort: int = 0
+    STUNOnly: bool = False
+    DERPPort: int = 0
+    InsecureForTests: bool = False
+    STUNTestIP: str | None = None
+    CanPort80: bool = False
+
+
+@attrs.define
+class DERPRegion:
+    RegionID: int = 0
+    RegionCode: str = ""
+    RegionName: str = ""
+    Avoid: bool = False
+    NoMeasureNoHome: bool = False
+    Nodes: list[DERPNode] | None = None
+
+
+@attrs.define
+class DERPMap:
+    Regions: dict[int, DERPRegion | None] | None = None
+    OmitDefaultRegions: bool = False
+
+
+@attrs.define
+class Node:
+    ID: int = 0
+    StableID: str = ""
+    Name: str = ""
+    User: int = 0
+    Key: str = ""
+    KeyExpiry: str | None = None
+    Machine: str | None = None
+    DiscoKey: str | None = None
+    Addresses: list[str] | None = None
+    AllowedIPs: list[str] | None = None
+    Endpoints: list[str] | None = None
+    HomeDERP: int = 0
+    DERP: str = ""  # legacy "127.3.3.40:<region>"
+    Hostinfo: Hostinfo | None = None
+    Online: bool | None = None
+    LastSeen: str | None = None
+    Expired: bool = False
+    MachineAuthorized: bool = False
+    Cap: int = 0
+    Tags: list[str] | None = None
+    PrimaryRoutes: list[str] | None = None
+
+
+@attrs.define
+class PeerChange:
+    NodeID: int = 0
+    DERPRegion: int = 0
+    Cap: int = 0
+    Endpoints: list[str] | None = None
+    Key: str | None = None
+    DiscoKey: str | None = None
+    Online: bool | None = None
+    LastSeen: str | None = None
+    KeyExpiry: str | None = None
+
+
+TailNode = Node  # field names below shadow the class names inside MapResponse
+TailDERPMap = DERPMap
+
+
+@attrs.define
+class MapResponse:
+    KeepAlive: bool = False
+    Node: TailNode | None = None
+    DERPMap: TailDERPMap | None = None
+    Peers: list[TailNode] | None = None
+    PeersChanged: list[TailNode] | None = None
+    PeersRemoved: list[int] | None = None
+    PeersChangedPatch: list[PeerChange] | None = None
+    PeerSeenChange: dict[int, bool] | None = None
+    OnlineChange: dict[int, bool] | None = None
+    DNSConfig: dict[str, Any] | None = None
+    Domain: str = ""
+    PacketFilter: list[dict[str, Any]] | None = None
+    PacketFilters: dict[str, list[dict[str, Any]] | None] | None = None
+    UserProfiles: list[dict[str, Any]] | None = None
+    ControlTime: str | None = None
+    PingRequest: dict[str, Any] | None = None
+    Health: list[str] | None = None
+
+
+@attrs.define
+class RegisterResponse:
+    User: dict[str, Any] | None = None
+    Login: dict[str, Any] | None = None
+    NodeKeyExpired: bool = False
+    MachineAuthorized: bool = False
+    AuthURL: str = ""
+    Error: str = ""
+
+
+converter = cattrs.Converter(forbid_extra_keys=False)
+
+
+def structure(data: Any, cls: type[Any]) -> Any:
+    try:
+        return converter.structure(data, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise RemoteProtocolError(f"cannot read {cls.__name__} from the server: {exc}") from exc
+
+
+def loads(raw: bytes | str, cls: type[Any]) -> Any:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"{cls.__name__} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RemoteProtocolError(f"{cls.__name__} is not a JSON object")
+    return structure(data, cls)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON with None fields left out (Go's omitempty for our requests)."""
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return json.dumps(strip(converter.unstructure(obj) if attrs.has(type(obj)) else obj)).encode()

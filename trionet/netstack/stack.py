@@ -1,0 +1,478 @@
+"""The sans-IO IP stack: routes IP packets to TCP connections, UDP sockets, ICMP.
+
+``StackCore`` takes packets with ``deliver(packet, now)`` / ``deliver_many``
+and hands packets out through ``output(packet)``. It never awaits and never
+reads the clock: the driver calls ``on_timer(now)`` at ``next_deadline()``.
+Objects whose state changed (connections, listeners, UDP sockets, pings) are
+collected in ``touched`` for the driver to wake its waiting tasks.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import random
+import struct
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from ..errors import LocalProtocolError
+from .tcp import State, TcpConfig, TcpConnection
+from .wire import WireError, ones_sum
+from .wire import icmp as wicmp
+from .wire import ipv4 as wip4
+from .wire import ipv6 as wip6
+from .wire import tcp as wtcp
+from .wire import udp as wudp
+from .wire.tcp import ACK, RST, SYN
+
+logger = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_TS_FAST = b"\x01\x01\x08\x0a"
+_II = struct.Struct("!II")
+
+
+class PacketInfo(NamedTuple):
+    """What the inbound filter sees: a new TCP connection, a datagram, an echo."""
+
+    version: int
+    proto: int  # 6 tcp, 17 udp, 1 icmp, 58 icmpv6
+    src: IPAddress
+    dst: IPAddress
+    src_port: int
+    dst_port: int
+
+
+class ListenerCore:
+    """Half-open (SYN backlog) and established-not-accepted (accept backlog) queues."""
+
+    def __init__(self, port: int, backlog: int, syn_backlog: int) -> None:
+        self.port = port
+        self.backlog = backlog
+        self.syn_backlog = syn_backlog
+        self.half_open: dict[tuple[bytes, int, bytes, int], TcpConnection] = {}
+        self.accept_queue: collections.deque[TcpConnection] = collections.deque()
+        self.closed = False
+        self.waker: Callable[[], object] | None = None
+
+
+class UdpSocketCore:
+    def __init__(self, port: int, queue_limit: int) -> None:
+        self.port = port
+        self.queue: collections.deque[tuple[bytes, tuple[IPAddress, int]]] = collections.deque()
+        self.queue_limit = queue_limit
+        self.drops = 0
+        self.closed = False
+        self.waker: Callable[[], object] | None = None
+
+
+class EchoWaiter:
+    def __init__(self) -> None:
+        self.reply: bytes | None = None
+        self.waker: Callable[[], object] | None = None
+
+
+class _Touchable:
+    waker: Callable[[], object] | None
+
+
+class StackCore:
+    """IPv4/IPv6 + TCP/UDP/ICMP, sans-IO."""
+
+    def __init__(self, addresses: Iterable[IPAddress], output: Callable[[bytes], None],
+                 mtu: int = 1280, accept_inbound: Callable[[PacketInfo], bool] | None = None,
+                 tcp_config: TcpConfig | None = None, seed: int | None = None) -> None:
+        self.addresses = [ipaddress.ip_address(a) for a in addresses]
+        self._v4 = [a.packed for a in self.addresses if a.version == 4]
+        self._v6 = [a.packed for a in self.addresses if a.version == 6]
+        self._local = frozenset(self._v4 + self._v6)
+        self.output = output
+        self.mtu = mtu
+        self.accept_inbound = accept_inbound
+        self.tcp_config = tcp_config or TcpConfig()
+        self._rng = random.Random(seed)
+        self.conns: dict[tuple[bytes, int, bytes, int], TcpConnection] = {}
+        self.listeners: dict[int, ListenerCore] = {}
+        self.udp: dict[int, UdpSocketCore] = {}
+        self.echo: dict[tuple[bytes, int, int], EchoWaiter] = {}
+        self.touched: list[_Touchable | TcpConnection | ListenerCore | UdpSocketCore
+                           | EchoWaiter] = []
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._pseudo: dict[tuple[bytes, bytes, int], int] = {}
+        self._ident = 0
+        self._batch: set[TcpConnection] = set()
+        self._now = 0.0
+        self._echo_ident = self._rng.randrange(1 << 16)
+        self._echo_seq = 0
+
+    # ---------------------------------------------------------------- helpers
+    def statistics(self) -> dict[str, int]:
+        out = dict(self.stats)
+        out["tcp_connections"] = len(self.conns)
+        out["tcp_listeners"] = len(self.listeners)
+        out["udp_sockets"] = len(self.udp)
+        return out
+
+    def _drop(self, reason: str) -> None:
+        self.stats["drop_" + reason] += 1
+        logger.debug("netstack: dropped packet: %s", reason)
+
+    def _src_for(self, dst: bytes) -> bytes:
+        pool = self._v4 if len(dst) == 4 else self._v6
+        if not pool:
+            raise LocalProtocolError("no local address of that IP version")
+        return pool[0]
+
+    def _pseudo_base(self, src: bytes, dst: bytes, proto: int) -> int:
+        k = (src, dst, proto)
+        v = self._pseudo.get(k)
+        if v is None:
+            v = (ones_sum(src + dst) + proto) % 0xFFFF
+            if len(self._pseudo) > 4096:
+                self._pseudo.clear()
+            self._pseudo[k] = v
+        return v
+
+    def _ip_out(self, src: bytes, dst: bytes, proto: int, payload: bytes,
+                extra: bytes | memoryview = b"") -> None:
+        plen = len(payload) + len(extra)
+        if len(src) == 4:
+            self._ident = (self._ident + 1) & 0xFFFF
+            hdr = wip4.build_header(src, dst, proto, plen, self._ident)
+        else:
+            hdr = wip6.build_header(src, dst, proto, plen)
+        self.stats["ip_out"] += 1
+        self.output(b"".join((hdr, payload, extra)) if extra else hdr + payload)
+
+    # ------------------------------------------------------------------ input
+    def deliver(self, packet: bytes | bytearray | memoryview, now: float) -> None:
+        """Process one inbound IP packet and flush what it caused."""
+        self._now = now
+        self._input(packet, now)
+        self._flush(now)
+
+    def deliver_many(self, packets: Iterable[bytes | bytearray | memoryview],
+                     now: float) -> None:
+        """Process a batch; ACKs and window updates go out once, at the end."""
+        self._now = now
+        for p in packets:
+            self._input(p, now)
+        self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        batch = self._batch
+        if batch:
+            touched = self.touched
+            for c in batch:
+                if c.state is not State.CLOSED:
+                    c.output(now)
+                touched.append(c)
+            batch.clear()
+
+    def _input(self, packet: bytes | bytearray | memoryview, now: float) -> None:
+        buf = memoryview(packet)
+        self.stats["ip_in"] += 1
+        if not buf:
+            self._drop("empty")
+            return
+        v = buf[0] >> 4
+        try:
+            if v == 4:
+                # inline fast path of wire.ipv4.parse
+                if len(buf) < 20:
+                    raise WireError("ipv4_short")
+                vihl, _t, total, _id, ff, _ttl, proto, _ck, src, dst = _IP4.unpack_from(buf)
+                ihl = (vihl & 0xF) * 4
+                if ihl < 20 or ihl > len(buf):
+                    raise WireError("ipv4_bad_header_len")
+                if total < ihl or total > len(buf):
+                    raise WireError("ipv4_bad_total_len")
+                if ones_sum(buf[:ihl]) != 0:
+                    raise WireError("ipv4_bad_checksum")
+                if dst not in self._local:
+                    raise WireError("not_for_us")
+                if ff & 0x3FFF:
+                    raise WireError("ipv4_fragment")
+                body = buf[ihl:total]
+                if proto == 6:
+                    self._tcp_in(4, src, dst, body, now)
+                elif proto == 17:
+                    self._udp_in(4, src, dst, body)
+                elif proto == 1:
+                    self._icmp_in(4, src, dst, body)
+                else:
+                    raise WireError("unknown_protocol")
+            elif v == 6:
+                h6 = wip6.parse(buf)
+                if h6.dst not in self._local:
+                    raise WireError("not_for_us")
+                body = buf[40:40 + h6.payload_len]
+                if h6.next_header == 6:
+                    self._tcp_in(6, h6.src, h6.dst, body, now)
+                elif h6.next_header == 17:
+                    self._udp_in(6, h6.src, h6.dst, body)
+                else:
+                    self._icmp_in(6, h6.src, h6.dst, body)
+            else:
+                raise WireError("bad_ip_version")
+        except WireError as e:
+            self._drop(e.reason)
+
+    # -------------------------------------------------------------------- TCP
+    def _tcp_in(self, v: int, src: bytes, dst: bytes, seg: memoryview, now: float) -> None:
+        n = len(seg)
+        if n < 20:
+            raise WireError("tcp_short")
+        sport, dport, seq, ack, off, flags, wnd, _ck, _u = _TCP.unpack_from(seg)
+        hlen = (off >> 4) * 4
+        if hlen < 20 or hlen > n:
+            raise WireError("tcp_bad_header_len")
+        pseudo = self._pseudo_base(src, dst, 6) + n
+        if (pseudo + ones_sum(seg)) % 0xFFFF != 0:
+            raise WireError("tcp_bad_checksum")
+        if hlen == 20:
+            opts = wtcp.NO_OPTIONS
+        elif hlen == 32 and seg[20:24] == _TS_FAST:
+            val, ecr = _II.unpack_from(seg, 24)
+            opts = wtcp.TcpOptions(ts_val=val, ts_ecr=ecr)
+        else:
+            opts = wtcp.parse_options(seg[20:hlen])
+        key = (src, sport, dst, dport)
+        conn = self.conns.get(key)
+        self.stats["tcp_in"] += 1
+        if conn is not None:
+            conn.on_segment(seq, ack, flags, wnd, opts, seg[hlen:], now)
+            self._batch.add(conn)
+            return
+        if flags & RST:
+            self.stats["tcp_rst_no_socket"] += 1
+            return
+        lst = self.listeners.get(dport)
+        if lst is not None and not lst.closed and flags & (SYN | ACK) == SYN:
+            self._tcp_syn(v, lst, key, seq, wnd, opts, now)
+            return
+        # no socket: answer with RST (RFC 9293 3.10.7.1)
+        self.stats["tcp_no_socket"] += 1
+        plen = n - hlen + (1 if flags & SYN else 0) + (flags & 1)
+        if flags & ACK:
+            self._tcp_raw(dst, dport, src, sport, RST, ack, 0, 0)
+        else:
+            self._tcp_raw(dst, dport, src, sport, RST | ACK, 0, seq + plen, 0)
+
+    def _tcp_raw(self, src: bytes, sport: int, dst: bytes, dport: int, flags: int,
+                 seq: int, ack: int, wnd: int) -> None:
+        pb = self._pseudo_base(src, dst, 6)
+        seg = wtcp.build(sport, dport, seq, ack, flags, wnd, b"", b"", pb)
+        self._ip_out(src, dst, 6, seg)
+
+    def _tcp_syn(self, v: int, lst: ListenerCore, key: tuple[bytes, int, bytes, int],
+                 seq: int, wnd: int, opts: wtcp.TcpOptions, now: float) -> None:
+        src, sport, dst, dport = key
+        if self.accept_inbound is not None:
+            info = PacketInfo(v, 6, ipaddress.ip_address(src), ipaddress.ip_address(dst),
+                              sport, dport)
+            if not self.accept_inbound(info):
+                self._drop("filtered")
+                return
+        if len(lst.accept_queue) >= lst.backlog:
+            self._drop("accept_backlog_full")
+            return
+        if len(lst.half_open) >= lst.syn_backlog:
+            # evict the oldest half-open connection: a flood cannot lock us out
+            old_key = next(iter(lst.half_open))
+            old = lst.half_open.pop(old_key)
+            self.conns.pop(old_key, None)
+            old.state = State.CLOSED
+            self.stats["tcp_syn_backlog_evicted"] += 1
+        conn = self._new_conn(key, now)
+        conn.listener = lst
+        lst.half_open[key] = conn
+        conn.open_passive(seq, wnd, opts, now)
+        self.stats["tcp_passive_opens"] += 1
+
+    def _new_conn(self, key: tuple[bytes, int, bytes, int], now: float) -> TcpConnection:
+        overhead = 40 if len(key[0]) == 4 else 60
+        conn = TcpConnection(self, key, self.mtu - overhead, self._rng.randrange(1 << 32),
+                             self.tcp_config, now)
+        self.conns[key] = conn
+        return conn
+
+    # TcpHost
+    def tcp_emit(self, conn: TcpConnection, flags: int, seq: int, ack: int, window: int,
+                 options: bytes, payload: bytes | memoryview) -> None:
+        rip, rport, lip, lport = conn.key
+        pb = self._pseudo_base(lip, rip, 6)
+        hdr = wtcp.build(lport, rport, seq, ack, flags, window, options, payload, pb)
+        self.stats["tcp_out"] += 1
+        self._ip_out(lip, rip, 6, hdr, payload)
+
+    def tcp_established(self, conn: TcpConnection) -> None:
+        lst = conn.listener
+        if isinstance(lst, ListenerCore):
+            lst.half_open.pop(conn.key, None)
+            if lst.closed or len(lst.accept_queue) >= lst.backlog:
+                self._drop("accept_backlog_full")
+                conn.abort(self._now, "listener backlog full")
+                return
+            lst.accept_queue.append(conn)
+            self.touched.append(lst)
+        self._batch.add(conn)
+
+    def tcp_closed(self, conn: TcpConnection) -> None:
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        lst = conn.listener
+        if isinstance(lst, ListenerCore):
+            lst.half_open.pop(conn.key, None)
+        self.touched.append(conn)
+
+    def tcp_connect(self, dst: IPAddress, port: int, now: float) -> TcpConnection:
+        dstb = dst.packed
+        src = self._src_for(dstb)
+        for _ in range(100):
+            lport = self._rng.randrange(49152, 65536)
+            key = (dstb, port, src, lport)
+            if key not in self.conns and lport not in self.listeners:
+                break
+        else:
+            raise LocalProtocolError("no free ephemeral port")
+        conn = self._new_conn(key, now)
+        conn.open_active(now)
+        self.stats["tcp_active_opens"] += 1
+        return conn
+
+    def tcp_listen(self, port: int, backlog: int = 128, syn_backlog: int = 256) -> ListenerCore:
+        if port in self.listeners:
+            raise LocalProtocolError(f"port {port} is already listening")
+        lst = ListenerCore(port, backlog, syn_backlog)
+        self.listeners[port] = lst
+        return lst
+
+    def tcp_unlisten(self, lst: ListenerCore, now: float) -> None:
+        lst.closed = True
+        if self.listeners.get(lst.port) is lst:
+            del self.listeners[lst.port]
+        for c in list(lst.half_open.values()) + list(lst.accept_queue):
+            c.abort(now, "listener closed")
+        lst.half_open.clear()
+        lst.accept_queue.clear()
+
+    def tcp_output(self, conn: TcpConnection, now: float) -> None:
+        """After an application call changed ``conn``."""
+        self.touched.append(conn)
+
+    # -------------------------------------------------------------------- UDP
+    def _udp_in(self, v: int, src: bytes, dst: bytes, body: memoryview) -> None:
+        pseudo = self._pseudo_base(src, dst, 17) + len(body)
+        h = wudp.parse(body, pseudo, require_checksum=(v == 6))
+        sock = self.udp.get(h.dst_port)
+        if sock is None or sock.closed:
+            self._drop("udp_no_socket")
+            return
+        sip = ipaddress.ip_address(src)
+        if self.accept_inbound is not None and not self.accept_inbound(
+                PacketInfo(v, 17, sip, ipaddress.ip_address(dst), h.src_port, h.dst_port)):
+            self._drop("filtered")
+            return
+        if len(sock.queue) >= sock.queue_limit:
+            sock.drops += 1
+            self._drop("udp_queue_full")
+            return
+        sock.queue.append((bytes(body[8:h.length]), (sip, h.src_port)))
+        self.stats["udp_in"] += 1
+        self.touched.append(sock)
+
+    def udp_bind(self, port: int = 0, queue_limit: int = 256) -> UdpSocketCore:
+        if port == 0:
+            for _ in range(1000):
+                port = self._rng.randrange(49152, 65536)
+                if port not in self.udp:
+                    break
+        if port in self.udp:
+            raise LocalProtocolError(f"UDP port {port} is in use")
+        sock = UdpSocketCore(port, queue_limit)
+        self.udp[port] = sock
+        return sock
+
+    def udp_close(self, sock: UdpSocketCore) -> None:
+        sock.closed = True
+        if self.udp.get(sock.port) is sock:
+            del self.udp[sock.port]
+
+    def udp_send(self, sock: UdpSocketCore, data: bytes, dst: IPAddress, port: int) -> None:
+        dstb = dst.packed
+        src = self._src_for(dstb)
+        overhead = (20 if len(src) == 4 else 40) + 8
+        if len(data) + overhead > self.mtu:
+            raise LocalProtocolError(f"UDP datagram larger than the MTU ({self.mtu})")
+        dg = wudp.build(sock.port, port, bytes(data), self._pseudo_base(src, dstb, 17))
+        self.stats["udp_out"] += 1
+        self._ip_out(src, dstb, 17, dg)
+
+    # ------------------------------------------------------------------- ICMP
+    def _icmp_in(self, v: int, src: bytes, dst: bytes, body: memoryview) -> None:
+        proto = 1 if v == 4 else 58
+        pseudo = 0 if v == 4 else self._pseudo_base(src, dst, 58) + len(body)
+        m = wicmp.parse(body, pseudo)
+        req, rep = ((wicmp.V4_ECHO_REQUEST, wicmp.V4_ECHO_REPLY) if v == 4
+                    else (wicmp.V6_ECHO_REQUEST, wicmp.V6_ECHO_REPLY))
+        if m.type == req:
+            if self.accept_inbound is not None and not self.accept_inbound(
+                    PacketInfo(v, proto, ipaddress.ip_address(src), ipaddress.ip_address(dst),
+                               0, 0)):
+                self._drop("filtered")
+                return
+            p = 0 if v == 4 else self._pseudo_base(dst, src, 58) + len(body)
+            self.stats["icmp_echo_replied"] += 1
+            self._ip_out(dst, src, proto, wicmp.build(rep, 0, m.ident, m.seq, m.payload, p))
+        elif m.type == rep:
+            w = self.echo.get((src, m.ident, m.seq))
+            if w is not None:
+                w.reply = bytes(m.payload)
+                self.touched.append(w)
+            else:
+                self.stats["icmp_unmatched_reply"] += 1
+        else:
+            self.stats["icmp_ignored"] += 1
+
+    def ping_start(self, dst: IPAddress, payload: bytes = b"") -> tuple[
+            tuple[bytes, int, int], EchoWaiter]:
+        dstb = dst.packed
+        src = self._src_for(dstb)
+        self._echo_seq = (self._echo_seq + 1) & 0xFFFF
+        key = (dstb, self._echo_ident, self._echo_seq)
+        w = EchoWaiter()
+        self.echo[key] = w
+        if len(src) == 4:
+            msg = wicmp.build(wicmp.V4_ECHO_REQUEST, 0, key[1], key[2], payload)
+            self._ip_out(src, dstb, 1, msg)
+        else:
+            p = self._pseudo_base(src, dstb, 58) + 8 + len(payload)
+            msg = wicmp.build(wicmp.V6_ECHO_REQUEST, 0, key[1], key[2], payload, p)
+            self._ip_out(src, dstb, 58, msg)
+        return key, w
+
+    # ----------------------------------------------------------------- timers
+    def next_deadline(self) -> float | None:
+        best: float | None = None
+        for c in self.conns.values():
+            t = c.next_deadline()
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def on_timer(self, now: float) -> None:
+        self._now = now
+        for c in list(self.conns.values()):
+            t = c.next_deadline()
+            if t is not None and t <= now:
+                c.on_timer(now)
+                self._batch.add(c)
+        self._flush(now)
+
+
+__all__ = ["EchoWaiter", "ListenerCore", "PacketInfo", "StackCore", "UdpSocketCore"]

@@ -8,13 +8,14 @@ removed on exit, also after a failure.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import ipaddress
 import itertools
 import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Env:
         self.kernel6 = ipaddress.ip_address(f"fd00:252:{n}::1")
         self.ours6 = ipaddress.ip_address(f"fd00:252:{n}::2")
         self.stack: NetStack | None = None
+        self.delay_line: DelayLine | None = None
 
     def nsexec(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *args]
@@ -85,9 +87,57 @@ async def read_line(proc: trio.Process) -> str:
     return buf.decode().strip()
 
 
+class DelayLine:
+    """Holds packets for ``delay`` seconds; ``reorder`` of them 1-5 ms longer."""
+
+    def __init__(self, deliver: Callable[[list[bytes]], None], delay: float,
+                 reorder: float, seed: int) -> None:
+        self.deliver = deliver
+        self.delay = delay
+        self.reorder = reorder
+        self.rng = random.Random(seed)
+        self.heap: list[tuple[float, int, bytes]] = []
+        self.seq = itertools.count()
+        self.wake = trio.Event()
+        self.reordered = 0
+
+    def put_many(self, packets: list[bytes]) -> None:
+        now = trio.current_time()
+        for p in packets:
+            t = now + self.delay
+            if self.reorder and self.rng.random() < self.reorder:
+                t += self.rng.uniform(0.001, 0.005)
+                self.reordered += 1
+            heapq.heappush(self.heap, (t, next(self.seq), p))
+        self.wake.set()
+
+    def put(self, packet: bytes) -> None:
+        self.put_many([packet])
+
+    async def run(self) -> None:
+        while True:
+            if not self.heap:
+                self.wake = trio.Event()
+                await self.wake.wait()
+                continue
+            t = self.heap[0][0]
+            now = trio.current_time()
+            if t > now:
+                with trio.move_on_at(t):
+                    self.wake = trio.Event()
+                    await self.wake.wait()
+                continue
+            due = []
+            while self.heap and self.heap[0][0] <= now:
+                due.append(heapq.heappop(self.heap)[2])
+            self.deliver(due)
+            await trio.lowlevel.checkpoint()
+
+
 @asynccontextmanager
 async def netns_tun(mtu: int = 1280, config: TcpConfig | None = None,
-                    start_stack: bool = True) -> AsyncIterator[Env]:
+                    start_stack: bool = True, delay: float = 0.0,
+                    reorder: float = 0.0) -> AsyncIterator[Env]:
     idx = next(_counter)
     n = (os.getpid() + idx * 7) % 250 + 1
     ns = f"tnstk{os.getpid()}-{idx}"
@@ -105,10 +155,19 @@ async def netns_tun(mtu: int = 1280, config: TcpConfig | None = None,
             if not start_stack:
                 yield env
                 return
-            stack = NetStack([env.ours4, env.ours6], tun.write, mtu=mtu, tcp_config=config)
-            env.stack = stack
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(tun.pump, stack)
+                if delay or reorder:
+                    stack = NetStack([env.ours4, env.ours6], tun.write, mtu=mtu,
+                                     tcp_config=config)
+                    line = DelayLine(stack.deliver_many, delay, reorder, seed=n)
+                    nursery.start_soon(line.run)
+                    nursery.start_soon(tun.pump, line.put_many)
+                    env.delay_line = line
+                else:
+                    stack = NetStack([env.ours4, env.ours6], tun.write, mtu=mtu,
+                                     tcp_config=config)
+                    nursery.start_soon(tun.pump, stack)
+                env.stack = stack
                 nursery.start_soon(stack.run)
                 yield env
                 nursery.cancel_scope.cancel()

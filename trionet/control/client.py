@@ -197,7 +197,8 @@ class H2Connection:
         sid = getattr(ev, "stream_id", None)
         ch = self.responses.get(sid) if sid is not None else None
         if isinstance(ev, h2.events.ResponseReceived) and ch:
-            status = int(dict(ev.headers).get(":status", "0"))
+            headers: dict[Any, Any] = dict(ev.headers)
+            status = int(headers.get(":status", "0"))
             ch.send_nowait(("status", status))
         elif isinstance(ev, h2.events.DataReceived):
             self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -426,7 +427,7 @@ class _Prepend(trio.abc.Stream):
         if self.first:
             out, self.first = bytes(self.first), b""
             return out
-        return await self.inner.receive_some(max_bytes)
+        return bytes(await self.inner.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)

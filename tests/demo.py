@@ -60,7 +60,7 @@ def main() -> int:
                "--ca-file", str(stack.ca_file), "--udp-bind", stack.local_ip,
                "--forward", f"{FORWARD_PORT}=ts1:{WEB_PORT}", "--socks5", str(SOCKS_PORT)]
         say("python -m trionet up " + " ".join(cmd[4:]).replace(key, "…"))
-        log = open(stack.workdir / "trionet.log", "wb")  # noqa: SIM115 - owned by the daemon
+        log = open(stack.workdir / "trionet.log", "wb")
         daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
         def running() -> bool:
@@ -72,6 +72,18 @@ def main() -> int:
 
         wait_for(running, 60, "trionet to be Running")
         print(stack.tail("trionet.log"))
+
+        say("python -m trionet status   (our netmap, from a real Headscale)")
+        print(subprocess.run([sys.executable, "-m", "trionet", "status", "--state-dir", str(state)],
+                             capture_output=True, text=True).stdout)
+        say("ts1's view: tailscale status (lists trionet-demo)")
+        print(ts1.cli("status").stdout)
+        from trionet.node import HAVE_DATA_PLANE
+
+        if not HAVE_DATA_PLANE:
+            say("joined; the data plane (trionet.wg, trionet.netstack) is not in this build yet, "
+                "so the demo stops after the netmap")
+            return 0
 
         say(f"curl http://127.0.0.1:{FORWARD_PORT}/   (through --forward)")
         got = _curl([f"http://127.0.0.1:{FORWARD_PORT}/"])

@@ -76,7 +76,7 @@ async def test_peers_join_and_leave_live(make_stack: Any, tmp_path: Path) -> Non
         stack = make_stack(version)
         async with node_for(stack, tmp_path / version, "py-live") as node:
             reconnects = node.control.reconnects
-            names = lambda: {p["hostname"] for p in node.peers()}  # noqa: E731
+            names = lambda node=node: {p["hostname"] for p in node.peers()}  # noqa: E731
             assert names() == {"ts1", "ts2"}
             await trio.to_thread.run_sync(stack.add_tailscaled, "ts3")
             await wait_until(lambda: "ts3" in names(), 10, "ts3 appears")  # noqa: B023

@@ -62,12 +62,16 @@ class ControlSession:
             try:
                 await self._one_session()
                 failures = 0
-            except (AuthError, ConfigError) as exc:
-                # The server refused us or our config is wrong: retrying cannot help.
-                self.fatal = exc
-                self.status.move(Status.ERROR, str(exc))
-                return
-            except (TrionetError, OSError, trio.BrokenResourceError) as exc:
+            except Exception as caught:  # nurseries wrap errors in groups: look inside
+                exc = _unwrap(caught)
+                if isinstance(exc, (AuthError, ConfigError)):
+                    # The server refused us or our config is wrong: retrying cannot help.
+                    self.fatal = exc
+                    self.status.move(Status.ERROR, str(exc))
+                    return
+                if not isinstance(exc, (TrionetError, OSError, trio.BrokenResourceError,
+                                        trio.ClosedResourceError)):
+                    log.exception("control session failed unexpectedly; reconnecting")
                 if not self.connected_once:
                     self.fatal = exc if isinstance(exc, TrionetError) else _as_transport(exc)
                     self.status.move(Status.ERROR, str(self.fatal))
@@ -112,6 +116,25 @@ class ControlSession:
                                    self.magic.home_region)
             self._reported = key
             log.info("reported endpoints %s, home DERP %s", key[0], key[1])
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The most telling error inside nested exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = []
+        stack = [exc]
+        while stack:
+            e = stack.pop()
+            if isinstance(e, BaseExceptionGroup):
+                stack.extend(e.exceptions)
+            else:
+                leaves.append(e)
+        for kind in (AuthError, ConfigError, TrionetError):
+            for leaf in leaves:
+                if isinstance(leaf, kind):
+                    return leaf
+        return leaves[0] if leaves else exc
+    return exc
 
 
 def _as_transport(exc: BaseException) -> TrionetError:

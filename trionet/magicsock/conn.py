@@ -144,6 +144,8 @@ class MagicConn:
 
     def upsert_peer(self, node_key: bytes, disco_key: bytes | None, home_derp: int,
                     endpoints: list[Addr]) -> None:
+        if disco_key is not None and not any(disco_key):
+            disco_key = None  # a peer that never reported its disco key: DERP only, no disco
         old = self.paths.peers.get(node_key)
         if old is not None and old.disco_key and old.disco_key != disco_key:
             self._disco_to_node.pop(old.disco_key, None)
@@ -151,7 +153,11 @@ class MagicConn:
         if disco_key:
             self._disco_to_node[disco_key] = node_key
             if disco_key not in self._disco_boxes:
-                self._disco_boxes[disco_key] = disco.DiscoBox(self.disco_private, disco_key)
+                try:
+                    self._disco_boxes[disco_key] = disco.DiscoBox(self.disco_private, disco_key)
+                except Exception as exc:  # a low-order or garbage key from the netmap
+                    self.stats["disco.bad_peer_key"] += 1
+                    log.debug("peer %s: unusable disco key: %s", node_key.hex()[:8], exc)
 
     def remove_peer(self, node_key: bytes) -> None:
         peer = self.paths.peers.get(node_key)

@@ -90,8 +90,9 @@ async def test_peers_join_and_leave_live(make_stack: Any, tmp_path: Path) -> Non
             assert node.control.reconnects == reconnects, "netmap changes must arrive without reconnecting"
 
 
-async def test_headscale_restart_reconnects(make_stack: Any, tmp_path: Path) -> None:
-    stack = make_stack(tailscaleds=1)
+@pytest.mark.parametrize("version", HEADSCALE_VERSIONS)
+async def test_headscale_restart_reconnects(make_stack: Any, tmp_path: Path, version: str) -> None:
+    stack = make_stack(version, tailscaleds=1)
     async with node_for(stack, tmp_path, "py-restart") as node:
         before = node.netmap.applied
         await trio.to_thread.run_sync(lambda: stack.restart_headscale(down_for=2.0))
@@ -123,14 +124,18 @@ def one_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_bad_auth_keys(stack: Stack, tmp_path: Path) -> None:
-    assert "rejected the auth key" in one_line(up(stack, tmp_path / "a", "--authkey", "0" * 48)) or True
+    line = one_line(up(stack, tmp_path / "a", "--authkey", "0" * 48))
+    print("wrong key (short form):", line)
+    assert "auth" in line.lower(), line
     line = one_line(up(stack, tmp_path / "a", "--authkey", "hskey-auth-000000000000-" + "0" * 64))
-    assert "auth" in line.lower() or "authorize" in line.lower(), line
+    print("wrong key:", line)
+    assert "auth" in line.lower(), line
     expired = stack.preauth_key(expiration="1s")
     import time
 
     time.sleep(2)
     line = one_line(up(stack, tmp_path / "b", "--authkey", expired))
+    print("expired key:", line)
     assert "auth" in line.lower(), line
     used = stack.preauth_key(reusable=False)
     ok = subprocess.Popen([sys.executable, "-m", "trionet", "up", "--login-server", stack.server_url, "--authkey",
@@ -143,6 +148,7 @@ def test_bad_auth_keys(stack: Stack, tmp_path: Path) -> None:
         ok.terminate()
         ok.wait(10)
     line = one_line(up(stack, tmp_path / "d", "--authkey", used))
+    print("used-up key:", line)
     assert "auth" in line.lower(), line
 
 

@@ -63,6 +63,7 @@ class DERPRegion:
 class DERPMap:
     Regions: dict[int, DERPRegion | None] | None = None
     OmitDefaultRegions: bool = False
+    HomeParams: DERPHomeParams | None = None
 
 
 @attrs.define
@@ -136,6 +137,137 @@ class RegisterResponse:
     MachineAuthorized: bool = False
     AuthURL: str = ""
     Error: str = ""
+
+
+@attrs.define
+class OverTLSPublicKeyResponse:
+    """`GET /key?v=N`: lower-case tags as in Go."""
+
+    legacyPublicKey: str = ""
+    publicKey: str = ""
+
+
+@attrs.define
+class Auth:
+    AuthKey: str = ""
+
+
+@attrs.define
+class User:
+    ID: int = 0
+    LoginName: str = ""
+    DisplayName: str = ""
+    ProfilePicURL: str = ""
+
+
+@attrs.define
+class Login:
+    ID: int = 0
+    Provider: str = ""
+    LoginName: str = ""
+    DisplayName: str = ""
+    ProfilePicURL: str = ""
+
+
+@attrs.define
+class UserProfile:
+    ID: int = 0
+    LoginName: str = ""
+    DisplayName: str = ""
+    ProfilePicURL: str = ""
+
+
+TailAuth = Auth
+TailHostinfo = Hostinfo
+
+
+@attrs.define
+class RegisterRequest:
+    Version: int = 0
+    NodeKey: str = ""
+    OldNodeKey: str = ""
+    Auth: TailAuth | None = None
+    Hostinfo: TailHostinfo | None = None
+    Ephemeral: bool = False
+    Expiry: str | None = None
+
+
+@attrs.define
+class MapRequest:
+    Version: int = 0
+    Compress: str | None = None
+    KeepAlive: bool = False
+    NodeKey: str = ""
+    DiscoKey: str | None = None
+    Stream: bool = False
+    Hostinfo: TailHostinfo | None = None
+    OmitPeers: bool = False
+    Endpoints: list[str] | None = None
+    EndpointTypes: list[int] | None = None
+    DebugFlags: list[str] | None = None
+
+
+@attrs.define
+class DERPHomeParams:
+    RegionScore: dict[int, float] | None = None
+
+
+@attrs.define
+class PortRange:
+    First: int = 0
+    Last: int = 0
+
+
+@attrs.define
+class NetPortRange:
+    IP: str = ""
+    Bits: int | None = None
+    Ports: PortRange = attrs.field(factory=PortRange)
+
+
+@attrs.define
+class FilterRule:
+    SrcIPs: list[str] | None = None
+    SrcBits: list[int] | None = None
+    DstPorts: list[NetPortRange] | None = None
+    IPProto: list[int] | None = None
+    CapGrant: list[dict[str, Any]] | None = None
+
+
+@attrs.define
+class Resolver:
+    Addr: str = ""
+    BootstrapResolution: list[str] | None = None
+
+
+@attrs.define
+class DNSRecord:
+    Name: str = ""
+    Type: str = ""
+    Value: str = ""
+
+
+@attrs.define
+class DNSConfig:
+    Resolvers: list[Resolver] | None = None
+    Routes: dict[str, list[Resolver] | None] | None = None
+    FallbackResolvers: list[Resolver] | None = None
+    Domains: list[str] | None = None
+    Proxied: bool = False
+    Nameservers: list[str] | None = None
+    CertDomains: list[str] | None = None
+    ExtraRecords: list[DNSRecord] | None = None
+    ExitNodeFilteredSet: list[str] | None = None
+
+
+@attrs.define
+class PingRequest:
+    URL: str = ""
+    URLIsNoise: bool = False
+    Log: bool = False
+    Types: str = ""
+    IP: str = ""
+    Payload: str | None = None
 
 
 converter = cattrs.Converter(forbid_extra_keys=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import operator
 from collections.abc import Callable, Iterable
 
 import trio
@@ -202,8 +203,10 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._send_busy = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         if self._recv_busy:
             raise trio.BusyResourceError("another task is receiving")
         self._recv_busy = True

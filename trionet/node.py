@@ -304,7 +304,7 @@ class Node:
 
     async def open_udp(self, port: int = 0) -> Any:
         stack = await self._ready_stack()
-        return _NamedUdp(self, stack.udp_endpoint(port))
+        return _NamedUdp(self, stack.udp_bind(port))
 
     async def ping(self, peer: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Disco-ping a peer; one result per ping: latency and the path it took."""
@@ -368,14 +368,15 @@ class _NamedUdp:
         self.endpoint = endpoint
 
     async def send_to(self, data: bytes, host: str, port: int) -> None:
-        await self.endpoint.send_to(data, (self.node.resolve(host), port))
+        await self.endpoint.send(data, (self.node.resolve(host), port))
 
     async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
-        data, addr = await self.endpoint.receive_from()
+        data, addr = await self.endpoint.receive()
         return data, (str(addr[0]), int(addr[1]))
 
     def close(self) -> None:
-        self.endpoint.close()
+        if self.node._nursery is not None:
+            self.node._nursery.start_soon(self.endpoint.aclose)
 
 
 def _node_json(node: Any) -> dict[str, Any]:

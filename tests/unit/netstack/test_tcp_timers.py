@@ -189,7 +189,7 @@ def test_keepalive_probes_then_abort() -> None:
 
 def test_rst_closes_with_error() -> None:
     h = Harness()
-    port, seq, pseq = h.connect()
+    port, _seq, pseq = h.connect()
     h.send(1.0, 80, port, pseq + 5, 0, RST)  # not exactly rcv_nxt: challenge ACK
     assert h.conn.state is State.ESTABLISHED
     assert h.take()[0].flags == ACK

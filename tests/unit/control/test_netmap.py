@@ -71,4 +71,17 @@ def test_ten_thousand_peers_apply_fast() -> None:
     apply(nm, doc)
     elapsed = time.perf_counter() - start
     assert len(nm.peers) == 10000
-    print(f"10k-peer netmap applied in {elapsed:.3f} s")
+    print(f"10k-peer netmap structured and applied in {elapsed:.3f} s")
+    assert elapsed < 1.0
+
+
+def test_seen_change_dns_and_home_derp_precedence() -> None:
+    nm = Netmap()
+    apply(nm, {"Peers": [node(1, DERP="127.3.3.40:5", HomeDERP=7), node(2, DERP="127.3.3.40:0")]})
+    assert nm.home_derp_of(nm.peers[1]) == 7 and nm.home_derp_of(nm.peers[2]) == 0
+    ch = apply(nm, {"PeerSeenChange": {"1": True}, "DNSConfig": {"Domains": ["ts.test"]}, "Domain": "ts.test"})
+    assert ch.dns_changed and not ch.peers_added and not ch.peers_removed and set(nm.peers) == {1, 2}
+    ch = apply(nm, {"PeersChangedPatch": [{"NodeID": 1, "DiscoKey": "discokey:" + "ab" * 32}]})
+    assert nm.peers[1].DiscoKey == "discokey:" + "ab" * 32 and ch.peers_changed == {1}
+    ch = apply(nm, {"PeersRemoved": [2, 42]})
+    assert ch.peers_removed == {2} and set(nm.peers) == {1}

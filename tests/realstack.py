@@ -500,7 +500,7 @@ class Stack:
     def block_udp_between_nodes(self) -> None:
         """DERP-only: drop UDP on the bridge except to and from Headscale (STUN)."""
         rules = (
-            "table bridge tn_block {\n chain fwd {\n"
+            "table bridge tn_block {\n chain udp_block {\n"
             "  type filter hook forward priority 0; policy accept;\n"
             f"  ip saddr {self.hs_host.ip} accept\n  ip daddr {self.hs_host.ip} accept\n"
             "  ip protocol udp drop\n }\n}\n"

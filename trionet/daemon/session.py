@@ -121,8 +121,8 @@ class ControlSession:
 def _unwrap(exc: BaseException) -> BaseException:
     """The most telling error inside nested exception groups."""
     if isinstance(exc, BaseExceptionGroup):
-        leaves = []
-        stack = [exc]
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [exc]
         while stack:
             e = stack.pop()
             if isinstance(e, BaseExceptionGroup):

@@ -443,7 +443,8 @@ class WgDevice:
         if entry is None or not isinstance(entry[1], Session):
             self.drops["unknown_index"] += 1
             return
-        peer, s = entry
+        peer, s = entry[0], entry[1]
+        assert isinstance(s, Session)
         if now - s.created >= REJECT_AFTER_TIME or counter >= REJECT_AFTER_MESSAGES:
             self.drops["expired_session"] += 1
             return
@@ -457,7 +458,7 @@ class WgDevice:
         peer.path = src
         if not s.confirmed:  # the initiator's first packet on this session
             s.confirmed = True
-            if peer.next is s:
+            if peer.next is not None and peer.next is s:
                 peer.next = None
                 self._install(peer, s)
                 peer.last_handshake = now

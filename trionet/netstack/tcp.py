@@ -183,6 +183,9 @@ class TcpConnection:
         self.dupacks = 0
         self.in_recovery = False
         self.recover = 0
+        self._sacked: list[tuple[int, int]] = []  # SACK scoreboard, merged, > snd_una
+        self._rexmit_high = 0
+        self._lt_extra = 0  # RFC 3042 limited transmit allowance
         # acks
         self._ack_pending = 0
         self._ack_now = False
@@ -475,6 +478,8 @@ class TcpConnection:
     def _process_ack(self, seq: int, ack: int, wnd: int, plen: int, flags: int,
                      opts: TcpOptions, now: float) -> None:
         una = self.snd_una
+        if opts.sack and self.sack_ok:
+            self._note_sack(opts.sack, ack)
         if ack > una:
             acked = ack - una
             self.snd_una = ack
@@ -492,10 +497,15 @@ class TcpConnection:
                     self.cc.on_exit_recovery(self.snd_max - ack)
                 else:
                     self.cc.on_partial_ack(acked)
-                    self._retransmit_first(now)
+                    if self._rexmit_high <= ack:
+                        self._retransmit_first(now)
+                    self._sack_retransmit(now)
             else:
                 self.cc.on_ack(acked, False)
             self.dupacks = 0
+            self._lt_extra = 0
+            if self._sacked and self._sacked[0][0] < ack:
+                self._sacked = [(max(a, ack), b) for a, b in self._sacked if b > ack]
             self.rto_at = None if ack >= self.snd_max else now + self.rto
             self._persist_backoff = 0
             if self.waker is not None or self.user is not None:
@@ -509,18 +519,27 @@ class TcpConnection:
                     elif self.state is S.CLOSED:
                         self._closed()
                         return
-        elif (ack == una and plen == 0 and not flags & FIN and wnd == self.snd_wnd
-              and self.snd_max > una):
+        elif (ack == una and plen == 0 and not flags & FIN and self.snd_max > una
+              and (wnd == self.snd_wnd or opts.sack)):
             self.dupacks += 1
             self.stats["dupacks"] += 1
             if self.in_recovery:
                 self.cc.on_dupack_in_recovery()
-            elif self.dupacks == 3 and una >= self.recover:
+                self._sack_retransmit(now)
+            elif self.dupacks < 3:
+                self._lt_extra = self.dupacks * self.snd_mss  # limited transmit
+            if self.in_recovery:
+                pass
+            elif self.dupacks == 3 and (una >= self.recover or self._sacked):
                 self.in_recovery = True
                 self.recover = self.snd_max
                 self.cc.on_enter_recovery(self.snd_max - una)
                 self.stats["fast_retransmits"] += 1
+                self._lt_extra = 0
+                self._rexmit_high = 0
                 self._retransmit_first(now)
+                self._rexmit_high = min(una + self.snd_mss, self.snd_max)
+                self._sack_retransmit(now)
         # window update (RFC 9293 SND.WL1/WL2 rule)
         if self.snd_wl1 < seq or (self.snd_wl1 == seq and self.snd_wl2 <= ack):
             self.snd_wnd = wnd
@@ -528,6 +547,55 @@ class TcpConnection:
             self.snd_wl2 = ack
             if wnd > 0:
                 self.persist_at = None
+
+    def _note_sack(self, blocks: tuple[tuple[int, int], ...], ack: int) -> None:
+        base = self.snd_una
+        sb = self._sacked
+        for lw, rw in blocks:
+            d = (lw - base) & MASK
+            left = base + (d - (1 << 32) if d & 0x80000000 else d)
+            right = left + ((rw - lw) & MASK)
+            if right <= max(ack, base) or right > self.snd_max or left >= right:
+                continue
+            sb.append((left, right))
+        if not sb:
+            return
+        sb.sort()
+        merged: list[tuple[int, int]] = []
+        for left, right in sb:
+            if right <= ack:
+                continue
+            if merged and left <= merged[-1][1]:
+                if right > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], right)
+            else:
+                merged.append((left, right))
+        self._sacked = merged
+
+    def _sack_retransmit(self, now: float, budget: int = 2) -> None:
+        """RFC 6675-style: resend the holes below the highest SACKed byte."""
+        sb = self._sacked
+        if not sb:
+            return
+        h = max(self._rexmit_high, self.snd_una)
+        data_end = self.sbuf_seq + len(self.sbuf)
+        for left, right in sb:
+            if budget <= 0:
+                break
+            while h < left and budget > 0:
+                n = min(self.snd_mss, left - h, data_end - h)
+                if n <= 0:
+                    break
+                off = h - self.sbuf_seq
+                self._emit_data(h, memoryview(self.sbuf)[off:off + n], now)
+                self.stats["retransmits"] += 1
+                self.stats["sack_retransmits"] = self.stats.get("sack_retransmits", 0) + 1
+                h += n
+                budget -= 1
+            if h < right:
+                h = right
+        self._rexmit_high = h
+        self._rtt_seq = None
 
     def _retransmit_first(self, now: float) -> None:
         una = self.snd_una
@@ -633,7 +701,7 @@ class TcpConnection:
         st = self.state
         if st in _SEND_STATES:
             mss = self.snd_mss
-            win = min(self.cc.cwnd, self.snd_wnd)
+            win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
             data_end = self.sbuf_seq + len(self.sbuf)
             mv = memoryview(self.sbuf)
             sent = False
@@ -758,6 +826,8 @@ class TcpConnection:
         self.in_recovery = False
         self.recover = self.snd_max
         self.dupacks = 0
+        self._sacked = []
+        self._rexmit_high = 0
         self.snd_nxt = self.snd_una  # go back N
         self.output(now)
         if self.snd_nxt == self.snd_una:

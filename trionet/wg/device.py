@@ -128,7 +128,13 @@ class ReplayWindow:
     def accept(self, n: int) -> None:
         if n > self.top:
             shift = n - self.top
-            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            if shift >= self.size:
+                self.bits = 1
+            else:
+                self.bits = (self.bits << shift) | 1
+                # trim only now and then: masking a big int on every packet is the cost
+                if self.bits.bit_length() > 2 * self.size:
+                    self.bits &= (1 << self.size) - 1
             self.top = n
         else:
             self.bits |= 1 << (self.top - n)
@@ -193,6 +199,14 @@ class WgDevice:
         self.by_index: dict[int, tuple[Peer, Any]] = {}
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        # Per-address caches (raw address bytes): routing and inbound source
+        # checks cost a dict lookup per packet instead of a prefix scan.
+        self._route_cache: dict[bytes, Peer | None] = {}
+        self._src_ok: dict[tuple[bytes, bytes], bool] = {}
+
+    def _invalidate(self) -> None:
+        self._route_cache.clear()
+        self._src_ok.clear()
 
     # ------------------------------------------------------------- peer table
     def set_peer(self, public: bytes, allowed_ips: Iterable[Any], persistent_keepalive: float | None = None) -> None:
@@ -204,11 +218,13 @@ class WgDevice:
         else:
             peer.networks = nets
             peer.persistent_keepalive = persistent_keepalive
+        self._invalidate()
 
     def remove_peer(self, public: bytes) -> None:
         peer = self.peers.pop(public, None)
         if peer is None:
             return
+        self._invalidate()
         for idx, (p, _) in list(self.by_index.items()):
             if p is peer:
                 del self.by_index[idx]
@@ -231,16 +247,22 @@ class WgDevice:
 
     # --------------------------------------------------------------- sending
     def send_ip(self, packet: bytes | memoryview, now: float, wall: float) -> list[Transmit]:
-        pkt = bytes(packet)
+        pkt = packet if isinstance(packet, bytes) else bytes(packet)
         if len(pkt) < 20:
             self.drops["send_short"] += 1
             return []
+        raw = pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40]
         try:
-            dst = ipaddress.ip_address(pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40])
-        except ValueError:
-            self.drops["send_bad_ip"] += 1
-            return []
-        peer = self.route(dst)
+            peer = self._route_cache[raw]
+        except KeyError:
+            try:
+                peer = self.route(ipaddress.ip_address(raw))
+            except ValueError:
+                self.drops["send_bad_ip"] += 1
+                return []
+            if len(self._route_cache) > 65536:
+                self._route_cache.clear()
+            self._route_cache[raw] = peer
         if peer is None:
             self.drops["send_no_route"] += 1
             return []
@@ -315,7 +337,7 @@ class WgDevice:
 
     # ------------------------------------------------------------- receiving
     def receive(self, datagram: bytes | memoryview, now: float, wall: float, src: Any = None) -> Received:
-        data = bytes(datagram)
+        data = datagram if isinstance(datagram, bytes) else bytes(datagram)
         got = Received()
         if len(data) < 4:
             self.drops["short"] += 1
@@ -451,7 +473,7 @@ class WgDevice:
         if not s.replay.check(counter):
             self.drops["replayed"] += 1
             return
-        plain = s.recv.decrypt(_nonce(counter), data[16:], None)
+        plain = s.recv.decrypt(_nonce(counter), memoryview(data)[16:], None)
         s.replay.accept(counter)
         peer.last_received = now
         peer.awaiting_reply_since = None
@@ -472,22 +494,30 @@ class WgDevice:
             return
         version = plain[0] >> 4
         if version == 4 and len(plain) >= 20:
-            length = struct.unpack_from("!H", plain, 2)[0]
-            src_ip: Any = ipaddress.IPv4Address(plain[12:16])
+            length = (plain[2] << 8) | plain[3]
+            raw_src = plain[12:16]
         elif version == 6 and len(plain) >= 40:
-            length = 40 + struct.unpack_from("!H", plain, 4)[0]
-            src_ip = ipaddress.IPv6Address(plain[8:24])
+            length = 40 + ((plain[4] << 8) | plain[5])
+            raw_src = plain[8:24]
         else:
             self.drops["inner_not_ip"] += 1
             return
         if length > len(plain):
             self.drops["inner_truncated"] += 1
             return
-        if not any(n.version == src_ip.version and src_ip in n for n in peer.networks):
+        key = (peer.public, raw_src)
+        ok = self._src_ok.get(key)
+        if ok is None:
+            src_ip = ipaddress.ip_address(raw_src)
+            ok = any(n.version == src_ip.version and src_ip in n for n in peer.networks)
+            if len(self._src_ok) > 65536:
+                self._src_ok.clear()
+            self._src_ok[key] = ok
+        if not ok:
             self.drops["inner_src_not_allowed"] += 1
             return
         peer.rx_bytes += length
-        got.packets.append((peer.public, plain[:length]))
+        got.packets.append((peer.public, plain if length == len(plain) else plain[:length]))
         if s.initiator and now - s.created >= RECEIVING_REKEY_AFTER:
             got.transmits += self._maybe_initiate(peer, now, wall)
 

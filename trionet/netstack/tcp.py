@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -25,6 +26,8 @@ from .wire import tcp as wtcp
 from .wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions
 
 MASK = 0xFFFFFFFF
+_TS_PREFIX = b"\x01\x01\x08\x0a"
+_II = struct.Struct("!II")
 
 
 class State(enum.Enum):
@@ -675,7 +678,7 @@ class TcpConnection:
     def _ts_opt(self, now: float) -> bytes:
         if not self.ts_ok:
             return b""
-        return wtcp.build_options(ts=(self._ts_now(now), self.ts_recent))
+        return _TS_PREFIX + _II.pack(self._ts_now(now) & MASK, self.ts_recent & MASK)
 
     def _wnd_field(self) -> int:
         space = self._rcv_space()

@@ -11,8 +11,6 @@ from trionet.netstack import NetStack, TcpStream
 
 from .simlink import B4, linked_stacks
 
-_stacks: list[AsyncExitStack] = []
-
 
 async def test_check_half_closeable_stream() -> None:
     async with AsyncExitStack() as exits:

@@ -8,7 +8,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
 STAMP   := $(VENV)/.installed
-SYSDEPS := wireguard-go wg nft ip curl jq
+SYSDEPS := wireguard-go wg nft ip curl jq ping
 # Protocol cores that must stay `mypy --strict` clean (setup.cfg lists them too).
 STRICT  := trionet/keys.py trionet/noise trionet/proto trionet/wg trionet/netstack \
            trionet/derp/frames.py trionet/derp/client.py trionet/magicsock/disco.py trionet/magicsock/stun.py
@@ -32,7 +32,7 @@ sysdeps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages for:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; \
-	  apt-get install -y -qq wireguard-go wireguard-tools nftables iproute2 curl jq >/dev/null; \
+	  apt-get install -y -qq wireguard-go wireguard-tools nftables iproute2 curl jq iputils-ping >/dev/null; \
 	fi
 
 stack-bin: venv

@@ -183,6 +183,12 @@ class Node:
             if self.wg is not None:
                 self.wg.set_peer(key, [_ip_net(a) for a in allowed or ()])
             disco = keymod.parse_public(peer.DiscoKey, "discokey:") if peer.DiscoKey else None
+            known = self.magic.paths.peers.get(key)
+            if (self.wg is not None and known is not None and known.disco_key and disco
+                    and known.disco_key != disco):
+                # A new disco key means the peer restarted and lost its WireGuard
+                # sessions; waiting for our no-reply timer would stall for 15 s.
+                self.wg.reset_sessions(key)
             endpoints = [_split_endpoint(e) for e in peer.Endpoints or ()]
             self.magic.upsert_peer(key, disco, netmap.home_derp_of(peer), [e for e in endpoints if e])
         for key in list(self._peer_ids_by_key):

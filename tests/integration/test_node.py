@@ -242,8 +242,12 @@ def test_packet_filter_refuses_forbidden_port(make_stack: Any, tmp_path: Path) -
         ts1 = stack.tailscaleds[0]
         wait_for(lambda: any(my_ip in p.get("TailscaleIPs", []) for p in (ts1.status().get("Peer") or {}).values()),
                  20, "ts1 to see us")
-        allowed = curl("--socks5", f"127.0.0.1:{ts1.socks_port}", f"http://{my_ip}:9000/ok",
-                       ns=ts1.host.exec_prefix())
+        # ts1 may list us a moment before it has our disco key (it ignores a peer
+        # without one), so the allowed connection gets a few tries; the forbidden
+        # one below must fail however long it is given.
+        allowed = wait_for(lambda: (r := curl("--max-time", "5", "--socks5", f"127.0.0.1:{ts1.socks_port}",
+                                              f"http://{my_ip}:9000/ok", ns=ts1.host.exec_prefix())).stdout == b"ok\n"
+                           and r, 20, "allowed port 9000 from ts1")
         assert allowed.stdout == b"ok\n", allowed.stderr
         forbidden = curl("--max-time", "5", "--socks5", f"127.0.0.1:{ts1.socks_port}",
                          f"http://{my_ip}:9001/ok", ns=ts1.host.exec_prefix())

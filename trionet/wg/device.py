@@ -229,6 +229,19 @@ class WgDevice:
             if p is peer:
                 del self.by_index[idx]
 
+    def reset_sessions(self, public: bytes) -> None:
+        """Forget a peer's sessions (it restarted): the next packet handshakes at once."""
+        peer = self.peers.get(public)
+        if peer is None:
+            return
+        for idx, (p, _) in list(self.by_index.items()):
+            if p is peer:
+                del self.by_index[idx]
+        peer.current = peer.previous = peer.next = None
+        peer.handshake = None
+        peer.attempt_started = None
+        self.counters["sessions_reset"] += 1
+
     def route(self, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Peer | None:
         best: Peer | None = None
         best_len = -1

@@ -147,7 +147,16 @@ def load_state(state_dir: Path) -> State | None:
     return State(path, machine, node, extra=extra)
 
 
+def _sweep_temp_files(state_dir: Path) -> None:
+    """Temp files a killed writer left behind (the state file itself is whole)."""
+    for tmp in state_dir.glob(f".{STATE_NAME}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def load_or_create_state(state_dir: Path) -> State:
+    if state_dir.is_dir():
+        _sweep_temp_files(state_dir)
     state = load_state(state_dir)
     if state is None:
         state = State(state_dir / STATE_NAME, new_private(), new_private())

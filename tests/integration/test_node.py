@@ -303,3 +303,38 @@ def test_cli_bad_input_keeps_daemon_serving(newest_stack: Stack, services: PeerS
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+async def test_peer_rejoins_with_new_node_key(make_stack: Any, tmp_path: Path) -> None:
+    stack = make_stack(tailscaleds=1)
+    svc = PeerServices(stack, stack.tailscaleds[0], blob_mb=1).start()
+    ts1 = stack.tailscaleds[0]
+    try:
+        async with make_node(stack, tmp_path, "py-rekey") as node:
+            stream = await node.open_tcp_stream("ts1", svc.http_port)
+            assert (await http_get_sha(stream, "/blob"))[1] == svc.blob_sha256
+            old_key = await trio.to_thread.run_sync(ts1.node_key)
+            await trio.to_thread.run_sync(lambda: ts1.cli("logout"))
+            await trio.to_thread.run_sync(stack.tailscale_up, ts1)
+            new_key = await trio.to_thread.run_sync(ts1.node_key)
+            assert new_key != old_key
+            start = trio.current_time()
+            with trio.fail_after(10):
+                while not any(p["node_key"] == new_key for p in node.peers()):
+                    await trio.sleep(0.1)
+                while True:
+                    try:
+                        with trio.fail_after(3):
+                            stream = await node.open_tcp_stream("ts1", svc.http_port)
+                            digest = (await http_get_sha(stream, "/blob"))[1]
+                            break
+                    except (trio.TooSlowError, trio.BrokenResourceError, OSError):
+                        await trio.sleep(0.2)
+            assert digest == svc.blob_sha256
+            from trionet.keys import parse_key
+
+            stats = node.wg.peer_statistics(parse_key(new_key, "nodekey:"))
+            assert stats["handshakes"] >= 1, stats
+            print(f"\nnew node key handshaken and serving after {trio.current_time() - start:.1f} s")
+    finally:
+        svc.stop()

@@ -213,8 +213,9 @@ class WgDevice:
         nets = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]
         peer = self.peers.get(public)
         if peer is None:
-            self.peers[public] = Peer(public, nets, _hash(LABEL_MAC1, public), _dh(self.private, public),
-                                      persistent_keepalive)
+            # static_dh is computed at the first handshake: a 10,000-peer netmap
+            # should not cost 10,000 X25519 operations up front.
+            self.peers[public] = Peer(public, nets, _hash(LABEL_MAC1, public), b"", persistent_keepalive)
         else:
             peer.networks = nets
             peer.persistent_keepalive = persistent_keepalive
@@ -241,6 +242,11 @@ class WgDevice:
         peer.handshake = None
         peer.attempt_started = None
         self.counters["sessions_reset"] += 1
+
+    def _static_dh(self, peer: Peer) -> bytes:
+        if not peer.static_dh:
+            peer.static_dh = _dh(self.private, peer.public)
+        return peer.static_dh
 
     def route(self, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Peer | None:
         best: Peer | None = None
@@ -336,7 +342,7 @@ class WgDevice:
         c, k = _kdf(c, _dh(e, peer.public), 2)
         static = ChaCha20Poly1305(k).encrypt(ZERO12, self.public, h)
         h = _hash(h, static)
-        c, k = _kdf(c, peer.static_dh, 2)
+        c, k = _kdf(c, self._static_dh(peer), 2)
         ts = ChaCha20Poly1305(k).encrypt(ZERO12, tai64n(wall), h)
         h = _hash(h, ts)
         hs = Handshake(0, e, c, h, now, now)
@@ -393,7 +399,7 @@ class WgDevice:
             self.drops["unknown_peer"] += 1
             return
         h = _hash(h, data[40:88])
-        c, k = _kdf(c, peer.static_dh, 2)
+        c, k = _kdf(c, self._static_dh(peer), 2)
         ts = ChaCha20Poly1305(k).decrypt(ZERO12, data[88:116], h)
         h = _hash(h, data[88:116])
         if ts <= peer.last_initiation_seen:

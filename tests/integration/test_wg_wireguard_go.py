@@ -1,18 +1,13 @@
 """Our WireGuard device against wireguard-go and the Linux kernel behind it.
 
-The test makes a network namespace with a veth to ours; wireguard-go runs in
-it (a TUN device wg0, configured with `wg`), and the kernel behind it answers
-ICMP. Our device talks to it over a UDP socket from this process.
+A network namespace joined to ours by a veth; wireguard-go runs in it (see
+`wgpeer`), the kernel behind it answers ICMP, and our device talks to it over
+a UDP socket from this process. Needs root, wireguard-go, wg and ip: a missing
+tool fails the test, it never skips.
 """
 
 from __future__ import annotations
 
-import base64
-import ipaddress
-import os
-import select
-import shutil
-import socket
 import struct
 import subprocess
 import time
@@ -20,127 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nacl.bindings import crypto_scalarmult_base
 
-from trionet.keys import new_private
-from trionet.wg import WgDevice
+from tests.integration.wgpeer import OUR_TUN_IP, THEIR_TUN_IP, Ours, WgGoPeer, icmp_echo, is_echo_reply, new_private
+from trionet.wg.constants import REKEY_AFTER_TIME
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
-
-OUR_TUN_IP, THEIR_TUN_IP = "10.251.0.2", "10.251.0.1"
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
-
-
-def icmp_echo(src: str, dst: str, ident: int, seq: int, reply: bool = False, payload: bytes = b"trionet" * 4) -> bytes:
-    icmp = struct.pack("!BBHHH", 0 if reply else 8, 0, 0, ident, seq) + payload
-    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0x4000, 64, 1, 0,
-                      ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
-    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
-    return hdr + icmp
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}: {proc.stderr}")
-    return proc
-
-
-class WgGoPeer:
-    def __init__(self, tmp: Path) -> None:
-        for tool in ("wireguard-go", "wg", "ip"):
-            if shutil.which(tool) is None:
-                raise AssertionError(f"{tool} is not installed (make sysdeps installs it)")
-        n = os.getpid() % 200 + 20
-        self.ns = f"wgt{os.getpid()}"
-        self.veth = f"wgv{os.getpid()}"
-        self.our_ip, self.their_ip = f"10.250.{n}.1", f"10.250.{n}.2"
-        self.tmp = tmp
-        self.private = new_private()
-        self.public = bytes(crypto_scalarmult_base(self.private))
-        self.proc: subprocess.Popen[bytes] | None = None
-        sh("ip", "netns", "add", self.ns)
-        sh("ip", "-n", self.ns, "link", "set", "lo", "up")
-        sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
-        sh("ip", "addr", "add", f"{self.our_ip}/30", "dev", self.veth)
-        sh("ip", "link", "set", self.veth, "up")
-        sh("ip", "-n", self.ns, "addr", "add", f"{self.their_ip}/30", "dev", "eth0")
-        sh("ip", "-n", self.ns, "link", "set", "eth0", "up")
-
-    def start(self, our_public: bytes, our_port: int, private: bytes | None = None) -> None:
-        keyfile = self.tmp / "wg.key"
-        keyfile.write_text(base64.b64encode(private or self.private).decode())
-        os.chmod(keyfile, 0o600)
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "env", "WG_PROCESS_FOREGROUND=1",
-                                      "wireguard-go", "wg0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while sh("ip", "-n", self.ns, "link", "show", "wg0", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "wireguard-go did not create wg0"
-            time.sleep(0.05)
-        sh("ip", "netns", "exec", self.ns, "wg", "set", "wg0", "private-key", str(keyfile), "listen-port", "51820",
-           "peer", base64.b64encode(our_public).decode(), "allowed-ips", f"{OUR_TUN_IP}/32",
-           "endpoint", f"{self.our_ip}:{our_port}")
-        sh("ip", "-n", self.ns, "addr", "add", f"{THEIR_TUN_IP}/24", "dev", "wg0")
-        sh("ip", "-n", self.ns, "link", "set", "wg0", "up")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        sh("ip", "link", "del", self.veth, check=False)
-        sh("ip", "netns", "del", self.ns, check=False)
-
-
-class Ours:
-    """Our device plus a UDP socket: a tiny synchronous driver for the test."""
-
-    def __init__(self, peer: WgGoPeer) -> None:
-        self.dev = WgDevice(new_private())
-        self.dev.set_peer(peer.public, [f"{THEIR_TUN_IP}/32"])
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((peer.our_ip, 0))
-        self.port = self.sock.getsockname()[1]
-        self.endpoint = (peer.their_ip, 51820)
-        self.received: list[bytes] = []
-        self.answer_pings = False
-
-    def send(self, transmits: list) -> None:  # type: ignore[type-arg]
-        for t in transmits:
-            self.sock.sendto(t.data, self.endpoint)
-
-    def pump(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            r, _, _ = select.select([self.sock], [], [], min(left, 0.05))
-            now = time.monotonic()
-            self.send(self.dev.tick(now, time.time()))
-            if not r:
-                continue
-            data, _ = self.sock.recvfrom(65535)
-            got = self.dev.receive(data, now, time.time())
-            self.send(got.transmits)
-            for _, pkt in got.packets:
-                self.received.append(pkt)
-                if self.answer_pings and pkt[9] == 1 and pkt[20] == 8:
-                    ident, seq = struct.unpack_from("!HH", pkt, 24)
-                    reply = icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, ident, seq, reply=True, payload=pkt[28:])
-                    self.send(self.dev.send_ip(reply, now, time.time()))
 
 
 @pytest.fixture
@@ -152,47 +31,122 @@ def wg_go(tmp_path: Path) -> Iterator[WgGoPeer]:
         peer.close()
 
 
-def test_against_wireguard_go(wg_go: WgGoPeer) -> None:
-    ours = Ours(wg_go)
-    wg_go.start(ours.dev.public, ours.port)
+@pytest.fixture
+def ours(wg_go: WgGoPeer) -> Iterator[Ours]:
+    o = Ours(wg_go)
+    try:
+        yield o
+    finally:
+        o.close()
 
-    # we initiate: an echo request the kernel behind wireguard-go answers
-    ours.send(ours.dev.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, 7, 0), time.monotonic(), time.time()))
+
+def ping_flood(ours: Ours, total: int, batch: int, gap: float, ident: int) -> set[int]:
+    """Send `total` echo requests in batches; return the sequence numbers answered."""
+    ours.received.clear()
+    for start in range(0, total, batch):
+        for seq in range(start, min(total, start + batch)):
+            ours.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, ident, seq % 65536))
+        ours.pump(gap)
+    deadline = time.monotonic() + 10
+    while ours.echo_replies() < total and time.monotonic() < deadline:
+        ours.pump(0.2)
+    return {struct.unpack_from("!H", p, 26)[0] for p in ours.received if is_echo_reply(p)}
+
+
+def test_we_initiate_and_10000_echoes_without_loss(wg_go: WgGoPeer, ours: Ours) -> None:
+    wg_go.start(ours.dev.public, ours.port)
+    ours.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, 7, 0))  # staged; an initiation goes out
     ours.pump(3)
-    assert any(p[9] == 1 and p[20] == 0 for p in ours.received), ours.dev.statistics()
+    assert any(is_echo_reply(p) for p in ours.received), ours.dev.statistics()
+    assert ours.dev.counters["initiations_sent"] == 1
     assert ours.dev.counters["handshakes_completed"] == 1
 
-    # 10,000 packets, none lost: batches of echoes, every reply counted once
-    ours.received.clear()
-    total, batch = 10_000, 100
-    for start in range(0, total, batch):
-        now = time.monotonic()
-        for seq in range(start, start + batch):
-            ours.send(ours.dev.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, 9, seq % 65536), now, time.time()))
-        ours.pump(0.02)
-    deadline = time.monotonic() + 10
-    while sum(1 for p in ours.received if p[20] == 0) < total and time.monotonic() < deadline:
-        ours.pump(0.2)
-    replies = {struct.unpack_from("!H", p, 26)[0] for p in ours.received if p[20] == 0}
-    assert sum(1 for p in ours.received if p[20] == 0) == total and len(replies) == total
+    total = 10_000
+    answered = ping_flood(ours, total, batch=100, gap=0.02, ident=9)
+    assert ours.echo_replies() == total and len(answered) == total, ours.dev.statistics()
+    assert not ours.dev.drops, ours.dev.drops
+    stats = ours.dev.peer_statistics(wg_go.public)
+    assert stats["rx_packets"] >= total + 1 and stats["tx_packets"] >= total + 1
 
-    # it initiates: restart wireguard-go (no session any more); the kernel pings us
+
+def test_it_initiates_after_a_restart_and_we_respond(wg_go: WgGoPeer, ours: Ours) -> None:
+    wg_go.start(ours.dev.public, ours.port)
+    ours.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, 7, 0))
+    ours.pump(2)
+    assert ours.dev.counters["handshakes_completed"] == 1
+
+    # restart: wireguard-go has no session any more; the kernel pings us, wireguard-go initiates
     wg_go.stop()
-    before = ours.dev.counters["handshakes_completed"]
     wg_go.start(ours.dev.public, ours.port)
     ours.answer_pings = True
     pinger = subprocess.Popen(["ip", "netns", "exec", wg_go.ns, "ping", "-c", "3", "-W", "2", OUR_TUN_IP],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     while pinger.poll() is None:
         ours.pump(0.1)
-    assert pinger.returncode == 0, pinger.stdout.read().decode() if pinger.stdout else ""
-    assert ours.dev.counters["handshakes_completed"] > before
+    out = pinger.stdout.read().decode() if pinger.stdout else ""
+    assert pinger.returncode == 0, out
     assert ours.dev.counters["responses_sent"] >= 1
+    assert ours.dev.counters["handshakes_completed"] == 2  # confirmed by its first transport packet
+    # and our own traffic flows on the session it made
+    ours.received.clear()
+    ours.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, 8, 1))
+    ours.pump(1)
+    assert any(is_echo_reply(p) for p in ours.received)
+    assert ours.dev.counters["initiations_sent"] == 1
 
-    # a wrong key: wireguard-go restarted with a private key we do not know
-    wg_go.stop()
+
+def test_its_persistent_keepalive_initiates(wg_go: WgGoPeer, ours: Ours) -> None:
+    wg_go.start(ours.dev.public, ours.port, persistent_keepalive=1)
+    ours.pump(3)
+    assert ours.dev.counters["responses_sent"] >= 1
+    assert ours.dev.counters["handshakes_completed"] >= 1
+    assert ours.dev.counters["keepalives_received"] >= 1
+
+
+def test_our_persistent_keepalive_initiates(wg_go: WgGoPeer) -> None:
+    ours = Ours(wg_go, persistent_keepalive=1.0)
+    try:
+        wg_go.start(ours.dev.public, ours.port)
+        ours.pump(3.5)
+        assert ours.dev.counters["initiations_sent"] >= 1
+        assert ours.dev.counters["handshakes_completed"] == 1
+        assert ours.dev.counters["keepalives_sent"] >= 2
+    finally:
+        ours.close()
+
+
+def test_wrong_key_is_dropped_and_counted(wg_go: WgGoPeer, ours: Ours) -> None:
+    # wireguard-go with a private key we do not know initiates towards us
     wg_go.start(ours.dev.public, ours.port, private=new_private())
     subprocess.run(["ip", "netns", "exec", wg_go.ns, "ping", "-c", "1", "-W", "1", OUR_TUN_IP],
                    capture_output=True)
     ours.pump(1.0)
     assert ours.dev.drops["unknown_peer"] >= 1
+    assert ours.dev.counters["handshakes_completed"] == 0
+    assert not ours.received
+
+
+@pytest.mark.soak
+def test_soak_across_rekeys_without_loss(wg_go: WgGoPeer, ours: Ours) -> None:
+    """Traffic for 200 s (REKEY_AFTER_TIME is 120 s): at least one rekey, zero loss."""
+    wg_go.start(ours.dev.public, ours.port)
+    ours.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, 5, 0))
+    ours.pump(2)
+    assert ours.dev.counters["handshakes_completed"] == 1
+    duration, rate, batch = REKEY_AFTER_TIME + 80, 100, 10
+    ours.received.clear()
+    start, sent = time.monotonic(), 0
+    while time.monotonic() - start < duration:
+        for _ in range(batch):
+            ours.send_ip(icmp_echo(OUR_TUN_IP, THEIR_TUN_IP, 6, sent % 65536, payload=struct.pack("!I", sent) * 8))
+            sent += 1
+        ours.pump(batch / rate)
+    deadline = time.monotonic() + 10
+    while ours.echo_replies() < sent and time.monotonic() < deadline:
+        ours.pump(0.2)
+    got = {struct.unpack_from("!I", p, 28)[0] for p in ours.received if is_echo_reply(p)}
+    stats = ours.dev.statistics()
+    print(f"soak: {time.monotonic() - start:.0f} s, sent {sent}, answered {len(got)}, "
+          f"handshakes {stats['counters'].get('handshakes_completed')}, drops {stats['drops']}")
+    assert len(got) == sent, f"lost {sent - len(got)} of {sent}"
+    assert ours.dev.counters["handshakes_completed"] >= 2, stats

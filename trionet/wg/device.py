@@ -1,580 +1,761 @@
-"""A sans-IO WireGuard device: Noise_IKpsk2 handshakes, sessions, timers.
+"""The WireGuard device: peer table, sessions, timers, data path (sans-IO).
 
-Facts from WireGuard/wireguard-go device/{noise-protocol,noise-helpers,
-constants,timers,receive,send}.go (protocol-notes §10). Time is passed in:
-`now` is monotonic seconds, `wall` is Unix time (only for TAI64N). Nothing
-here awaits or reads a clock.
+Facts from WireGuard/wireguard-go device/{noise-protocol,receive,send,timers,
+peer,keypair}.go (see protocol-notes §10). Nothing here awaits or reads a
+clock: `now` is monotonic seconds and `wall` Unix time (used only for the
+TAI64N timestamp of initiations). The driver calls `tick(now, wall)` at
+`next_deadline()`.
 
-    dev = WgDevice(node_private)
-    dev.set_peer(peer_node_key, allowed_ips)
-    transmits = dev.send_ip(ip_packet, now, wall)      # -> [Transmit(peer, data)]
-    got = dev.receive(datagram, now, wall, src=path)   # -> Received(packets, transmits)
-    transmits = dev.tick(now, wall); dev.next_deadline()
-
-Bad datagrams are dropped and counted by reason in `drops`; no exception
-leaves `receive`.
+Every timer of wireguard-go's timers.go is a per-peer deadline here (float or
+None): retransmit_handshake, send_keepalive, new_handshake, zero_key_material,
+persistent_keepalive. The hooks that arm and disarm them (timersDataSent,
+timersAnyAuthenticatedPacketReceived, ...) are methods of the same names, in
+snake case, called at the same points as in receive.go and send.go.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
-import os
 import random
 import struct
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
-import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+
+from trionet.errors import LocalProtocolError
+from trionet.wg import crypto, handshake
+from trionet.wg.allowedips import AllowedIPs, Network
+from trionet.wg.constants import (
+    COOKIE_REPLY_SIZE,
+    HANDSHAKE_INITIATION_RATE,
+    INITIATION_SIZE,
+    KEEPALIVE_TIMEOUT,
+    MAX_SEGMENT_SIZE,
+    MAX_TIMER_HANDSHAKES,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    QUEUE_STAGED_SIZE,
+    RECEIVING_REKEY_AFTER,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ATTEMPT_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX_MS,
+    REPLAY_WINDOW_SIZE,
+    RESPONSE_SIZE,
+    TRANSPORT_MIN_SIZE,
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_BACKLOG,
+    ZERO_KEYS_AFTER,
+)
+from trionet.wg.cookie import CookieChecker, CookieGenerator, source_bytes
+from trionet.wg.handshake import InitiationState
+from trionet.wg.ratelimit import RateLimiter
+from trionet.wg.replay import ReplayWindow
 
 log = logging.getLogger(__name__)
 
-CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
-IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
-LABEL_MAC1 = b"mac1----"
-MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE, MSG_TRANSPORT = 1, 2, 3, 4
-INITIATION_SIZE, RESPONSE_SIZE, COOKIE_SIZE, TRANSPORT_MIN = 148, 92, 64, 32
+__all__ = [
+    "KEEPALIVE_TIMEOUT", "REJECT_AFTER_TIME", "REKEY_AFTER_TIME", "REKEY_ATTEMPT_TIME", "REKEY_TIMEOUT",
+    "REPLAY_WINDOW_SIZE", "Keypair", "Peer", "Received", "ReplayWindow", "Transmit", "WgDevice",
+]
 
-REKEY_AFTER_MESSAGES = 2**60
-REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
-REKEY_AFTER_TIME = 120.0
-REJECT_AFTER_TIME = 180.0
-REKEY_ATTEMPT_TIME = 90.0
-REKEY_TIMEOUT = 5.0
-REKEY_TIMEOUT_JITTER = 0.334
-KEEPALIVE_TIMEOUT = 10.0
-NEW_HANDSHAKE_AFTER = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT  # sent data, nothing heard back
-RECEIVING_REKEY_AFTER = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT  # 165 s
-HANDSHAKE_MIN_INTERVAL = 0.020  # wireguard-go handshakeInitationRate
-REPLAY_WINDOW = 8128  # wireguard-go replay/replay.go: (ringBlocks-1) * 64 bits
-MAX_QUEUED = 1024
+_U32 = struct.Struct("<I")
+_RECV_HEAD = struct.Struct("<IQ")  # receiver, counter at offset 4
+_HEADER = struct.Struct("<IIQ")
+_NONCE = struct.Struct("<4xQ")
+_PAD = bytes(16)
+_IP4_TOTAL = struct.Struct("!H")
 
 
-def _hash(*parts: bytes) -> bytes:
-    h = hashlib.blake2s()
-    for p in parts:
-        h.update(p)
-    return h.digest()
+class Transmit(NamedTuple):
+    """A datagram to send to `peer` (its public key).
 
+    `path` is the `src` of the datagram this answers (send it back there), or
+    None: then the driver picks the peer's best path. `peer` is b"" for a
+    cookie reply to an initiation we could not attribute: send it on `path`."""
 
-def _hmac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.blake2s).digest()
-
-
-def _kdf(key: bytes, data: bytes, n: int) -> list[bytes]:
-    t0 = _hmac(key, data)
-    out, prev = [], b""
-    for i in range(1, n + 1):
-        prev = _hmac(t0, prev + bytes([i]))
-        out.append(prev)
-    return out
-
-
-def _mac(key: bytes, data: bytes) -> bytes:
-    return hashlib.blake2s(data, digest_size=16, key=key).digest()
-
-
-def _dh(priv: bytes, pub: bytes) -> bytes:
-    return bytes(crypto_scalarmult(priv, pub))
-
-
-def _nonce(counter: int) -> bytes:
-    return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
-
-
-def tai64n(wall: float) -> bytes:
-    sec = int(wall)
-    nsec = int((wall - sec) * 1e9) & ~0xFFFFFF  # coarse, as wireguard-go whitens it
-    return struct.pack(">QI", 0x400000000000000A + sec, nsec)
-
-
-C0 = _hash(CONSTRUCTION)
-H0 = _hash(C0, IDENTIFIER)
-ZERO12 = bytes(12)
-
-
-@attrs.frozen
-class Transmit:
     peer: bytes
     data: bytes
-    path: Any = None  # the path a datagram we answer came on; reply there
-
-
-@attrs.define
-class Received:
-    packets: list[tuple[bytes, bytes]] = attrs.field(factory=list)
-    transmits: list[Transmit] = attrs.field(factory=list)
-
-
-class ReplayWindow:
-    """Sliding window over receive counters (accept each counter once)."""
-
-    def __init__(self, size: int = REPLAY_WINDOW) -> None:
-        self.size = size
-        self.top = -1
-        self.bits = 0
-
-    def check(self, n: int) -> bool:
-        if n > self.top:
-            return True
-        return self.top - n < self.size and not (self.bits >> (self.top - n)) & 1
-
-    def accept(self, n: int) -> None:
-        if n > self.top:
-            shift = n - self.top
-            if shift >= self.size:
-                self.bits = 1
-            else:
-                self.bits = (self.bits << shift) | 1
-                # trim only now and then: masking a big int on every packet is the cost
-                if self.bits.bit_length() > 2 * self.size:
-                    self.bits &= (1 << self.size) - 1
-            self.top = n
-        else:
-            self.bits |= 1 << (self.top - n)
-
-
-@attrs.define(eq=False)
-class Session:
-    local_index: int
-    remote_index: int
-    send: ChaCha20Poly1305
-    recv: ChaCha20Poly1305
-    created: float
-    initiator: bool
-    send_counter: int = 0
-    replay: ReplayWindow = attrs.field(factory=ReplayWindow)
-    confirmed: bool = True  # a responder may send only after the initiator's first packet
-
-
-@attrs.define(eq=False)
-class Handshake:
-    local_index: int
-    e_private: bytes
-    c: bytes
-    h: bytes
-    started: float
-    sent: float
-
-
-@attrs.define(eq=False)
-class Peer:
-    public: bytes
-    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-    mac1_key: bytes
-    static_dh: bytes
-    persistent_keepalive: float | None = None
-    current: Session | None = None
-    previous: Session | None = None
-    next: Session | None = None  # responder side, until confirmed
-    handshake: Handshake | None = None
-    handshake_deadline: float = 0.0
-    attempt_started: float | None = None
-    queue: list[bytes] = attrs.field(factory=list)
-    last_sent: float = -1e9
-    last_received: float = -1e9
-    last_handshake: float = -1e9
-    last_initiation_seen: bytes = b""
-    last_initiation_at: float = -1e9
-    awaiting_reply_since: float | None = None
     path: Any = None
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    handshakes: int = 0
+
+
+class Received:
+    """What one datagram produced: decrypted IP packets `(peer, packet)` and
+    datagrams to send (handshake responses, keepalives, staged packets)."""
+
+    __slots__ = ("packets", "transmits")
+
+    def __init__(self) -> None:
+        self.packets: list[tuple[bytes, bytes]] = []
+        self.transmits: list[Transmit] = []
+
+    def __repr__(self) -> str:
+        return f"Received(packets={len(self.packets)}, transmits={len(self.transmits)})"
+
+
+class Keypair:
+    """One session: a ChaCha20Poly1305 object per direction (wireguard-go Keypair)."""
+
+    __slots__ = ("created", "initiator", "local_index", "recv", "remote_index", "replay", "send", "send_counter")
+
+    def __init__(self, local_index: int, remote_index: int, keys: handshake.SessionKeys, created: float,
+                 initiator: bool) -> None:
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.send = ChaCha20Poly1305(keys.send)
+        self.recv = ChaCha20Poly1305(keys.receive)
+        self.created = created
+        self.initiator = initiator
+        self.send_counter = 0
+        self.replay = ReplayWindow()
+
+
+class Peer:
+    __slots__ = (
+        "cookies",
+        "current",
+        "handshake",
+        "handshake_attempts",
+        "handshakes",
+        "last_handshake",
+        "last_initiation_consumption",
+        "last_sent_handshake",
+        "last_timestamp",
+        "need_another_keepalive",
+        "next",
+        "path",
+        "persistent_keepalive",
+        "previous",
+        "public",
+        "rx_bytes",
+        "rx_packets",
+        "sent_last_minute_handshake",
+        "staged",
+        "static_static",
+        "t_new_handshake",
+        "t_persistent_keepalive",
+        "t_retransmit_handshake",
+        "t_send_keepalive",
+        "t_zero_key_material",
+        "tx_bytes",
+        "tx_packets",
+    )
+
+    def __init__(self, public: bytes, static_static: bytes, persistent_keepalive: float | None) -> None:
+        self.public = public
+        self.static_static = static_static
+        self.cookies = CookieGenerator(public)
+        self.persistent_keepalive = persistent_keepalive or 0.0
+        self.handshake: InitiationState | None = None
+        self.current: Keypair | None = None
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None
+        self.staged: deque[bytes] = deque(maxlen=QUEUE_STAGED_SIZE)
+        self.t_retransmit_handshake: float | None = None
+        self.t_send_keepalive: float | None = None
+        self.t_new_handshake: float | None = None
+        self.t_zero_key_material: float | None = None
+        self.t_persistent_keepalive: float | None = None
+        self.handshake_attempts = 0
+        self.need_another_keepalive = False
+        self.sent_last_minute_handshake = False
+        self.last_sent_handshake: float | None = None
+        self.last_timestamp = b""
+        self.last_initiation_consumption: float | None = None
+        self.last_handshake: float | None = None
+        self.path: Any = None
+        self.rx_bytes = self.tx_bytes = self.rx_packets = self.tx_packets = self.handshakes = 0
+
+    def timers(self) -> dict[str, float | None]:
+        return {"retransmit_handshake": self.t_retransmit_handshake, "send_keepalive": self.t_send_keepalive,
+                "new_handshake": self.t_new_handshake, "zero_key_material": self.t_zero_key_material,
+                "persistent_keepalive": self.t_persistent_keepalive}
+
+
+def _usable(kp: Keypair | None, now: float) -> bool:
+    return kp is not None and kp.send_counter < REJECT_AFTER_MESSAGES and now - kp.created < REJECT_AFTER_TIME
 
 
 class WgDevice:
+    """A WireGuard interface without I/O. See the package docstring for the API."""
+
     def __init__(self, static_private: bytes, rng: random.Random | None = None) -> None:
-        self.private = static_private
-        self.public = bytes(crypto_scalarmult_base(static_private))
-        self.mac1_key = _hash(LABEL_MAC1, self.public)
-        self.rng = rng or random.Random()
+        if len(static_private) != 32:
+            raise LocalProtocolError("WireGuard private key must be 32 bytes")
+        self.private = bytes(static_private)
+        self.public = crypto.public_key(self.private)
+        self.rng = rng if rng is not None else random.Random()
         self.peers: dict[bytes, Peer] = {}
-        self.by_index: dict[int, tuple[Peer, Any]] = {}
+        self._index: dict[int, tuple[Peer, Keypair | InitiationState]] = {}
+        self._allowed: AllowedIPs[Peer] = AllowedIPs()
+        self._route_cache = self._allowed.cache  # read-only fast path; AllowedIPs fills and clears it
+        self._checker = CookieChecker(self.public)
+        self._ratelimiter = RateLimiter()
+        self.force_under_load = False
+        self._under_load_until = -1.0
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
-        # Per-address caches (raw address bytes): routing and inbound source
-        # checks cost a dict lookup per packet instead of a prefix scan.
-        self._route_cache: dict[bytes, Peer | None] = {}
-        self._src_ok: dict[tuple[bytes, bytes], bool] = {}
 
-    def _invalidate(self) -> None:
-        self._route_cache.clear()
-        self._src_ok.clear()
-
-    # ------------------------------------------------------------- peer table
-    def set_peer(self, public: bytes, allowed_ips: Iterable[Any], persistent_keepalive: float | None = None) -> None:
-        nets = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]
+    # ------------------------------------------------------------ peer table
+    def set_peer(self, public: bytes, allowed_ips: Iterable[Any],
+                 persistent_keepalive: float | None = None) -> None:
+        """Add a peer or update its AllowedIPs and persistent keepalive (live)."""
+        if len(public) != 32:
+            raise LocalProtocolError("WireGuard public key must be 32 bytes")
+        if public == self.public:
+            raise LocalProtocolError("a peer cannot have our own public key")
+        nets: list[Network] = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]
         peer = self.peers.get(public)
         if peer is None:
-            # static_dh is computed at the first handshake: a 10,000-peer netmap
-            # should not cost 10,000 X25519 operations up front.
-            self.peers[public] = Peer(public, nets, _hash(LABEL_MAC1, public), b"", persistent_keepalive)
+            try:
+                ss = crypto.dh(self.private, public)
+            except ValueError as exc:
+                raise LocalProtocolError("peer public key is a low-order point") from exc
+            peer = self.peers[public] = Peer(public, ss, persistent_keepalive)
         else:
-            peer.networks = nets
-            peer.persistent_keepalive = persistent_keepalive
-        self._invalidate()
+            old = peer.persistent_keepalive
+            peer.persistent_keepalive = persistent_keepalive or 0.0
+            if not peer.persistent_keepalive:
+                peer.t_persistent_keepalive = None
+            elif not old:
+                peer.t_persistent_keepalive = 0.0  # wireguard-go (uapi.go) sends a keepalive at once
+        if persistent_keepalive and peer.t_persistent_keepalive is None and peer.current is None:
+            peer.t_persistent_keepalive = 0.0
+        self._allowed.replace(peer, nets)
 
     def remove_peer(self, public: bytes) -> None:
         peer = self.peers.pop(public, None)
         if peer is None:
             return
-        self._invalidate()
-        for idx, (p, _) in list(self.by_index.items()):
-            if p is peer:
-                del self.by_index[idx]
+        self._allowed.remove_value(peer)
+        self._zero_and_flush_all(peer)
 
     def reset_sessions(self, public: bytes) -> None:
         """Forget a peer's sessions (it restarted): the next packet handshakes at once."""
         peer = self.peers.get(public)
         if peer is None:
             return
-        for idx, (p, _) in list(self.by_index.items()):
-            if p is peer:
-                del self.by_index[idx]
-        peer.current = peer.previous = peer.next = None
-        peer.handshake = None
-        peer.attempt_started = None
+        staged = list(peer.staged)
+        self._zero_and_flush_all(peer)
+        peer.staged.extend(staged)
+        peer.last_sent_handshake = None
+        peer.t_retransmit_handshake = peer.t_new_handshake = peer.t_send_keepalive = None
         self.counters["sessions_reset"] += 1
 
-    def _static_dh(self, peer: Peer) -> bytes:
-        if not peer.static_dh:
-            peer.static_dh = _dh(self.private, peer.public)
-        return peer.static_dh
+    def allowed_ips(self, public: bytes) -> list[Network]:
+        peer = self.peers.get(public)
+        return self._allowed.networks_of(peer) if peer is not None else []
 
-    def route(self, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Peer | None:
-        best: Peer | None = None
-        best_len = -1
-        for peer in self.peers.values():
-            for net in peer.networks:
-                if net.version == dst.version and net.prefixlen > best_len and dst in net:
-                    best, best_len = peer, net.prefixlen
-        return best
+    def route(self, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes | None:
+        """The public key of the peer whose AllowedIPs hold `dst` (longest prefix)."""
+        peer = self._allowed.lookup(dst)
+        return peer.public if peer is not None else None
 
-    def _new_index(self, peer: Peer, what: Any) -> int:
+    def peer_for_receiver_index(self, index: int) -> bytes | None:
+        """The peer a type 2/3/4 datagram with this receiver index belongs to."""
+        entry = self._index.get(index)
+        return entry[0].public if entry is not None else None
+
+    # ---------------------------------------------------------------- helpers
+    def _drop(self, reason: str, detail: object = "") -> None:
+        self.drops[reason] += 1
+        log.debug("wireguard: drop %s %s", reason, detail)
+
+    def _new_index(self, peer: Peer, what: Keypair | InitiationState) -> int:
         while True:
-            idx = self.rng.getrandbits(32)
-            if idx not in self.by_index:
-                self.by_index[idx] = (peer, what)
+            idx = int.from_bytes(crypto.random_bytes(4), "little")
+            if idx not in self._index:
+                self._index[idx] = (peer, what)
                 return idx
 
-    # --------------------------------------------------------------- sending
-    def send_ip(self, packet: bytes | memoryview, now: float, wall: float) -> list[Transmit]:
-        pkt = packet if isinstance(packet, bytes) else bytes(packet)
-        if len(pkt) < 20:
-            self.drops["send_short"] += 1
-            return []
-        raw = pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40]
-        try:
-            peer = self._route_cache[raw]
-        except KeyError:
-            try:
-                peer = self.route(ipaddress.ip_address(raw))
-            except ValueError:
-                self.drops["send_bad_ip"] += 1
-                return []
-            if len(self._route_cache) > 65536:
-                self._route_cache.clear()
-            self._route_cache[raw] = peer
-        if peer is None:
-            self.drops["send_no_route"] += 1
-            return []
-        return self._send(peer, pkt, now, wall)
+    def _delete_keypair(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self._index.pop(kp.local_index, None)
 
-    def _usable(self, s: Session | None, now: float) -> bool:
-        return (s is not None and s.confirmed and now - s.created < REJECT_AFTER_TIME
-                and s.send_counter < REJECT_AFTER_MESSAGES)
-
-    def _send(self, peer: Peer, pkt: bytes, now: float, wall: float) -> list[Transmit]:
-        out: list[Transmit] = []
-        s = peer.current
-        if not self._usable(s, now):
-            if len(peer.queue) < MAX_QUEUED:
-                peer.queue.append(pkt)
-            else:
-                self.drops["send_queue_full"] += 1
-            out += self._maybe_initiate(peer, now, wall)
-            return out
-        assert s is not None
-        out.append(self._encrypt(peer, s, pkt, now))
-        if s.initiator and (now - s.created >= REKEY_AFTER_TIME or s.send_counter >= REKEY_AFTER_MESSAGES):
-            out += self._maybe_initiate(peer, now, wall)
-        return out
-
-    def _encrypt(self, peer: Peer, s: Session, pkt: bytes, now: float) -> Transmit:
-        pad = (-len(pkt)) % 16
-        ct = s.send.encrypt(_nonce(s.send_counter), pkt + bytes(pad) if pad else pkt, None)
-        header = struct.pack("<IIQ", MSG_TRANSPORT, s.remote_index, s.send_counter)
-        s.send_counter += 1
-        peer.last_sent = now
-        peer.tx_bytes += len(pkt)
-        if pkt and peer.awaiting_reply_since is None:
-            peer.awaiting_reply_since = now
-        return Transmit(peer.public, header + ct)
-
-    def _maybe_initiate(self, peer: Peer, now: float, wall: float) -> list[Transmit]:
-        if peer.handshake is not None and now < peer.handshake_deadline:
-            return []
-        if peer.attempt_started is None:
-            peer.attempt_started = now
-        elif now - peer.attempt_started > REKEY_ATTEMPT_TIME:
-            self.counters["handshake_gave_up"] += 1
-            peer.queue.clear()
-            peer.attempt_started = None
-            peer.handshake = None
-            return []
-        return [self._initiation(peer, now, wall)]
-
-    def _initiation(self, peer: Peer, now: float, wall: float) -> Transmit:
+    def _clear_handshake(self, peer: Peer) -> None:
         if peer.handshake is not None:
-            self.by_index.pop(peer.handshake.local_index, None)
-        e = os.urandom(32)
-        e_pub = bytes(crypto_scalarmult_base(e))
-        c, h = C0, _hash(H0, peer.public)
-        (c,) = _kdf(c, e_pub, 1)
-        h = _hash(h, e_pub)
-        c, k = _kdf(c, _dh(e, peer.public), 2)
-        static = ChaCha20Poly1305(k).encrypt(ZERO12, self.public, h)
-        h = _hash(h, static)
-        c, k = _kdf(c, self._static_dh(peer), 2)
-        ts = ChaCha20Poly1305(k).encrypt(ZERO12, tai64n(wall), h)
-        h = _hash(h, ts)
-        hs = Handshake(0, e, c, h, now, now)
-        hs.local_index = self._new_index(peer, hs)
-        peer.handshake = hs
-        peer.handshake_deadline = now + REKEY_TIMEOUT + self.rng.random() * REKEY_TIMEOUT_JITTER
-        msg = struct.pack("<II", MSG_INITIATION, hs.local_index) + e_pub + static + ts
-        msg += _mac(peer.mac1_key, msg) + bytes(16)
-        self.counters["initiations_sent"] += 1
-        return Transmit(peer.public, msg)
+            entry = self._index.get(peer.handshake.local_index)
+            if entry is not None and entry[1] is peer.handshake:
+                del self._index[peer.handshake.local_index]
+            peer.handshake = None
 
-    # ------------------------------------------------------------- receiving
-    def receive(self, datagram: bytes | memoryview, now: float, wall: float, src: Any = None) -> Received:
-        data = datagram if isinstance(datagram, bytes) else bytes(datagram)
-        got = Received()
-        if len(data) < 4:
-            self.drops["short"] += 1
-            return got
-        mtype = struct.unpack_from("<I", data)[0]
-        try:
-            if mtype == MSG_TRANSPORT:
-                self._on_transport(data, now, wall, src, got)
-            elif mtype == MSG_INITIATION:
-                self._on_initiation(data, now, wall, src, got)
-            elif mtype == MSG_RESPONSE:
-                self._on_response(data, now, wall, src, got)
-            elif mtype == MSG_COOKIE:
-                self.drops["cookie_reply_unsupported"] += 1
-            else:
-                self.drops["unknown_type"] += 1
-        except InvalidTag:
-            self.drops["decrypt_failed"] += 1
-        except (ValueError, struct.error) as exc:
-            self.drops["malformed"] += 1
-            log.debug("wireguard: malformed datagram: %s", exc)
-        return got
+    def _zero_and_flush_all(self, peer: Peer) -> None:
+        for kp in (peer.previous, peer.current, peer.next):
+            self._delete_keypair(kp)
+        peer.previous = peer.current = peer.next = None
+        self._clear_handshake(peer)
+        peer.staged.clear()
 
-    def _on_initiation(self, data: bytes, now: float, wall: float, src: Any, got: Received) -> None:
-        if len(data) != INITIATION_SIZE:
-            self.drops["bad_size"] += 1
-            return
-        if not hmac.compare_digest(_mac(self.mac1_key, data[:116]), data[116:132]):
-            self.drops["bad_mac1"] += 1
-            return
-        sender = struct.unpack_from("<I", data, 4)[0]
-        e_pub = data[8:40]
-        c, h = C0, _hash(H0, self.public)
-        (c,) = _kdf(c, e_pub, 1)
-        h = _hash(h, e_pub)
-        c, k = _kdf(c, _dh(self.private, e_pub), 2)
-        static = ChaCha20Poly1305(k).decrypt(ZERO12, data[40:88], h)
-        peer = self.peers.get(static)
-        if peer is None:
-            self.drops["unknown_peer"] += 1
-            return
-        h = _hash(h, data[40:88])
-        c, k = _kdf(c, self._static_dh(peer), 2)
-        ts = ChaCha20Poly1305(k).decrypt(ZERO12, data[88:116], h)
-        h = _hash(h, data[88:116])
-        if ts <= peer.last_initiation_seen:
-            self.drops["replayed_initiation"] += 1
-            return
-        if now - peer.last_initiation_at < HANDSHAKE_MIN_INTERVAL:
-            self.drops["initiation_flood"] += 1
-            return
-        peer.last_initiation_seen, peer.last_initiation_at = ts, now
-        # respond
-        e = os.urandom(32)
-        er_pub = bytes(crypto_scalarmult_base(e))
-        (c,) = _kdf(c, er_pub, 1)
-        h = _hash(h, er_pub)
-        (c,) = _kdf(c, _dh(e, e_pub), 1)
-        (c,) = _kdf(c, _dh(e, static), 1)
-        c, tau, k = _kdf(c, bytes(32), 3)
-        h = _hash(h, tau)
-        empty = ChaCha20Poly1305(k).encrypt(ZERO12, b"", h)
-        t_recv, t_send = _kdf(c, b"", 2)
-        s = Session(0, sender, ChaCha20Poly1305(t_send), ChaCha20Poly1305(t_recv), now, initiator=False,
-                    confirmed=False)
-        s.local_index = self._new_index(peer, s)
-        if peer.next is not None:
-            self.by_index.pop(peer.next.local_index, None)
-        peer.next = s
-        msg = struct.pack("<III", MSG_RESPONSE, s.local_index, sender) + er_pub + empty
-        msg += _mac(peer.mac1_key, msg) + bytes(16)
-        peer.path = src
-        self.counters["responses_sent"] += 1
-        got.transmits.append(Transmit(peer.public, msg, src))
+    def _jitter(self) -> float:
+        return self.rng.randrange(REKEY_TIMEOUT_JITTER_MAX_MS) / 1000.0
 
-    def _on_response(self, data: bytes, now: float, wall: float, src: Any, got: Received) -> None:
-        if len(data) != RESPONSE_SIZE:
-            self.drops["bad_size"] += 1
-            return
-        if not hmac.compare_digest(_mac(self.mac1_key, data[:60]), data[60:76]):
-            self.drops["bad_mac1"] += 1
-            return
-        sender, receiver = struct.unpack_from("<II", data, 4)
-        entry = self.by_index.get(receiver)
-        if entry is None or not isinstance(entry[1], Handshake):
-            self.drops["unknown_index"] += 1
-            return
-        peer, hs = entry
-        er_pub = data[12:44]
-        c, h = hs.c, hs.h
-        (c,) = _kdf(c, er_pub, 1)
-        h = _hash(h, er_pub)
-        (c,) = _kdf(c, _dh(hs.e_private, er_pub), 1)
-        (c,) = _kdf(c, _dh(self.private, er_pub), 1)
-        c, tau, k = _kdf(c, bytes(32), 3)
-        h = _hash(h, tau)
-        ChaCha20Poly1305(k).decrypt(ZERO12, data[44:60], h)
-        t_send, t_recv = _kdf(c, b"", 2)
-        s = Session(hs.local_index, sender, ChaCha20Poly1305(t_send), ChaCha20Poly1305(t_recv), now, initiator=True)
-        self.by_index[hs.local_index] = (peer, s)
-        self._install(peer, s)
-        peer.handshake = None
-        peer.attempt_started = None
+    # ------------------------------------------------ timer hooks (timers.go)
+    def _timers_data_sent(self, peer: Peer, now: float) -> None:
+        if peer.t_new_handshake is None:
+            peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+
+    def _timers_data_received(self, peer: Peer, now: float) -> None:
+        if peer.t_send_keepalive is None:
+            peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            peer.need_another_keepalive = True
+
+    def _timers_handshake_initiated(self, peer: Peer, now: float) -> None:
+        peer.t_retransmit_handshake = now + REKEY_TIMEOUT + self._jitter()
+
+    def _timers_handshake_complete(self, peer: Peer, now: float) -> None:
+        peer.t_retransmit_handshake = None
+        peer.handshake_attempts = 0
+        peer.sent_last_minute_handshake = False
         peer.last_handshake = now
         peer.handshakes += 1
-        peer.path = src
         self.counters["handshakes_completed"] += 1
-        # keepalive confirms the session to the responder; then flush the queue
-        got.transmits.append(self._encrypt(peer, s, b"", now))
-        for pkt in peer.queue:
-            got.transmits.append(self._encrypt(peer, s, pkt, now))
-        peer.queue.clear()
 
-    def _install(self, peer: Peer, s: Session) -> None:
-        if peer.previous is not None:
-            self.by_index.pop(peer.previous.local_index, None)
-        peer.previous, peer.current = peer.current, s
+    def _timers_session_derived(self, peer: Peer, now: float) -> None:
+        peer.t_zero_key_material = now + ZERO_KEYS_AFTER
 
-    def _on_transport(self, data: bytes, now: float, wall: float, src: Any, got: Received) -> None:
-        if len(data) < TRANSPORT_MIN:
-            self.drops["short"] += 1
+    def _timers_traversal(self, peer: Peer, now: float) -> None:
+        if peer.persistent_keepalive:
+            peer.t_persistent_keepalive = now + peer.persistent_keepalive
+
+    # ----------------------------------------------------------------- send
+    def send_ip(self, packet: bytes | bytearray | memoryview, now: float, wall: float) -> list[Transmit]:
+        """Encrypt one IP packet for the peer whose AllowedIPs hold its destination.
+
+        Without a usable session the packet is staged (up to 128 per peer,
+        oldest dropped) and a handshake initiation is returned instead."""
+        n = len(packet)
+        if n < 20:
+            self._drop("send_short", n)
+            return []
+        version = packet[0] >> 4
+        if version == 4:
+            raw = packet[16:20]
+        elif version == 6 and n >= 40:
+            raw = packet[24:40]
+        else:
+            self._drop("send_not_ip", version)
+            return []
+        if n > MAX_SEGMENT_SIZE - TRANSPORT_MIN_SIZE:
+            self._drop("send_too_big", n)
+            return []
+        if type(raw) is not bytes:
+            raw = bytes(raw)
+        peer = self._route_cache.get(raw)
+        if peer is None:
+            peer = self._allowed.lookup_raw(raw)
+            if peer is None:
+                self._drop("send_no_route", raw.hex())
+                return []
+        kp = peer.current
+        if peer.staged or kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES \
+                or now - kp.created >= REJECT_AFTER_TIME:
+            self._stage(peer, bytes(packet))
+            return self._send_staged(peer, now, wall, None)
+        # fast path: one packet on the current session (inlined _seal and timer hooks)
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        if n & 15:
+            packet = bytes(packet) + _PAD[:-n & 15]
+        data = _HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter) + kp.send.encrypt(_NONCE.pack(counter), packet,
+                                                                                      None)
+        peer.tx_packets += 1
+        peer.tx_bytes += n
+        if peer.persistent_keepalive:
+            peer.t_persistent_keepalive = now + peer.persistent_keepalive
+        peer.t_send_keepalive = None
+        if peer.t_new_handshake is None:
+            peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+        if counter >= REKEY_AFTER_MESSAGES or (kp.initiator and now - kp.created > REKEY_AFTER_TIME):
+            return [Transmit(peer.public, data), *self._send_handshake_initiation(peer, now, wall, False)]
+        return [Transmit(peer.public, data)]
+
+    def _seal(self, kp: Keypair, packet: bytes | bytearray | memoryview, n: int) -> bytes:
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        if n & 15:
+            packet = bytes(packet) + _PAD[:-n & 15]
+        return _HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter) + kp.send.encrypt(_NONCE.pack(counter), packet,
+                                                                                        None)
+
+    def _stage(self, peer: Peer, packet: bytes) -> None:
+        if len(peer.staged) == QUEUE_STAGED_SIZE:
+            self._drop("staged_overflow")
+        peer.staged.append(packet)
+
+    def _send_staged(self, peer: Peer, now: float, wall: float, path: Any) -> list[Transmit]:
+        """wireguard-go SendStagedPackets: encrypt what is staged, or handshake."""
+        if not peer.staged:
+            return []
+        kp = peer.current
+        if kp is None or not _usable(kp, now):
+            return self._send_handshake_initiation(peer, now, wall, False)
+        out: list[Transmit] = []
+        data_sent = False
+        while peer.staged:
+            pkt = peer.staged.popleft()
+            out.append(Transmit(peer.public, self._seal(kp, pkt, len(pkt)), path))
+            if pkt:
+                data_sent = True
+                peer.tx_packets += 1
+                peer.tx_bytes += len(pkt)
+            else:
+                self.counters["keepalives_sent"] += 1
+        self._timers_traversal(peer, now)
+        peer.t_send_keepalive = None  # timersAnyAuthenticatedPacketSent
+        if data_sent:
+            self._timers_data_sent(peer, now)
+        if kp.send_counter > REKEY_AFTER_MESSAGES or (kp.initiator and now - kp.created > REKEY_AFTER_TIME):
+            out += self._send_handshake_initiation(peer, now, wall, False)
+        return out
+
+    def _send_keepalive(self, peer: Peer, now: float, wall: float, path: Any) -> list[Transmit]:
+        if not peer.staged:
+            peer.staged.append(b"")
+        return self._send_staged(peer, now, wall, path)
+
+    def _send_handshake_initiation(self, peer: Peer, now: float, wall: float, is_retry: bool) -> list[Transmit]:
+        if not is_retry:
+            peer.handshake_attempts = 0
+        if peer.last_sent_handshake is not None and now - peer.last_sent_handshake < REKEY_TIMEOUT:
+            return []
+        peer.last_sent_handshake = now
+        self._clear_handshake(peer)
+        local = self._new_index(peer, _PLACEHOLDER)
+        msg, state = handshake.create_initiation(self.public, peer.public, peer.static_static, local, wall)
+        self._index[local] = (peer, state)
+        peer.handshake = state
+        msg = peer.cookies.add_macs(msg, now)
+        self._timers_traversal(peer, now)
+        peer.t_send_keepalive = None
+        self._timers_handshake_initiated(peer, now)
+        self.counters["initiations_sent"] += 1
+        return [Transmit(peer.public, msg)]
+
+    # -------------------------------------------------------------- receive
+    def receive(self, datagram: bytes | bytearray | memoryview, now: float, wall: float, src: Any = None,
+                backlog: int = 0) -> Received:
+        """Handle one datagram from the network. Never raises on bad input.
+
+        `src` is an opaque path tag, handed back on the Transmits that answer
+        this datagram, also used for cookies and rate limiting (a `(host,
+        port)` tuple is best). `backlog` is the driver's count of handshake
+        messages waiting: at 128 or more the device is under load for 1 s
+        (or set `force_under_load`)."""
+        got = Received()
+        try:
+            n = len(datagram)
+            if n < 4:
+                self._drop("short", n)
+                return got
+            mtype = _U32.unpack_from(datagram)[0]
+            if mtype == MSG_TRANSPORT:
+                self._on_transport(datagram, n, now, wall, src, got)
+            elif mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
+                self._on_handshake(mtype, bytes(datagram), now, wall, src, backlog, got)
+            elif mtype == MSG_COOKIE_REPLY:
+                self._on_cookie_reply(bytes(datagram), now)
+            else:
+                self._drop("unknown_type", mtype)
+        except Exception as exc:  # a bug, not bad input: count it, never crash the driver
+            self._drop("internal_error", repr(exc))
+            log.exception("wireguard: internal error on a datagram")
+        return got
+
+    def _on_transport(self, data: bytes | bytearray | memoryview, n: int, now: float, wall: float, src: Any,
+                      got: Received) -> None:
+        if n < TRANSPORT_MIN_SIZE:
+            self._drop("short", n)
             return
-        receiver, counter = struct.unpack_from("<IQ", data, 4)
-        entry = self.by_index.get(receiver)
-        if entry is None or not isinstance(entry[1], Session):
-            self.drops["unknown_index"] += 1
+        if n > MAX_SEGMENT_SIZE:
+            self._drop("oversized", n)
             return
-        peer, s = entry[0], entry[1]
-        assert isinstance(s, Session)
-        if now - s.created >= REJECT_AFTER_TIME or counter >= REJECT_AFTER_MESSAGES:
-            self.drops["expired_session"] += 1
+        receiver, counter = _RECV_HEAD.unpack_from(data, 4)
+        entry = self._index.get(receiver)
+        if entry is None:
+            self._drop("unknown_index", receiver)
             return
-        if not s.replay.check(counter):
-            self.drops["replayed"] += 1
+        peer, kp = entry
+        if type(kp) is not Keypair:
+            self._drop("unknown_index", receiver)
             return
-        plain = s.recv.decrypt(_nonce(counter), memoryview(data)[16:], None)
-        s.replay.accept(counter)
-        peer.last_received = now
-        peer.awaiting_reply_since = None
+        if now - kp.created >= REJECT_AFTER_TIME:
+            self._drop("expired_keypair")
+            return
+        replay = kp.replay
+        if counter <= replay.last and not replay.check(counter):
+            self._drop("replayed", counter)
+            return
+        try:
+            plain = kp.recv.decrypt(_NONCE.pack(counter), memoryview(data)[16:], None)
+        except InvalidTag:
+            self._drop("decrypt_failed")
+            return
+        if not replay.validate(counter):
+            self._drop("replayed", counter)
+            return
+        if kp is peer.next:  # ReceivedWithKeypair: the initiator confirmed our response
+            self._delete_keypair(peer.previous)
+            peer.previous, peer.current, peer.next = peer.current, kp, None
+            self._timers_handshake_complete(peer, now)
+            got.transmits += self._send_staged(peer, now, wall, src)
+        cur = peer.current
+        if cur is not None and cur.initiator and not peer.sent_last_minute_handshake \
+                and now - cur.created > RECEIVING_REKEY_AFTER:  # keepKeyFreshReceiving
+            peer.sent_last_minute_handshake = True
+            got.transmits += self._send_handshake_initiation(peer, now, wall, False)
+        if peer.persistent_keepalive:
+            peer.t_persistent_keepalive = now + peer.persistent_keepalive
+        peer.t_new_handshake = None
         peer.path = src
-        if not s.confirmed:  # the initiator's first packet on this session
-            s.confirmed = True
-            if peer.next is not None and peer.next is s:
-                peer.next = None
-                self._install(peer, s)
-                peer.last_handshake = now
-                peer.handshakes += 1
-                self.counters["handshakes_completed"] += 1
-                for pkt in peer.queue:
-                    got.transmits.append(self._encrypt(peer, s, pkt, now))
-                peer.queue.clear()
         if not plain:
             self.counters["keepalives_received"] += 1
             return
+        if peer.t_send_keepalive is None:
+            peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            peer.need_another_keepalive = True
         version = plain[0] >> 4
         if version == 4 and len(plain) >= 20:
-            length = (plain[2] << 8) | plain[3]
+            length = _IP4_TOTAL.unpack_from(plain, 2)[0]
             raw_src = plain[12:16]
         elif version == 6 and len(plain) >= 40:
-            length = 40 + ((plain[4] << 8) | plain[5])
+            length = 40 + _IP4_TOTAL.unpack_from(plain, 4)[0]
             raw_src = plain[8:24]
         else:
-            self.drops["inner_not_ip"] += 1
+            self._drop("inner_not_ip", version)
             return
-        if length > len(plain):
-            self.drops["inner_truncated"] += 1
+        if length > len(plain) or length < 20:
+            self._drop("inner_bad_length", length)
             return
-        key = (peer.public, raw_src)
-        ok = self._src_ok.get(key)
-        if ok is None:
-            src_ip = ipaddress.ip_address(raw_src)
-            ok = any(n.version == src_ip.version and src_ip in n for n in peer.networks)
-            if len(self._src_ok) > 65536:
-                self._src_ok.clear()
-            self._src_ok[key] = ok
-        if not ok:
-            self.drops["inner_src_not_allowed"] += 1
+        owner = self._route_cache.get(raw_src)
+        if owner is None:
+            owner = self._allowed.lookup_raw(raw_src)
+        if owner is not peer:
+            self._drop("inner_src_not_allowed", raw_src.hex())
             return
+        peer.rx_packets += 1
         peer.rx_bytes += length
         got.packets.append((peer.public, plain if length == len(plain) else plain[:length]))
-        if s.initiator and now - s.created >= RECEIVING_REKEY_AFTER:
-            got.transmits += self._maybe_initiate(peer, now, wall)
+
+    def under_load(self, now: float, backlog: int = 0) -> bool:
+        if self.force_under_load or backlog >= UNDER_LOAD_BACKLOG:
+            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+            return True
+        return now < self._under_load_until
+
+    def _on_handshake(self, mtype: int, data: bytes, now: float, wall: float, src: Any, backlog: int,
+                      got: Received) -> None:
+        if len(data) != (INITIATION_SIZE if mtype == MSG_INITIATION else RESPONSE_SIZE):
+            self._drop("bad_size", len(data))
+            return
+        if not self._checker.check_mac1(data):
+            self._drop("bad_mac1")
+            return
+        if self.under_load(now, backlog):
+            sb = source_bytes(src)
+            if not self._checker.check_mac2(data, sb, now):
+                sender = _U32.unpack_from(data, 4)[0]
+                reply = self._checker.create_reply(data, sender, sb, now)
+                who = b""
+                if mtype == MSG_RESPONSE:
+                    entry = self._index.get(_U32.unpack_from(data, 8)[0])
+                    who = entry[0].public if entry is not None else b""
+                got.transmits.append(Transmit(who, reply, src))
+                self.counters["cookie_replies_sent"] += 1
+                self._drop("under_load_no_mac2")
+                return
+            key = src[0] if isinstance(src, tuple) and src else sb
+            if not self._ratelimiter.allow(key, now):
+                self._drop("ratelimited")
+                return
+        if mtype == MSG_INITIATION:
+            self._on_initiation(data, now, src, got)
+        else:
+            self._on_response(data, now, wall, src, got)
+
+    def _static_static_of(self, public: bytes) -> bytes | None:
+        peer = self.peers.get(public)
+        return peer.static_static if peer is not None else None
+
+    def _on_initiation(self, data: bytes, now: float, src: Any, got: Received) -> None:
+        try:
+            ci = handshake.consume_initiation(self.private, self.public, data, self._static_static_of)
+        except LookupError:
+            self._drop("unknown_peer")
+            return
+        except InvalidTag:
+            self._drop("decrypt_failed_initiation")
+            return
+        except ValueError:
+            self._drop("bad_public_key")
+            return
+        peer = self.peers[ci.peer_static]
+        if ci.timestamp <= peer.last_timestamp:
+            self._drop("replayed_initiation")
+            return
+        if peer.last_initiation_consumption is not None \
+                and now - peer.last_initiation_consumption <= HANDSHAKE_INITIATION_RATE:
+            self._drop("initiation_flood")
+            return
+        peer.last_timestamp = ci.timestamp
+        peer.last_initiation_consumption = now
+        self._clear_handshake(peer)  # our own initiation, if any, is superseded (one handshake per peer)
+        peer.path = src
+        self._timers_traversal(peer, now)
+        peer.t_new_handshake = None
+        local = self._new_index(peer, _PLACEHOLDER)
+        try:
+            msg, keys = handshake.create_response(ci, local)
+        except ValueError:
+            del self._index[local]
+            self._drop("bad_public_key")
+            return
+        kp = Keypair(local, ci.sender, keys, now, initiator=False)
+        self._index[local] = (peer, kp)
+        # BeginSymmetricSession, responder: the new keypair waits in `next`
+        self._delete_keypair(peer.next)
+        self._delete_keypair(peer.previous)
+        peer.next, peer.previous = kp, None
+        self._timers_session_derived(peer, now)
+        self._timers_traversal(peer, now)
+        peer.t_send_keepalive = None
+        self.counters["responses_sent"] += 1
+        got.transmits.append(Transmit(peer.public, peer.cookies.add_macs(msg, now), src))
+
+    def _on_response(self, data: bytes, now: float, wall: float, src: Any, got: Received) -> None:
+        receiver = _U32.unpack_from(data, 8)[0]
+        entry = self._index.get(receiver)
+        if entry is None or type(entry[1]) is not InitiationState:
+            self._drop("unknown_index", receiver)
+            return
+        peer, state = entry
+        assert isinstance(state, InitiationState)
+        try:
+            remote, keys = handshake.consume_response(self.private, state, data)
+        except InvalidTag:
+            self._drop("decrypt_failed_response")
+            return
+        except ValueError:
+            self._drop("bad_public_key")
+            return
+        peer.path = src
+        self._timers_traversal(peer, now)
+        peer.t_new_handshake = None
+        kp = Keypair(state.local_index, remote, keys, now, initiator=True)
+        self._index[state.local_index] = (peer, kp)
+        peer.handshake = None
+        # BeginSymmetricSession, initiator
+        if peer.next is not None:
+            new_previous: Keypair | None = peer.next
+            peer.next = None
+            self._delete_keypair(peer.current)
+        else:
+            new_previous = peer.current
+        self._delete_keypair(peer.previous)
+        peer.previous, peer.current = new_previous, kp
+        self._timers_session_derived(peer, now)
+        self._timers_handshake_complete(peer, now)
+        got.transmits += self._send_keepalive(peer, now, wall, src)
+
+    def _on_cookie_reply(self, data: bytes, now: float) -> None:
+        if len(data) != COOKIE_REPLY_SIZE:
+            self._drop("bad_size", len(data))
+            return
+        entry = self._index.get(_U32.unpack_from(data, 4)[0])
+        if entry is None:
+            self._drop("unknown_index")
+            return
+        if not entry[0].cookies.consume_reply(data, now):
+            self._drop("bad_cookie_reply")
+            return
+        self.counters["cookie_replies_received"] += 1
 
     # ---------------------------------------------------------------- timers
     def tick(self, now: float, wall: float) -> list[Transmit]:
+        """Run every per-peer timer that is due (timers.go expired* functions)."""
         out: list[Transmit] = []
-        for peer in self.peers.values():
-            if peer.handshake is not None and now >= peer.handshake_deadline:
-                self.counters["handshake_retransmits"] += 1
-                out += self._maybe_initiate(peer, now, wall)
-            s = peer.current
-            if s is not None and now - s.created >= 3 * REJECT_AFTER_TIME:
-                self.by_index.pop(s.local_index, None)
-                peer.current = None  # keys zeroed: a stale session is never used again
-                self.counters["sessions_expired"] += 1
-            if self._usable(s, now) and s is not None:
-                if (peer.last_received > peer.last_sent and now - peer.last_received >= KEEPALIVE_TIMEOUT
-                        and now - peer.last_sent >= KEEPALIVE_TIMEOUT):
-                    out.append(self._encrypt(peer, s, b"", now))  # passive keepalive
-                elif peer.persistent_keepalive and now - peer.last_sent >= peer.persistent_keepalive:
-                    out.append(self._encrypt(peer, s, b"", now))
-            if (peer.awaiting_reply_since is not None and now - peer.awaiting_reply_since >= NEW_HANDSHAKE_AFTER
-                    and peer.handshake is None):
-                peer.awaiting_reply_since = None
-                out += self._maybe_initiate(peer, now, wall)
+        for peer in list(self.peers.values()):
+            t = peer.t_retransmit_handshake
+            if t is not None and now >= t:
+                peer.t_retransmit_handshake = None
+                if peer.handshake_attempts > MAX_TIMER_HANDSHAKES:
+                    self.counters["handshake_gave_up"] += 1
+                    log.debug("wireguard: handshake gave up after %d attempts", MAX_TIMER_HANDSHAKES + 2)
+                    peer.t_send_keepalive = None
+                    if peer.staged:
+                        self.drops["staged_flushed"] += len(peer.staged)
+                    peer.staged.clear()
+                    if peer.t_zero_key_material is None:
+                        peer.t_zero_key_material = now + ZERO_KEYS_AFTER
+                else:
+                    peer.handshake_attempts += 1
+                    self.counters["handshake_retransmits"] += 1
+                    out += self._send_handshake_initiation(peer, now, wall, True)
+            t = peer.t_send_keepalive
+            if t is not None and now >= t:
+                peer.t_send_keepalive = None
+                out += self._send_keepalive(peer, now, wall, None)
+                if peer.need_another_keepalive:
+                    peer.need_another_keepalive = False
+                    peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+            t = peer.t_new_handshake
+            if t is not None and now >= t:
+                peer.t_new_handshake = None
+                self.counters["new_handshake_no_reply"] += 1
+                out += self._send_handshake_initiation(peer, now, wall, False)
+            t = peer.t_zero_key_material
+            if t is not None and now >= t:
+                peer.t_zero_key_material = None
+                self.counters["keys_zeroed"] += 1
+                self._zero_and_flush_all(peer)
+            t = peer.t_persistent_keepalive
+            if t is not None and now >= t:
+                peer.t_persistent_keepalive = None
+                if peer.persistent_keepalive:
+                    out += self._send_keepalive(peer, now, wall, None)
         return out
 
     def next_deadline(self) -> float | None:
-        deadlines = [p.handshake_deadline for p in self.peers.values() if p.handshake is not None]
-        return min(deadlines) if deadlines else None
+        """The earliest pending timer of any peer, or None."""
+        best: float | None = None
+        for p in self.peers.values():
+            for t in (p.t_retransmit_handshake, p.t_send_keepalive, p.t_new_handshake, p.t_zero_key_material,
+                      p.t_persistent_keepalive):
+                if t is not None and (best is None or t < best):
+                    best = t
+        return best
 
     # ------------------------------------------------------------ statistics
     def statistics(self) -> dict[str, Any]:
-        return {"peers": len(self.peers), "drops": dict(self.drops), "counters": dict(self.counters)}
+        return {
+            "peers": len(self.peers),
+            "indices": len(self._index),
+            "drops": dict(self.drops),
+            "counters": dict(self.counters),
+            "rx_packets": sum(p.rx_packets for p in self.peers.values()),
+            "tx_packets": sum(p.tx_packets for p in self.peers.values()),
+            "rx_bytes": sum(p.rx_bytes for p in self.peers.values()),
+            "tx_bytes": sum(p.tx_bytes for p in self.peers.values()),
+        }
 
     def peer_statistics(self, public: bytes) -> dict[str, Any]:
         p = self.peers.get(public)
         if p is None:
             return {}
         return {"handshakes": p.handshakes, "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes,
-                "session": p.current is not None, "queued": len(p.queue)}
+                "rx_packets": p.rx_packets, "tx_packets": p.tx_packets, "session": p.current is not None,
+                "queued": len(p.staged), "last_handshake": p.last_handshake,
+                "handshake_attempts": p.handshake_attempts, "timers": p.timers()}
+
+
+_PLACEHOLDER = InitiationState(0, b"", b"", b"")  # reserves an index while a message is built

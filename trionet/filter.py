@@ -138,12 +138,17 @@ class PacketFilter:
         self.local = list(local)
         self.udp_flows: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.drops: Counter[str] = Counter()
+        self._local_raw = self._raw_locals()
+
+    def _raw_locals(self) -> frozenset[bytes]:
+        return frozenset(n.network_address.packed for n in self.local if n.num_addresses == 1)
 
     def update(self, rules: Iterable[Any] | None = None, local: Iterable[IPNet] | None = None) -> None:
         if rules is not None:
             self.matches = compile_rules(rules)
         if local is not None:
             self.local = list(local)
+            self._local_raw = self._raw_locals()
 
     def note_outbound(self, packet: bytes | memoryview) -> None:
         if len(packet) < 20 or packet[0] >> 4 not in (4, 6):
@@ -203,6 +208,11 @@ class PacketFilter:
         return False, f"protocol {info.proto}"
 
     def allow_inbound(self, packet: bytes | memoryview) -> bool:
+        # Fast path for the bulk of traffic: IPv4 TCP without SYN to one of our
+        # addresses passes (runIn4 "tcp non-syn") without building any objects.
+        if (len(packet) >= 40 and packet[0] == 0x45 and packet[9] == TCP and not packet[33] & 0x02
+                and bytes(packet[16:20]) in self._local_raw and not struct.unpack_from("!H", packet, 6)[0] & 0x1FFF):
+            return True
         ok, why = self.check_inbound(packet)
         if not ok:
             self.drops[why] += 1

@@ -89,6 +89,7 @@ class Node:
         self._key_by_peer_id: dict[int, bytes] = {}
         self._stack_ready = trio.Event()
         self._cm: Any = None
+        self._inbound: list[bytes] = []  # decrypted packets of the current UDP read batch
 
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -124,7 +125,7 @@ class Node:
                     self._on_wireguard, login_server=self.config.login_server,
                     ca_file=str(self.config.ca_file) if self.config.ca_file else None,
                     udp_port=self.config.udp_port, udp_bind=self.config.udp_bind,
-                    on_endpoints_changed=self._endpoints_changed)
+                    on_endpoints_changed=self._endpoints_changed, on_batch_end=self._flush_inbound)
                 try:
                     self.magic.bind()
                 except OSError as exc:  # UDP is optional: DERP carries everything alone
@@ -230,18 +231,21 @@ class Node:
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None) or path)
         if not got.packets:
             return
-        stack = self.stack
-        if stack is None:
+        if self.stack is None:
             self.stats["drop.no_stack"] += len(got.packets)
             return
-        allowed = []
+        allow = self.filter.allow_inbound
         for _peer, packet in got.packets:
-            if self.filter.allow_inbound(packet):
-                allowed.append(packet)
+            if allow(packet):
+                self._inbound.append(packet)
             else:
                 self.stats["drop.filtered"] += 1
-        if allowed:
-            stack.deliver_many(allowed)
+
+    def _flush_inbound(self) -> None:
+        """One netstack batch per socket read: ACKs and wake-ups once, not per packet."""
+        if self._inbound and self.stack is not None:
+            batch, self._inbound = self._inbound, []
+            self.stack.deliver_many(batch)
 
     async def _wg_timer(self) -> None:
         assert self.wg is not None and self.magic is not None

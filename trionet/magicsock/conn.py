@@ -61,6 +61,7 @@ class MagicConn:
         udp_port: int = 0,
         udp_bind: str = "",
         on_endpoints_changed: Callable[[], None] | None = None,
+        on_batch_end: Callable[[], None] | None = None,
     ) -> None:
         self.node_private = node_private
         self.node_public = node_public
@@ -72,6 +73,7 @@ class MagicConn:
         self.udp_port = udp_port
         self.udp_bind = udp_bind
         self.on_endpoints_changed = on_endpoints_changed
+        self.on_batch_end = on_batch_end  # after each drained batch: flush work batched per read
         self.paths = PathChooser()
         self.stats: Counter[str] = Counter()
         self.sock: socket.socket | None = None
@@ -243,6 +245,8 @@ class MagicConn:
             return
         self.paths.note_derp_region(src, region)
         self.on_wireguard(data, src, ("derp", region))
+        if self.on_batch_end is not None:
+            self.on_batch_end()
 
     async def _udp_reader(self) -> None:
         assert self.sock is not None
@@ -266,6 +270,8 @@ class MagicConn:
                     self._on_disco(data, ("udp", src), None)
                 else:
                     self.on_wireguard(data, None, ("udp", src))
+            if self.on_batch_end is not None:
+                self.on_batch_end()
 
     # ------------------------------------------------------------------ disco
     def _on_disco(self, data: bytes, path: PathTag, derp_src: bytes | None) -> None:

@@ -180,7 +180,8 @@ def main(out_json: Path | None = None, blob_mb: int = 200) -> dict[str, Any]:
                  cpu: bool = False) -> None:
             row: dict[str, Any] = {"metric": label}
             for name, (ns, proxy_port, pid) in sides.items():
-                run_client(ns, mode, ts1_ip, port, proxy_port, min(arg, 8) if mode == "rr" else arg)  # warm up
+                warm = {"rr": 8, "stream": 10, "concurrent": 20}[mode]
+                run_client(ns, mode, ts1_ip, port, proxy_port, warm)  # warm up
                 c0 = cpu_seconds(pid)
                 r = run_client(ns, mode, ts1_ip, port, proxy_port, arg)
                 row[name] = r[key]

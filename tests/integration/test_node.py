@@ -338,3 +338,38 @@ async def test_peer_rejoins_with_new_node_key(make_stack: Any, tmp_path: Path) -
             print(f"\nnew node key handshaken and serving after {trio.current_time() - start:.1f} s")
     finally:
         svc.stop()
+
+
+def test_socks5_udp_associate_echo(newest_stack: Stack, services: PeerServices, tmp_path: Path) -> None:
+    import socket
+    import struct as st
+
+    daemon = Daemon(newest_stack, tmp_path / "state", "--socks5", "11084", hostname="py-udp-assoc")
+    try:
+        daemon.wait_running()
+        ctl = socket.create_connection(("127.0.0.1", 11084), timeout=10)
+        ctl.sendall(b"\x05\x01\x00")
+        assert ctl.recv(2) == b"\x05\x00"
+        ctl.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")  # UDP ASSOCIATE, any source
+        reply = ctl.recv(10)
+        assert reply[1] == 0, reply
+        relay = (socket.inet_ntoa(reply[4:8]), st.unpack("!H", reply[8:10])[0])
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.settimeout(1)
+        name = b"ts1"
+        header = b"\x00\x00\x00\x03" + bytes([len(name)]) + name + st.pack("!H", services.udp_port)
+        got = b""
+        for _ in range(20):  # the first datagram may race the WireGuard handshake
+            udp.sendto(header + b"hello", relay)
+            try:
+                got = udp.recv(2048)
+                break
+            except TimeoutError:
+                continue
+        assert got.endswith(b"echo:hello"), got
+        assert got[3] == 1 and st.unpack("!H", got[8:10])[0] == services.udp_port  # answered from ts1's port
+        ctl.close()
+        daemon.stop()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()

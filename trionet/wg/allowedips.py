@@ -22,23 +22,34 @@ class AllowedIPs(Generic[V]):
         self._tables: dict[int, dict[int, dict[int, V]]] = {4: {}, 6: {}}
         self._lengths: dict[int, list[int]] = {4: [], 6: []}
         self.cache: dict[bytes, V | None] = {}
+        self._owned: dict[int, set[tuple[int, int, int]]] = {}  # id(value) -> {(version, plen, key)}
 
     def insert(self, net: Network, value: V) -> None:
+        """Map `net` to `value`; a prefix has one owner (a later insert takes it over)."""
         by_len = self._tables[net.version]
-        by_len.setdefault(net.prefixlen, {})[int(net.network_address)] = value
-        self._lengths[net.version] = sorted(by_len, reverse=True)
+        table = by_len.get(net.prefixlen)
+        if table is None:
+            table = by_len[net.prefixlen] = {}
+            self._lengths[net.version] = sorted(by_len, reverse=True)
+        key = int(net.network_address)
+        slot = (net.version, net.prefixlen, key)
+        old = table.get(key)
+        if old is not None and old is not value:
+            self._owned.get(id(old), set()).discard(slot)
+        table[key] = value
+        self._owned.setdefault(id(value), set()).add(slot)
         self.cache.clear()
 
     def remove_value(self, value: V) -> None:
         """Remove every prefix that maps to `value`."""
-        for version, by_len in self._tables.items():
-            for plen in list(by_len):
-                table = by_len[plen]
-                for key in [k for k, v in table.items() if v is value]:
-                    del table[key]
+        for version, plen, key in self._owned.pop(id(value), set()):
+            by_len = self._tables[version]
+            table = by_len.get(plen)
+            if table is not None and table.get(key) is value:
+                del table[key]
                 if not table:
                     del by_len[plen]
-            self._lengths[version] = sorted(by_len, reverse=True)
+                    self._lengths[version] = sorted(by_len, reverse=True)
         self.cache.clear()
 
     def replace(self, value: V, nets: Iterable[Network]) -> None:
@@ -48,10 +59,8 @@ class AllowedIPs(Generic[V]):
 
     def networks_of(self, value: V) -> list[Network]:
         out: list[Network] = []
-        for plen, table in self._tables[4].items():
-            out += [ipaddress.IPv4Network((k, plen)) for k, v in table.items() if v is value]
-        for plen, table in self._tables[6].items():
-            out += [ipaddress.IPv6Network((k, plen)) for k, v in table.items() if v is value]
+        for version, plen, key in sorted(self._owned.get(id(value), ())):
+            out.append(ipaddress.IPv4Network((key, plen)) if version == 4 else ipaddress.IPv6Network((key, plen)))
         return out
 
     def lookup_raw(self, raw: bytes) -> V | None:

@@ -73,6 +73,7 @@ _RECV_HEAD = struct.Struct("<IQ")  # receiver, counter at offset 4
 _HEADER = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")
 _PAD = bytes(16)
+_tuple_new = tuple.__new__
 _IP4_TOTAL = struct.Struct("!H")
 
 
@@ -88,18 +89,12 @@ class Transmit(NamedTuple):
     path: Any = None
 
 
-class Received:
+class Received(NamedTuple):
     """What one datagram produced: decrypted IP packets `(peer, packet)` and
     datagrams to send (handshake responses, keepalives, staged packets)."""
 
-    __slots__ = ("packets", "transmits")
-
-    def __init__(self) -> None:
-        self.packets: list[tuple[bytes, bytes]] = []
-        self.transmits: list[Transmit] = []
-
-    def __repr__(self) -> str:
-        return f"Received(packets={len(self.packets)}, transmits={len(self.transmits)})"
+    packets: list[tuple[bytes, bytes]]
+    transmits: list[Transmit]
 
 
 class Keypair:
@@ -216,11 +211,9 @@ class WgDevice:
         nets: list[Network] = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]
         peer = self.peers.get(public)
         if peer is None:
-            try:
-                ss = crypto.dh(self.private, public)
-            except ValueError as exc:
-                raise LocalProtocolError("peer public key is a low-order point") from exc
-            peer = self.peers[public] = Peer(public, ss, persistent_keepalive)
+            # DH(our static, its static) is computed at the first handshake: most
+            # peers of a big netmap never handshake with us
+            peer = self.peers[public] = Peer(public, b"", persistent_keepalive)
         else:
             old = peer.persistent_keepalive
             peer.persistent_keepalive = persistent_keepalive or 0.0
@@ -376,8 +369,9 @@ class WgDevice:
         if peer.t_new_handshake is None:
             peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
         if counter >= REKEY_AFTER_MESSAGES or (kp.initiator and now - kp.created > REKEY_AFTER_TIME):
-            return [Transmit(peer.public, data), *self._send_handshake_initiation(peer, now, wall, False)]
-        return [Transmit(peer.public, data)]
+            return [_tuple_new(Transmit, (peer.public, data, None)),
+                    *self._send_handshake_initiation(peer, now, wall, False)]
+        return [_tuple_new(Transmit, (peer.public, data, None))]
 
     def _seal(self, kp: Keypair, packet: bytes | bytearray | memoryview, n: int) -> bytes:
         counter = kp.send_counter
@@ -430,8 +424,18 @@ class WgDevice:
             return []
         peer.last_sent_handshake = now
         self._clear_handshake(peer)
+        try:
+            ss = self._static_static(peer)
+        except ValueError:
+            self._drop("bad_peer_key")
+            return []
         local = self._new_index(peer, _PLACEHOLDER)
-        msg, state = handshake.create_initiation(self.public, peer.public, peer.static_static, local, wall)
+        try:
+            msg, state = handshake.create_initiation(self.public, peer.public, ss, local, wall)
+        except ValueError:
+            del self._index[local]
+            self._drop("bad_peer_key")
+            return []
         self._index[local] = (peer, state)
         peer.handshake = state
         msg = peer.cookies.add_macs(msg, now)
@@ -451,7 +455,7 @@ class WgDevice:
         port)` tuple is best). `backlog` is the driver's count of handshake
         messages waiting: at 128 or more the device is under load for 1 s
         (or set `force_under_load`)."""
-        got = Received()
+        got = _tuple_new(Received, ([], []))
         try:
             n = len(datagram)
             if n < 4:
@@ -460,7 +464,8 @@ class WgDevice:
             mtype = _U32.unpack_from(datagram)[0]
             if mtype == MSG_TRANSPORT:
                 self._on_transport(datagram, n, now, wall, src, got)
-            elif mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
+                return got
+            if mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
                 self._on_handshake(mtype, bytes(datagram), now, wall, src, backlog, got)
             elif mtype == MSG_COOKIE_REPLY:
                 self._on_cookie_reply(bytes(datagram), now)
@@ -492,7 +497,8 @@ class WgDevice:
             self._drop("expired_keypair")
             return
         replay = kp.replay
-        if counter <= replay.last and not replay.check(counter):
+        last = replay.last
+        if counter <= last and not replay.check(counter):
             self._drop("replayed", counter)
             return
         try:
@@ -500,19 +506,22 @@ class WgDevice:
         except InvalidTag:
             self._drop("decrypt_failed")
             return
-        if not replay.validate(counter):
+        if counter > last and counter >> 6 == last >> 6:
+            replay.ring[(counter >> 6) & 127] |= 1 << (counter & 63)  # in order, same block: the common case
+            replay.last = counter
+        elif not replay.validate(counter):
             self._drop("replayed", counter)
             return
         if kp is peer.next:  # ReceivedWithKeypair: the initiator confirmed our response
             self._delete_keypair(peer.previous)
             peer.previous, peer.current, peer.next = peer.current, kp, None
             self._timers_handshake_complete(peer, now)
-            got.transmits += self._send_staged(peer, now, wall, src)
+            got.transmits.extend(self._send_staged(peer, now, wall, src))
         cur = peer.current
         if cur is not None and cur.initiator and not peer.sent_last_minute_handshake \
                 and now - cur.created > RECEIVING_REKEY_AFTER:  # keepKeyFreshReceiving
             peer.sent_last_minute_handshake = True
-            got.transmits += self._send_handshake_initiation(peer, now, wall, False)
+            got.transmits.extend(self._send_handshake_initiation(peer, now, wall, False))
         if peer.persistent_keepalive:
             peer.t_persistent_keepalive = now + peer.persistent_keepalive
         peer.t_new_handshake = None
@@ -583,9 +592,15 @@ class WgDevice:
         else:
             self._on_response(data, now, wall, src, got)
 
+    def _static_static(self, peer: Peer) -> bytes:
+        """DH(our static, peer static), precomputed once; ValueError for a low-order key."""
+        if not peer.static_static:
+            peer.static_static = crypto.dh(self.private, peer.public)
+        return peer.static_static
+
     def _static_static_of(self, public: bytes) -> bytes | None:
         peer = self.peers.get(public)
-        return peer.static_static if peer is not None else None
+        return self._static_static(peer) if peer is not None else None
 
     def _on_initiation(self, data: bytes, now: float, src: Any, got: Received) -> None:
         try:
@@ -665,7 +680,7 @@ class WgDevice:
         peer.previous, peer.current = new_previous, kp
         self._timers_session_derived(peer, now)
         self._timers_handshake_complete(peer, now)
-        got.transmits += self._send_keepalive(peer, now, wall, src)
+        got.transmits.extend(self._send_keepalive(peer, now, wall, src))
 
     def _on_cookie_reply(self, data: bytes, now: float) -> None:
         if len(data) != COOKIE_REPLY_SIZE:

@@ -219,3 +219,12 @@ def test_backlog_puts_the_device_under_load_for_a_second() -> None:
     got = b.receive(init.data, 0.0, WALL0, src=("10.0.0.1", 1), backlog=200)
     assert [classify(t.data) for t in got.transmits] == [MSG_COOKIE_REPLY]
     assert b.under_load(0.9) and not b.under_load(1.1)
+
+
+def test_memoryview_and_bytearray_inputs() -> None:
+    a, b, _ = established()
+    pkt = ip4(A_IP, B_IP, b"abc")
+    tx = a.send_ip(memoryview(bytearray(pkt)), 1.0, WALL0)
+    got = b.receive(memoryview(bytearray(tx[0].data)), 1.0, WALL0)
+    assert got.packets == [(a.public, pkt)]
+    assert isinstance(tx[0].data, bytes)

@@ -74,8 +74,8 @@ async def _fetch_blob(node: Node, services: PeerServices) -> None:
 async def test_library_fetches_20mb_direct(newest_stack: Stack, services: PeerServices, tmp_path: Path) -> None:
     async with make_node(newest_stack, tmp_path, "py-lib") as node:
         await _fetch_blob(node, services)
-        # the path to ts1 becomes direct over UDP
-        with trio.fail_after(15):
+        # the path to ts1 becomes direct over UDP within 10 s (issue 5)
+        with trio.fail_after(10):
             while not any(str(p.get("path", "")).startswith("direct") for p in node.peers()
                           if p["hostname"] == "ts1"):
                 await trio.sleep(0.2)
@@ -86,7 +86,7 @@ async def test_library_fetches_20mb_direct(newest_stack: Stack, services: PeerSe
             peer = newest_stack.tailscaleds[0].status()["Peer"].get(me) or {}
             return bool(peer.get("CurAddr"))
 
-        await trio.to_thread.run_sync(lambda: wait_for(ts1_sees_direct, 15, "ts1 direct path to us"))
+        await trio.to_thread.run_sync(lambda: wait_for(ts1_sees_direct, 10, "ts1 direct path to us"))
         results = await node.ping("ts1", count=2)
         assert any(r["latency_ms"] is not None and r["path"].startswith("udp") for r in results)
 

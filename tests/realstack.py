@@ -367,13 +367,7 @@ class Stack:
         raise StackError(f"headscale did not become healthy in 30 s: {self.tail('hs/log')}")
 
     def stop_headscale(self, sig: int = signal.SIGTERM) -> None:
-        if self.hs_proc is not None and self.hs_proc.poll() is None:
-            self.hs_proc.send_signal(sig)
-            try:
-                self.hs_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.hs_proc.kill()
-                self.hs_proc.wait()
+        _stop_process(self.hs_proc, sig)
         self.hs_proc = None
 
     def restart_headscale(self, down_for: float = 0.0) -> None:
@@ -469,13 +463,7 @@ class Stack:
         raise StackError(f"tailscaled {node.name} socket did not appear")
 
     def stop_tailscaled(self, node: Tailscaled) -> None:
-        if node.proc is not None and node.proc.poll() is None:
-            node.proc.terminate()
-            try:
-                node.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait()
+        _stop_process(node.proc, signal.SIGTERM)
         node.proc = None
 
     def tailscale_up(self, node: Tailscaled, key: str | None = None) -> None:
@@ -539,6 +527,18 @@ class Stack:
             ],
             "hosts": [h.netns for h in self.hosts], "lan_ns": self.lan_ns,
         }
+
+
+def _stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Signal a process, give it 10 s, then kill it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from trionet.config import is_ip
 from trionet.derp import client as derp_client
 from trionet.derp.driver import DerpConnection, derp_url_for_node
 from trionet.errors import RemoteProtocolError
@@ -397,7 +398,7 @@ class MagicConn:
             txid = os.urandom(12)
             self._stun_tx[txid] = time.monotonic()
             try:
-                ip = socket.gethostbyname(server[0]) if not _is_ip(server[0]) else server[0]
+                ip = socket.gethostbyname(server[0]) if not is_ip(server[0]) else server[0]
             except OSError:
                 self.stats["stun.resolve_failed"] += 1
                 continue
@@ -472,14 +473,6 @@ def _pending(addr: Addr, now: float) -> Any:
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _TS_ULA = ipaddress.ip_network("fd7a:115c:a1e0::/48")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _interface_addresses() -> list[tuple[int, str]]:

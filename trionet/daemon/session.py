@@ -49,6 +49,7 @@ class ControlSession:
         self.reconnects = 0
         self._endpoints_dirty = trio.Event()
         self._reported: tuple[Any, ...] | None = None
+        self._session_got_netmap = False
 
     def endpoints_changed(self) -> None:
         self._endpoints_dirty.set()
@@ -59,10 +60,13 @@ class ControlSession:
     async def run(self) -> None:
         failures = 0
         while True:
+            self._session_got_netmap = False
             try:
                 await self._one_session()
                 failures = 0
             except Exception as caught:  # nurseries wrap errors in groups: look inside
+                if self._session_got_netmap:
+                    failures = 0  # that session worked: start the backoff afresh
                 exc = _unwrap(caught)
                 if isinstance(exc, (AuthError, ConfigError)):
                     # The server refused us or our config is wrong: retrying cannot help.
@@ -94,6 +98,7 @@ class ControlSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._report_loop, conn)
                 async for netmap, change in conn.map_updates(self.magic):
+                    self._session_got_netmap = True
                     self.on_netmap(netmap, change)
                     if not self.connected_once or self.status.status is not Status.RUNNING:
                         self.connected_once = True

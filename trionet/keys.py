@@ -6,6 +6,11 @@
 * disco key: NaCl box for disco only (`discokey:`), fresh at every start as
   tailscaled does (wgengine/magicsock NewConn).
 
+Node key renewal (daemon/session.py) writes the new key as
+`pending_node_private` before it asks the server, and swaps it in after the
+server accepts: a crash in between leaves both keys on disk, and the next
+start finishes the swap (tailscaled's `tryingNewKey`, controlclient/direct.go).
+
 Private keys are `privkey:` text, clamped at creation (types/key/util.go).
 The state file is written atomically (temp file, fsync, rename, fsync dir)
 with mode 0600. A corrupt or unreadable state file is a StateFileError and is
@@ -76,6 +81,8 @@ class State:
     node_private: bytes
     disco_private: bytes = attrs.field(factory=new_private)
     extra: dict[str, Any] = attrs.field(factory=dict)
+    pending_node_private: bytes | None = None  # a renewal the server may not have seen yet
+    node_key_since: float | None = None  # wall-clock time the server accepted node_private
 
     @property
     def machine_public(self) -> bytes:
@@ -92,7 +99,30 @@ class State:
     def to_json(self) -> dict[str, Any]:
         return {"version": STATE_VERSION,
                 "machine_private": format_key("privkey:", self.machine_private),
-                "node_private": format_key("privkey:", self.node_private), **self.extra}
+                "node_private": format_key("privkey:", self.node_private),
+                **({"pending_node_private": format_key("privkey:", self.pending_node_private)}
+                   if self.pending_node_private else {}),
+                **({"node_key_since": self.node_key_since} if self.node_key_since is not None else {}),
+                **self.extra}
+
+    def begin_node_key_renewal(self) -> bytes:
+        """A new node key, on disk before the server hears of it; returns it."""
+        if self.pending_node_private is None:
+            self.pending_node_private = new_private()
+            self.save()
+        return self.pending_node_private
+
+    def finish_node_key_renewal(self, accepted_at: float) -> None:
+        """The server accepted the pending key: it is our node key from now on."""
+        assert self.pending_node_private is not None
+        self.node_private, self.pending_node_private = self.pending_node_private, None
+        self.node_key_since = accepted_at
+        self.save()
+
+    def abandon_node_key_renewal(self) -> None:
+        if self.pending_node_private is not None:
+            self.pending_node_private = None
+            self.save()
 
     def save(self) -> None:
         write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
@@ -138,13 +168,20 @@ def load_state(state_dir: Path) -> State | None:
             raise ValueError(f"unknown state file version {doc.get('version') if isinstance(doc, dict) else '?'}")
         machine = parse_key(doc["machine_private"], "privkey:")
         node = parse_key(doc["node_private"], "privkey:")
+        pending = doc.get("pending_node_private")
+        pending_key = parse_key(pending, "privkey:") if pending is not None else None
+        since = doc.get("node_key_since")
+        if since is not None and not isinstance(since, (int, float)):
+            raise ValueError("node_key_since must be a number")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise StateFileError(f"state file {path} is corrupt ({exc}); move it away to start as a new node") from exc
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         os.chmod(path, 0o600)  # keys are secrets: tighten, never loosen
-    extra = {k: v for k, v in doc.items() if k not in ("version", "machine_private", "node_private")}
-    return State(path, machine, node, extra=extra)
+    known = ("version", "machine_private", "node_private", "pending_node_private", "node_key_since")
+    extra = {k: v for k, v in doc.items() if k not in known}
+    return State(path, machine, node, extra=extra, pending_node_private=pending_key,
+                 node_key_since=float(since) if since is not None else None)
 
 
 def _sweep_temp_files(state_dir: Path) -> None:

@@ -132,7 +132,7 @@ class Node:
                     log.warning("UDP socket unavailable (%s); using DERP only", exc)
                 self.wg = WgDevice(state.node_private) if HAVE_DATA_PLANE else None
                 self.control = ControlSession(self.config, state, self.magic, self._on_netmap,
-                                              self.status_machine)
+                                              self.status_machine, on_node_key_changed=self._on_node_key_changed)
                 await nursery.start(self.magic.run)
                 nursery.start_soon(self.control.run)
                 if self.wg is not None:
@@ -202,6 +202,14 @@ class Node:
                     del self._key_by_peer_id[peer_id]
         if me is not None and not self._running.is_set():
             self._running.set()
+
+    def _on_node_key_changed(self, node_private: bytes) -> None:
+        """Renewed node key: WireGuard and DERP use it now; netstack streams carry on."""
+        assert self.magic is not None
+        if self.wg is not None:
+            self.wg.set_private_key(node_private)
+        self.magic.set_node_key(node_private, keymod.public_of(node_private))
+        self.stats["node_key_renewals"] += 1
 
     def _start_stack(self, me: Any) -> None:
         addrs = [ipaddress.ip_interface(a).ip for a in me.Addresses or ()]
@@ -335,6 +343,8 @@ class Node:
             "reason": self.status_machine.reason,
             "since": self.status_machine.since,
             "self": _node_json(me) if me else None,
+            "node_key": keymod.format_key("nodekey:", self.keys.node_public) if self.magic else None,
+            "key_expiry": me.KeyExpiry if me else None,
             "home_derp": self.magic.home_region if self.magic else 0,
             "endpoints": self.magic.endpoints() if self.magic else [],
             "peers": self.peers(),
@@ -363,6 +373,8 @@ class Node:
     def statistics(self) -> dict[str, Any]:
         return {
             "node": dict(self.stats),
+            "control": ({"reconnects": self.control.reconnects, "node_key_renewals": self.control.renewals}
+                        if self.control is not None else {}),
             "filter_drops": dict(self.filter.drops),
             "magicsock": self.magic.statistics() if self.magic else {},
             "wireguard": self.wg.statistics() if self.wg else {},

@@ -61,3 +61,30 @@ def test_text_form_rejects_wrong_prefix_and_case() -> None:
         keys.parse_key("nodekey:" + "AB" * 32, "nodekey:")
     with pytest.raises(ValueError):
         keys.parse_key("nodekey:", "nodekey:")
+
+
+def test_node_key_renewal_survives_a_crash_at_every_step(tmp_path: Path) -> None:
+    s = keys.load_or_create_state(tmp_path)
+    old = s.node_private
+    new = s.begin_node_key_renewal()
+    assert new != old and s.begin_node_key_renewal() == new  # idempotent until it ends
+    # crash here: the next start still has the old key and the pending one
+    crashed = keys.load_or_create_state(tmp_path)
+    assert (crashed.node_private, crashed.pending_node_private) == (old, new)
+    crashed.finish_node_key_renewal(1234.5)
+    after = keys.load_or_create_state(tmp_path)
+    assert (after.node_private, after.pending_node_private, after.node_key_since) == (new, None, 1234.5)
+    assert "pending_node_private" not in json.loads((tmp_path / "state.json").read_text())
+    after.begin_node_key_renewal()
+    after.abandon_node_key_renewal()
+    assert keys.load_or_create_state(tmp_path).pending_node_private is None
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o600
+
+
+def test_corrupt_pending_key_is_an_error(tmp_path: Path) -> None:
+    keys.load_or_create_state(tmp_path)
+    doc = json.loads((tmp_path / "state.json").read_text())
+    doc["pending_node_private"] = "privkey:nothex"
+    (tmp_path / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(StateFileError, match="corrupt"):
+        keys.load_or_create_state(tmp_path)

@@ -22,8 +22,15 @@ rejected, expired or used-up auth key -> AuthError; bad bytes from the
 server -> RemoteProtocolError; the server ending the stream -> StreamEnded.
 """
 
-from trionet.control.client import CAPVER, ControlConnection, StreamEnded, fetch_server_key, open_session
+from trionet.control.client import (
+    CAPVER,
+    ControlConnection,
+    NodeKeyExpired,
+    StreamEnded,
+    fetch_server_key,
+    open_session,
+)
 from trionet.control.netmap import Netmap, NetmapChange
 
-__all__ = ["CAPVER", "ControlConnection", "Netmap", "NetmapChange", "StreamEnded", "fetch_server_key",
-           "open_session"]
+__all__ = ["CAPVER", "ControlConnection", "Netmap", "NetmapChange", "NodeKeyExpired", "StreamEnded",
+           "fetch_server_key", "open_session"]

@@ -22,6 +22,7 @@ import logging
 import platform
 import ssl
 import struct
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ import zstandard
 from trionet import __version__, proto
 from trionet.control.netmap import Netmap, NetmapChange
 from trionet.errors import AuthError, ConfigError, ControlError, RemoteProtocolError, TransportError
-from trionet.keys import ZERO_NODE_KEY, format_key, parse_key
+from trionet.keys import ZERO_NODE_KEY, format_key, parse_key, public_of
 from trionet.noise.core import RESPONSE_LEN, Initiator
 from trionet.noise.stream import NoiseStream
 
@@ -49,6 +50,10 @@ CAPVER = 116
 EARLY_MAGIC = b"\xff\xff\xffTS"
 CONNECT_TIMEOUT = 15.0
 MAX_MAP_MESSAGE = 64 << 20
+
+
+class NodeKeyExpired(AuthError):
+    """The server says our node key has expired; a renewal with an auth key can fix it."""
 
 
 class StreamEnded(TransportError):
@@ -265,37 +270,54 @@ class ControlConnection:
         self.config = config
         self.state = state
         self.h2 = h2conn
-        self.node_key = format_key("nodekey:", state.node_public)
         self.disco_key = format_key("discokey:", state.disco_public)
         self.netmap = Netmap()
+
+    @property
+    def node_key(self) -> str:
+        return format_key("nodekey:", self.state.node_public)
 
     def hostinfo(self, home_region: int = 0) -> dict[str, Any]:
         return {"Hostname": self.config.hostname, "OS": "linux", "IPNVersion": f"trionet-{__version__}",
                 "GoArch": platform.machine(), "NetInfo": {"PreferredDERP": home_region}}
 
-    async def register(self) -> proto.RegisterResponse:
-        req: dict[str, Any] = {"Version": CAPVER, "NodeKey": self.node_key, "OldNodeKey": ZERO_NODE_KEY,
+    async def register(self, renew_to: bytes | None = None) -> proto.RegisterResponse:
+        """Register our node key; with `renew_to`, ask the server to replace it by that key.
+
+        A renewal names the current key as OldNodeKey (tailscaled's doLogin with
+        regen). Headscale 0.23 answers a key refresh without MachineAuthorized,
+        so for a renewal "no error, no AuthURL, not expired" is success.
+        """
+        current = self.state.node_public
+        new = public_of(renew_to) if renew_to is not None else current
+        req: dict[str, Any] = {"Version": CAPVER, "NodeKey": format_key("nodekey:", new),
+                               "OldNodeKey": format_key("nodekey:", current) if renew_to else ZERO_NODE_KEY,
                                "Hostinfo": self.hostinfo()}
         if self.config.auth_key:
             req["Auth"] = {"AuthKey": self.config.auth_key}
         status, body = await self.h2.simple("POST", "/machine/register", json.dumps(req).encode())
         text = body.decode(errors="replace").strip()
+        refused = "renew the node key" if renew_to else "accept the auth key"
         if status == 401:
-            raise AuthError("the login server rejected the auth key")
+            raise AuthError(f"the login server did not {refused}: {_reason(text) or 'HTTP 401'}")
         if status != 200:
             if "key" in text.lower() or "auth" in text.lower():
-                raise AuthError(f"the login server rejected the auth key: {text[:200]}")
+                raise AuthError(f"the login server did not {refused}: {text[:200]}")
             raise ControlError(f"register failed: HTTP {status}: {text[:200]}")
         resp: proto.RegisterResponse = proto.loads(body, proto.RegisterResponse)
         if resp.Error:
-            raise AuthError(f"the login server rejected the auth key: {resp.Error}")
+            raise AuthError(f"the login server did not {refused}: {resp.Error}")
         if resp.NodeKeyExpired:
-            raise AuthError("this node's key has expired; log in again with an auth key")
-        if not resp.MachineAuthorized:
-            if resp.AuthURL:
-                raise AuthError(f"interactive login needed at {resp.AuthURL}; use a pre-auth key")
+            raise NodeKeyExpired("this node's key has expired; start it with a reusable auth key "
+                                 "(--authkey) to log in again")
+        if resp.AuthURL:
+            raise AuthError(f"the login server wants an interactive login at {resp.AuthURL}; "
+                            "use a pre-auth key (--authkey)")
+        if not resp.MachineAuthorized and renew_to is None:
             raise AuthError("the login server did not authorize this node (no or invalid auth key)")
         self.state.extra["registered_server"] = self.config.login_server
+        if self.state.node_key_since is None and renew_to is None:
+            self.state.node_key_since = time.time()
         self.state.save()
         return resp
 
@@ -354,6 +376,17 @@ class ControlConnection:
                     raise StreamEnded("the login server ended the map stream")
                 else:
                     raise value
+
+
+def _reason(text: str) -> str:
+    """A refusal's reason: Headscale 0.23 sends a RegisterResponse as JSON, later ones plain text."""
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return ""
+        return str(doc.get("Error") or "") if isinstance(doc, dict) else ""
+    return text[:200]
 
 
 @asynccontextmanager

@@ -13,12 +13,22 @@ Order matters with Headscale (protocol-notes §5.1, §14):
 Failures before the first netmap are fatal (bad key, unreachable server:
 the user gets one line). After that, the session reconnects with backoff
 min(2^n, 60) s plus jitter, while WireGuard keeps running on the last netmap.
+
+Node key renewal: when our KeyExpiry nears (a day before it, or a third of
+the key's lifetime before it when that is shorter), the session ends on
+purpose and the next one registers a new node key with OldNodeKey set and
+the auth key (Headscale 0.29 rotates only with a valid auth key; 0.23 also
+without one while the key is unexpired). WireGuard and DERP switch to the
+new key at once; streams in the netstack live on. An expired key is renewed
+the same way; when the server refuses, the status is Error with the reason.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +39,32 @@ from trionet.errors import AuthError, ConfigError, TrionetError
 
 log = logging.getLogger(__name__)
 
+RENEW_BEFORE = 24 * 3600.0  # renew a day before expiry ...
+RENEW_LIFETIME_FRACTION = 1 / 3  # ... or a third of the key's lifetime before, if that is sooner
+MIN_RENEW_INTERVAL = 60.0  # never renew in a loop, whatever the server says
+
+
+def parse_go_time(text: str | None) -> float | None:
+    """Seconds since the epoch for Go's RFC 3339 time text; None for Go's zero time or nothing."""
+    if not text or text.startswith("0001-01-01"):
+        return None
+    body = text.replace("Z", "+00:00")
+    if "." in body:  # Go writes up to nanoseconds; Python parses microseconds
+        head, _, rest = body.partition(".")
+        digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
+        body = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits):]}"
+    try:
+        return datetime.datetime.fromisoformat(body).timestamp()
+    except ValueError:
+        return None
+
+
+def renewal_due(expiry: float, key_since: float | None, now: float) -> float:
+    """When to renew a node key that expires at `expiry` and was accepted at `key_since`."""
+    since = key_since if key_since is not None and key_since < expiry else now
+    lifetime = max(expiry - since, 0.0)
+    return expiry - min(RENEW_BEFORE, lifetime * RENEW_LIFETIME_FRACTION)
+
 
 def backoff(failures: int, rng: random.Random) -> float:
     """min(2^n, 60) seconds plus up to a second of jitter."""
@@ -37,7 +73,8 @@ def backoff(failures: int, rng: random.Random) -> float:
 
 class ControlSession:
     def __init__(self, config: Any, state: Any, magic: Any, on_netmap: Callable[[Any, Any], None],
-                 status: StatusMachine, rng: random.Random | None = None) -> None:
+                 status: StatusMachine, rng: random.Random | None = None,
+                 on_node_key_changed: Callable[[bytes], None] | None = None) -> None:
         self.config = config
         self.state = state
         self.magic = magic
@@ -50,6 +87,14 @@ class ControlSession:
         self._endpoints_dirty = trio.Event()
         self._reported: tuple[Any, ...] | None = None
         self._session_got_netmap = False
+        self.on_node_key_changed = on_node_key_changed
+        self.renewals = 0
+        self.key_expiry: float | None = None  # ours, from the netmap's self node
+        self._expiry_changed = trio.Event()
+        self._renewing = False  # this session ends on purpose: the next one renews the key
+        self._renewed_against: float | None = None  # the expiry our last renewal tried to push back
+        self._hold_until_expiry: float | None = None  # renewal refused or not honoured for this expiry
+        self._last_renewal = float("-inf")
 
     def endpoints_changed(self) -> None:
         self._endpoints_dirty.set()
@@ -63,7 +108,7 @@ class ControlSession:
             self._session_got_netmap = False
             try:
                 await self._one_session()
-                failures = 0
+                failures = 0  # a planned end (key renewal): the next session starts at once
             except Exception as caught:  # nurseries wrap errors in groups: look inside
                 if self._session_got_netmap:
                     failures = 0  # that session worked: start the backoff afresh
@@ -91,21 +136,98 @@ class ControlSession:
     async def _one_session(self) -> None:
         from trionet import control
 
+        self._renewing = False
         async with control.open_session(self.config, self.state) as conn:
             if self.status.status is Status.CONNECTING:
                 self.status.move(Status.REGISTERING, "registering")
-            await conn.register()
+            await self._register(conn)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._report_loop, conn)
+                nursery.start_soon(self._renewal_timer, nursery.cancel_scope)
                 async for netmap, change in conn.map_updates(self.magic):
                     self._session_got_netmap = True
                     self.on_netmap(netmap, change)
+                    self._note_expiry(netmap.self_node)
                     if not self.connected_once or self.status.status is not Status.RUNNING:
                         self.connected_once = True
                         self._endpoints_dirty.set()
                         self.status.move(Status.RUNNING, f"{len(netmap.peers)} peers")
                 nursery.cancel_scope.cancel()
+            if self._renewing:
+                return
             raise control.StreamEnded("the map stream ended")
+
+    # ------------------------------------------------------------ key renewal
+    async def _register(self, conn: Any) -> None:
+        """Register; or renew the node key when a renewal is pending or the key expired."""
+        from trionet.control import NodeKeyExpired
+
+        pending = self.state.pending_node_private
+        expired = self.key_expiry is not None and self.key_expiry <= time.time()
+        if pending is None:
+            try:
+                await conn.register()
+                return
+            except NodeKeyExpired:
+                if not self.config.auth_key:
+                    raise
+                log.warning("our node key has expired; logging in again with the auth key")
+                expired = True
+                pending = self.state.begin_node_key_renewal()
+        try:
+            await conn.register(renew_to=pending)
+        except AuthError as exc:
+            self.state.abandon_node_key_renewal()
+            if expired:
+                raise AuthError(f"our node key has expired and the login server refused a new one ({exc}); "
+                                "start trionet with a valid reusable auth key (--authkey)") from exc
+            log.warning("node key renewal refused (%s); keeping the current key until it expires at %s",
+                        exc, _when(self.key_expiry))
+            self._hold_until_expiry = self.key_expiry
+            await conn.register()
+            return
+        self.state.finish_node_key_renewal(time.time())
+        self.renewals += 1
+        self._renewed_against = self.key_expiry
+        self._last_renewal = time.time()
+        log.info("node key renewed %s its expiry at %s", "after" if expired else "ahead of",
+                 _when(self.key_expiry))
+        if self.on_node_key_changed is not None:
+            self.on_node_key_changed(self.state.node_private)
+
+    def _note_expiry(self, me: Any) -> None:
+        expiry = parse_go_time(getattr(me, "KeyExpiry", None)) if me is not None else None
+        if expiry == self.key_expiry:
+            return
+        if expiry is not None and expiry == self._renewed_against:
+            # The server took the new key but kept the expiry (Headscale 0.23's key
+            # refresh): renewing again cannot help; log in again once it passes.
+            log.warning("the login server kept our key expiry at %s after a renewal", _when(expiry))
+            self._hold_until_expiry = expiry
+        self.key_expiry = expiry
+        self._expiry_changed.set()
+
+    def renewal_time(self, now: float) -> float | None:
+        """Wall-clock time of the next renewal, None while the key does not expire."""
+        expiry = self.key_expiry
+        if expiry is None:
+            return None
+        at = expiry if expiry == self._hold_until_expiry else renewal_due(expiry, self.state.node_key_since, now)
+        return max(at, self._last_renewal + MIN_RENEW_INTERVAL)
+
+    async def _renewal_timer(self, session: trio.CancelScope) -> None:
+        while True:
+            self._expiry_changed = trio.Event()
+            now = time.time()
+            at = self.renewal_time(now)
+            if at is not None and at <= now:
+                log.info("renewing our node key (it expires at %s)", _when(self.key_expiry))
+                self.state.begin_node_key_renewal()
+                self._renewing = True
+                session.cancel()
+                return
+            with trio.move_on_after(min(at - now, 3600.0) if at is not None else 3600.0):
+                await self._expiry_changed.wait()
 
     async def _report_loop(self, conn: Any) -> None:
         """Lite updates: after the first netmap and whenever endpoints or home DERP change."""
@@ -121,6 +243,12 @@ class ControlSession:
                                    self.magic.home_region)
             self._reported = key
             log.info("reported endpoints %s, home DERP %s", key[0], key[1])
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -145,6 +145,16 @@ class MagicConn:
         if self.home_region:
             self._ensure_derp(self.home_region, preferred=True)
 
+    def set_node_key(self, node_private: bytes, node_public: bytes) -> None:
+        """Our node key was renewed: DERP servers know us by it, so every link reconnects."""
+        self.node_private = node_private
+        self.node_public = node_public
+        for conn in self.derps.values():
+            conn.close()
+        self.derps.clear()
+        if self.home_region:
+            self._ensure_derp(self.home_region, preferred=True)
+
     def upsert_peer(self, node_key: bytes, disco_key: bytes | None, home_derp: int,
                     endpoints: list[Addr]) -> None:
         if disco_key is not None and not any(disco_key):

@@ -232,11 +232,29 @@ class WgDevice:
         self._allowed.remove_value(peer)
         self._zero_and_flush_all(peer)
 
+    def set_private_key(self, static_private: bytes) -> None:
+        """Switch our static key (node key renewal): every session restarts under the new key.
+
+        As wireguard-go's SetPrivateKey: static-static DH is recomputed, sessions
+        made with the old key end, and a peer holding the new public key goes.
+        """
+        if len(static_private) != 32:
+            raise LocalProtocolError("WireGuard private key must be 32 bytes")
+        self.private = bytes(static_private)
+        self.public = crypto.public_key(self.private)
+        self._checker = CookieChecker(self.public)
+        self.remove_peer(self.public)
+        for peer in self.peers.values():
+            peer.static_static = b""  # recomputed at the next handshake
+            self._reset_peer(peer)
+
     def reset_sessions(self, public: bytes) -> None:
         """Forget a peer's sessions (it restarted): the next packet handshakes at once."""
         peer = self.peers.get(public)
-        if peer is None:
-            return
+        if peer is not None:
+            self._reset_peer(peer)
+
+    def _reset_peer(self, peer: Peer) -> None:
         staged = list(peer.staged)
         self._zero_and_flush_all(peer)
         peer.staged.extend(staged)

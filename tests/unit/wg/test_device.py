@@ -228,3 +228,31 @@ def test_memoryview_and_bytearray_inputs() -> None:
     got = b.receive(memoryview(bytearray(tx[0].data)), 1.0, WALL0)
     assert got.packets == [(a.public, pkt)]
     assert isinstance(tx[0].data, bytes)
+
+
+def test_new_static_key_restarts_sessions_and_handshakes_under_it() -> None:
+    a, b, sim = established()
+    old_public = a.public
+    old_tx = a.send_ip(ip4(A_IP, B_IP), 1.0, WALL0)[0]
+    a.set_private_key(os.urandom(32))
+    assert a.public != old_public and a.statistics()["indices"] == 0
+    # the peer learns our new key from its netmap, as after a node key renewal
+    b.remove_peer(old_public)
+    b.set_peer(a.public, [A_IP + "/32"])
+    sim.names[a.public] = "a"
+    sim.now = 2.0
+    before = b.counters["handshakes_completed"]
+    sim.send("a", ip4(A_IP, B_IP, b"after renewal"))
+    assert sim.delivered[-1] == (2.0, "b", ip4(A_IP, B_IP, b"after renewal"))
+    assert b.counters["handshakes_completed"] == before + 1
+    # a session made with the old key is gone on both ends
+    assert not b.receive(old_tx.data, 2.0, WALL0 + 2).packets
+
+
+def test_new_static_key_equal_to_a_peers_key_removes_that_peer() -> None:
+    a, b, _ = established()
+    key = os.urandom(32)
+    c = WgDevice(key)
+    a.set_peer(c.public, ["10.0.0.3/32"])
+    a.set_private_key(key)
+    assert c.public not in a.peers and b.public in a.peers

@@ -171,8 +171,11 @@ def curl(*args: str, ns: list[str] | None = None) -> subprocess.CompletedProcess
     return subprocess.run([*(ns or []), "curl", "-sS", "--max-time", "60", *args], capture_output=True)
 
 
+@pytest.mark.parametrize("path", ["direct", "derp"])
 def test_cli_forward_socks5_http_proxy_serve(newest_stack: Stack, services: PeerServices,
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, path: str) -> None:
+    if path == "derp":
+        newest_stack.block_udp_between_nodes()
     local_site = tmp_path / "site"
     local_site.mkdir()
     (local_site / "index.html").write_text("served by trionet\n")
@@ -203,7 +206,7 @@ def test_cli_forward_socks5_http_proxy_serve(newest_stack: Stack, services: Peer
         status = daemon.status()
         assert status["status"] == "Running"
         ts1 = [p for p in status["peers"] if p["hostname"] == "ts1"][0]
-        assert ts1.get("path"), ts1
+        assert ts1.get("path", "").startswith(path), ts1
 
         # inbound: ts1 reaches our --serve port through its own SOCKS5 proxy
         my_ip = status["self"]["addresses"][0].split("/")[0]
@@ -219,6 +222,8 @@ def test_cli_forward_socks5_http_proxy_serve(newest_stack: Stack, services: Peer
         if daemon.proc.poll() is None:
             daemon.proc.kill()
         local_http.terminate()
+        if path == "derp":
+            newest_stack.unblock_udp()
 
 
 POLICY_ONLY_9000 = """{
@@ -259,6 +264,8 @@ def test_packet_filter_refuses_forbidden_port(make_stack: Any, tmp_path: Path) -
         if daemon.proc.poll() is None:
             daemon.proc.kill()
         local_http.terminate()
+        if path == "derp":
+            newest_stack.unblock_udp()
 
 
 def test_cli_bad_input_keeps_daemon_serving(newest_stack: Stack, services: PeerServices,

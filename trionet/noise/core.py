@@ -14,8 +14,6 @@ tailscale/tailscale control/controlbase/{handshake,messages,conn}.go:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
 from trionet.errors import LocalProtocolError, RemoteProtocolError
+from trionet.noise.blake2s import hash_, kdf2
 
 PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
 PROLOGUE = b"Tailscale Control Protocol v"
@@ -35,20 +34,6 @@ INITIATION_LEN = 5 + 96
 RESPONSE_LEN = 3 + 48
 ZERO_NONCE = bytes(12)
 MAX_NONCE = 2**64 - 1
-
-
-def _hash(*parts: bytes) -> bytes:
-    h = hashlib.blake2s()
-    for p in parts:
-        h.update(p)
-    return h.digest()
-
-
-def _hkdf2(ck: bytes, ikm: bytes) -> tuple[bytes, bytes]:
-    prk = hmac.new(ck, ikm, hashlib.blake2s).digest()
-    t1 = hmac.new(prk, b"\x01", hashlib.blake2s).digest()
-    t2 = hmac.new(prk, t1 + b"\x02", hashlib.blake2s).digest()
-    return t1, t2
 
 
 def _dh(private: bytes, public: bytes) -> bytes:
@@ -76,10 +61,10 @@ class Initiator:
         self.server_public = server_public
         self.version = version
         self.e_private = ephemeral_private or os.urandom(32)
-        self.h = _hash(PROTOCOL_NAME)
+        self.h = hash_(PROTOCOL_NAME)
         self.ck = self.h
-        self.h = _hash(self.h, PROLOGUE + str(version).encode())
-        self.h = _hash(self.h, server_public)
+        self.h = hash_(self.h, PROLOGUE + str(version).encode())
+        self.h = hash_(self.h, server_public)
         self._sent = False
 
     def initiation(self) -> bytes:
@@ -87,14 +72,14 @@ class Initiator:
             raise LocalProtocolError("initiation already built")
         self._sent = True
         e_pub = bytes(crypto_scalarmult_base(self.e_private))
-        self.h = _hash(self.h, e_pub)
-        self.ck, k = _hkdf2(self.ck, _dh(self.e_private, self.server_public))
+        self.h = hash_(self.h, e_pub)
+        self.ck, k = kdf2(self.ck, _dh(self.e_private, self.server_public))
         machine_pub = bytes(crypto_scalarmult_base(self.machine_private))
         enc_static = ChaCha20Poly1305(k).encrypt(ZERO_NONCE, machine_pub, self.h)
-        self.h = _hash(self.h, enc_static)
-        self.ck, k = _hkdf2(self.ck, _dh(self.machine_private, self.server_public))
+        self.h = hash_(self.h, enc_static)
+        self.ck, k = kdf2(self.ck, _dh(self.machine_private, self.server_public))
         tag = ChaCha20Poly1305(k).encrypt(ZERO_NONCE, b"", self.h)
-        self.h = _hash(self.h, tag)
+        self.h = hash_(self.h, tag)
         body = e_pub + enc_static + tag
         return struct.pack("!HBH", self.version, MSG_INITIATION, len(body)) + body
 
@@ -106,16 +91,16 @@ class Initiator:
         if len(frame) != RESPONSE_LEN or frame[0] != MSG_RESPONSE or struct.unpack_from("!H", frame, 1)[0] != 48:
             raise RemoteProtocolError("malformed Noise handshake response")
         re_pub, tag = bytes(frame[3:35]), bytes(frame[35:51])
-        self.h = _hash(self.h, re_pub)
-        self.ck, _ = _hkdf2(self.ck, _dh(self.e_private, re_pub))
-        self.ck, k = _hkdf2(self.ck, _dh(self.machine_private, re_pub))
+        self.h = hash_(self.h, re_pub)
+        self.ck, _ = kdf2(self.ck, _dh(self.e_private, re_pub))
+        self.ck, k = kdf2(self.ck, _dh(self.machine_private, re_pub))
         try:
             ChaCha20Poly1305(k).decrypt(ZERO_NONCE, tag, self.h)
         except InvalidTag as exc:
             raise RemoteProtocolError("Noise handshake response does not authenticate "
                                       "(wrong server key?)") from exc
-        self.h = _hash(self.h, tag)
-        k1, k2 = _hkdf2(self.ck, b"")
+        self.h = hash_(self.h, tag)
+        k1, k2 = kdf2(self.ck, b"")
         return NoiseTransport(send_key=k1, recv_key=k2)
 
 

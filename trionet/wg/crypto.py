@@ -7,7 +7,6 @@ construction; the XChaCha20-Poly1305 cookie AEAD comes from libsodium.)
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -17,41 +16,19 @@ from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_encrypt,
 )
 
+# Shared with TS2021 (trionet.noise), re-exported for the WireGuard handshake.
+from trionet.noise.blake2s import hash_ as hash_
+from trionet.noise.blake2s import hmac_ as hmac_
+from trionet.noise.blake2s import kdf1 as kdf1
+from trionet.noise.blake2s import kdf2 as kdf2
+from trionet.noise.blake2s import kdf3 as kdf3
+
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
 LABEL_MAC1 = b"mac1----"
 LABEL_COOKIE = b"cookie--"
 ZERO_NONCE = bytes(12)
 ZERO_KEY = bytes(32)
-
-
-def hash_(*parts: bytes) -> bytes:
-    h = hashlib.blake2s()
-    for p in parts:
-        h.update(p)
-    return h.digest()
-
-
-def hmac_(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.blake2s).digest()
-
-
-def kdf1(key: bytes, data: bytes) -> bytes:
-    t0 = hmac_(key, data)
-    return hmac_(t0, b"\x01")
-
-
-def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
-    t0 = hmac_(key, data)
-    t1 = hmac_(t0, b"\x01")
-    return t1, hmac_(t0, t1 + b"\x02")
-
-
-def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
-    t0 = hmac_(key, data)
-    t1 = hmac_(t0, b"\x01")
-    t2 = hmac_(t0, t1 + b"\x02")
-    return t1, t2, hmac_(t0, t2 + b"\x03")
 
 
 def mac(key: bytes, data: bytes | memoryview) -> bytes:

@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
 from trionet.errors import RemoteProtocolError
+from trionet.noise.blake2s import hash_ as _hash
+from trionet.noise.blake2s import kdf2 as _hkdf2
 from trionet.noise.core import (
     MAX_PLAINTEXT,
     PROLOGUE,
     PROTOCOL_NAME,
     Initiator,
     NoiseTransport,
-    _hash,
-    _hkdf2,
     parse_frame_header,
 )
 

@@ -88,8 +88,8 @@ def compile_rules(rules: Iterable[Any]) -> list[Match]:
                 ports = _get(dp, "Ports") or {}
                 dsts.append(DstMatch(tuple(parse_ip_set(_get(dp, "IP"))),
                                      int(_get(ports, "First", 0)), int(_get(ports, "Last", 0))))
-        except (ValueError, TypeError):
-            continue  # a rule we cannot read grants nothing
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            continue  # a rule we cannot read (a non-string IP, an infinite port) grants nothing
         out.append(Match(protos, srcs, tuple(dsts)))
     return out
 

@@ -264,8 +264,6 @@ def test_packet_filter_refuses_forbidden_port(make_stack: Any, tmp_path: Path) -
         if daemon.proc.poll() is None:
             daemon.proc.kill()
         local_http.terminate()
-        if path == "derp":
-            newest_stack.unblock_udp()
 
 
 def test_cli_bad_input_keeps_daemon_serving(newest_stack: Stack, services: PeerServices,

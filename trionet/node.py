@@ -125,7 +125,8 @@ class Node:
                     self._on_wireguard, login_server=self.config.login_server,
                     ca_file=str(self.config.ca_file) if self.config.ca_file else None,
                     udp_port=self.config.udp_port, udp_bind=self.config.udp_bind,
-                    on_endpoints_changed=self._endpoints_changed, on_batch_end=self._flush_inbound)
+                    on_endpoints_changed=self._endpoints_changed, on_batch_end=self._flush_inbound,
+                    on_peer_heard=self._on_peer_heard)
                 try:
                     self.magic.bind()
                 except OSError as exc:  # UDP is optional: DERP carries everything alone
@@ -248,6 +249,12 @@ class Node:
                 self._inbound.append(packet)
             else:
                 self.stats["drop.filtered"] += 1
+
+    def _on_peer_heard(self, node_key: bytes) -> None:
+        if self.wg is None or self.magic is None:
+            return
+        for tx in self.wg.peer_heard(node_key, time.monotonic(), time.time()):
+            self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
 
     def _flush_inbound(self) -> None:
         """One netstack batch per socket read: ACKs and wake-ups once, not per packet."""

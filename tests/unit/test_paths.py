@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 
 from trionet.magicsock.paths import (
+    DISCO_PING_INTERVAL,
+    FIRST_CONTACT_PROBE,
+    FIRST_CONTACT_WINDOW,
     HEARTBEAT_INTERVAL,
     TRUST_UDP_ADDR,
     CallMeMaybeAction,
@@ -17,10 +20,13 @@ DISCO = b"\x02" * 32
 EP = ("10.213.0.11", 41641)
 
 
-def chooser() -> PathChooser:
+def chooser(heard: bool = True) -> PathChooser:
+    """A chooser with one peer; `heard`: the peer already knows us (first contact is done)."""
     counter = itertools.count()
     c = PathChooser(txid_source=lambda: next(counter).to_bytes(12, "big"))
     c.upsert_peer(PEER, DISCO, 999, [EP])
+    if heard:
+        assert c.on_heard(PEER)
     return c
 
 
@@ -93,3 +99,46 @@ def test_new_disco_key_forgets_proven_path() -> None:
 def test_idle_peer_is_not_pinged() -> None:
     c = chooser()
     assert c.poll(0.0) == []  # never sent to: nothing to do
+
+
+def test_first_contact_probes_over_derp_until_the_peer_answers() -> None:
+    c = chooser(heard=False)
+    assert c.next_deadline(0.0) == 1.0  # idle: nothing to probe
+    c.paths_for_send(PEER, 0.0)
+    assert c.wake, "the first packet to an unheard peer wakes the driver"
+    first = c.poll(0.0)
+    probes = [a for a in first if isinstance(a, PingAction) and a.addr is None]
+    assert len(probes) == 1 and probes[0].derp_region == 999
+    assert any(isinstance(a, PingAction) and a.addr == EP for a in first)
+    assert c.next_deadline(0.0) == FIRST_CONTACT_PROBE
+    # the peer does not know us yet: a probe every FIRST_CONTACT_PROBE, UDP pings on their 5 s clock
+    sent = []
+    now = 0.0
+    while now < FIRST_CONTACT_WINDOW + 3:
+        now += FIRST_CONTACT_PROBE
+        sent += [(now, a) for a in c.poll(now) if isinstance(a, PingAction)]
+    derp_times = [t for t, a in sent if a.addr is None]
+    assert derp_times[0] == FIRST_CONTACT_PROBE and max(derp_times) <= FIRST_CONTACT_WINDOW
+    assert len(derp_times) == int(FIRST_CONTACT_WINDOW / FIRST_CONTACT_PROBE)
+    assert [t for t, a in sent if a.addr == EP] == [DISCO_PING_INTERVAL, 2 * DISCO_PING_INTERVAL]
+    assert c.next_deadline(now) == now + 1.0  # the window closed
+
+
+def test_first_reply_rearms_udp_pings_and_ends_probing() -> None:
+    c = chooser(heard=False)
+    c.paths_for_send(PEER, 0.0)
+    c.poll(0.0)  # UDP ping to EP and CallMeMaybe: lost, the peer did not know us yet
+    probes = c.poll(0.5)
+    assert probes and all(isinstance(a, PingAction) and a.addr is None for a in probes), probes
+    assert c.on_heard(PEER) and not c.on_heard(PEER)  # True only the first time
+    again = c.poll(0.6)
+    assert any(isinstance(a, PingAction) and a.addr == EP for a in again), "UDP ping at once, not at 5 s"
+    assert any(isinstance(a, CallMeMaybeAction) for a in again)
+    assert not any(isinstance(a, PingAction) and a.addr is None for a in c.poll(1.5))
+
+
+def test_a_restarted_peer_is_unheard_again() -> None:
+    c = chooser()
+    c.upsert_peer(PEER, b"\x03" * 32, 999, [EP])  # new disco key: it restarted
+    c.paths_for_send(PEER, 0.0)
+    assert any(isinstance(a, PingAction) and a.addr is None for a in c.poll(0.0))

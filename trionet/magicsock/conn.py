@@ -63,6 +63,7 @@ class MagicConn:
         udp_bind: str = "",
         on_endpoints_changed: Callable[[], None] | None = None,
         on_batch_end: Callable[[], None] | None = None,
+        on_peer_heard: Callable[[bytes], None] | None = None,
     ) -> None:
         self.node_private = node_private
         self.node_public = node_public
@@ -75,6 +76,7 @@ class MagicConn:
         self.udp_bind = udp_bind
         self.on_endpoints_changed = on_endpoints_changed
         self.on_batch_end = on_batch_end  # after each drained batch: flush work batched per read
+        self.on_peer_heard = on_peer_heard  # an authentic disco message: the peer knows our keys now
         self.paths = PathChooser()
         self.stats: Counter[str] = Counter()
         self.sock: socket.socket | None = None
@@ -90,6 +92,7 @@ class MagicConn:
         self._derp_ready = trio.Event()
         self._user_pings: dict[bytes, tuple[trio.Event, list[Any]]] = {}
         self._endpoints_ready = trio.Event()
+        self._disco_wake = trio.Event()
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -184,6 +187,8 @@ class MagicConn:
         """Send one WireGuard datagram to a peer; never blocks (drops and counts instead)."""
         now = time.monotonic()
         addr, region = self.paths.paths_for_send(node_key, now)
+        if self.paths.wake:
+            self._disco_wake.set()
         sent_udp = sent_derp = False
         if reply_path is not None:
             kind, where = reply_path
@@ -299,6 +304,10 @@ class MagicConn:
             log.debug("disco from %s: %s", path, exc)
             return
         node_key = self._disco_to_node[sender_disco]
+        if self.paths.on_heard(node_key):
+            self._disco_wake.set()
+        if self.on_peer_heard is not None:
+            self.on_peer_heard(node_key)
         if isinstance(msg, disco.Ping):
             self.stats["disco.ping_in"] += 1
             if path[0] == "udp":
@@ -382,11 +391,14 @@ class MagicConn:
 
     async def _disco_timer(self) -> None:
         while True:
+            self._disco_wake = trio.Event()
+            self.paths.wake = False
             now = time.monotonic()
             for action in self.paths.poll(now, have_endpoints=bool(self.local_endpoints or
                                                                      self.stun_endpoints)):
                 self._do(action)
-            await trio.sleep_until(trio.current_time() + 1.0)
+            with trio.move_on_after(max(0.0, self.paths.next_deadline(now) - now)):
+                await self._disco_wake.wait()
 
     # ------------------------------------------------------------------- STUN
     def _stun_servers(self) -> list[Addr]:

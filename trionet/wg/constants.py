@@ -30,6 +30,9 @@ REJECT_AFTER_TIME: Final = 180.0
 KEEPALIVE_TIMEOUT: Final = 10.0
 COOKIE_REFRESH_TIME: Final = 120.0
 HANDSHAKE_INITIATION_RATE: Final = 1.0 / 50  # 20 ms between accepted initiations per peer
+# Ours, not wireguard-go's: an unanswered initiation at least this old is resent at
+# once when the peer shows it now knows us (WgDevice.peer_heard).
+EARLY_RETRY_AFTER: Final = 0.1
 ZERO_KEYS_AFTER: Final = 3 * REJECT_AFTER_TIME  # 540 s after the last session was derived
 RECEIVING_REKEY_AFTER: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT  # 165 s
 

@@ -31,6 +31,7 @@ from trionet.wg import crypto, handshake
 from trionet.wg.allowedips import AllowedIPs, Network
 from trionet.wg.constants import (
     COOKIE_REPLY_SIZE,
+    EARLY_RETRY_AFTER,
     HANDSHAKE_INITIATION_RATE,
     INITIATION_SIZE,
     KEEPALIVE_TIMEOUT,
@@ -462,6 +463,23 @@ class WgDevice:
         self._timers_handshake_initiated(peer, now)
         self.counters["initiations_sent"] += 1
         return [Transmit(peer.public, msg)]
+
+    def peer_heard(self, public: bytes, now: float, wall: float) -> list[Transmit]:
+        """The peer just proved it knows us (a disco message from it): resend an unanswered initiation now.
+
+        A tailnet peer drops our first initiation when its netmap does not hold
+        us yet; the disco message shows it does now, so waiting out the rest
+        of REKEY_TIMEOUT (up to 5 s on a first connection) gains nothing.
+        """
+        peer = self.peers.get(public)
+        if peer is None or peer.handshake is None or _usable(peer.current, now):
+            return []
+        sent = peer.last_sent_handshake
+        if sent is None or now - sent < EARLY_RETRY_AFTER:
+            return []
+        peer.last_sent_handshake = None  # lift the REKEY_TIMEOUT guard for this one resend
+        self.counters["initiations_resent_early"] += 1
+        return self._send_handshake_initiation(peer, now, wall, True)
 
     # -------------------------------------------------------------- receive
     def receive(self, datagram: bytes | bytearray | memoryview, now: float, wall: float, src: Any = None,

@@ -256,3 +256,18 @@ def test_new_static_key_equal_to_a_peers_key_removes_that_peer() -> None:
     a.set_peer(c.public, ["10.0.0.3/32"])
     a.set_private_key(key)
     assert c.public not in a.peers and b.public in a.peers
+
+
+def test_peer_heard_resends_an_unanswered_initiation_once_it_is_worth_it() -> None:
+    a, b = pair()
+    first = a.send_ip(ip4(A_IP, B_IP), 0.0, WALL0)
+    assert [classify(t.data) for t in first] == [MSG_INITIATION]  # lost: b did not know us yet
+    assert a.peer_heard(b.public, 0.05, WALL0) == []  # too soon: it may still be answered
+    again = a.peer_heard(b.public, 0.3, WALL0 + 0.3)
+    assert [classify(t.data) for t in again] == [MSG_INITIATION]
+    assert a.counters["initiations_resent_early"] == 1
+    got = b.receive(again[0].data, 0.31, WALL0 + 0.31)
+    done = a.receive(got.transmits[0].data, 0.32, WALL0 + 0.32)
+    assert done.transmits, "the staged packet goes out once the session exists"
+    assert a.peer_heard(b.public, 1.0, WALL0 + 1) == []  # a session exists: nothing to resend
+    assert a.peer_heard(os.urandom(32), 1.0, WALL0 + 1) == []  # unknown peer

@@ -378,3 +378,43 @@ def test_socks5_udp_associate_echo(newest_stack: Stack, services: PeerServices, 
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+def _all_tasks() -> list[trio.lowlevel.Task]:
+    out: list[trio.lowlevel.Task] = []
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        out.append(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return out
+
+
+async def test_leaving_the_node_leaks_no_task_socket_or_file(newest_stack: Stack, services: PeerServices,
+                                                             tmp_path: Path) -> None:
+    """Cancelling the tree closes everything it opened: tasks, sockets, files; within 2 s."""
+    fds_before = set(os.listdir("/proc/self/fd"))
+    tasks_before = {id(t) for t in _all_tasks()}
+    async with make_node(newest_stack, tmp_path, "py-leaks") as node:
+        stream = await node.open_tcp_stream("ts1", services.http_port)
+        with trio.fail_after(30):
+            await stream.send_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+            assert b"hello from ts1" in await stream.receive_some(4096)
+        listener = await node.listen_tcp(7777)  # left open: the node must close them
+        udp = await node.open_udp()
+        await udp.send_to(b"ping", "ts1", services.udp_port)
+        assert listener is not None
+        opened = set(os.listdir("/proc/self/fd")) - fds_before
+        running = len(_all_tasks()) - len(tasks_before)
+        start = trio.current_time()
+    elapsed = trio.current_time() - start
+    await trio.sleep(0)
+    leaked_fds = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - fds_before
+                  if os.path.exists(f"/proc/self/fd/{fd}")}
+    leaked_tasks = [t.name for t in _all_tasks() if id(t) not in tasks_before]
+    print(f"\nthe node had {len(opened)} fds and {running} tasks; shut down in {elapsed:.2f} s")
+    assert opened and running > 5, "the node should have had sockets and tasks open"
+    assert elapsed < 2.0
+    assert not leaked_fds, leaked_fds
+    assert not leaked_tasks, leaked_tasks

@@ -190,6 +190,8 @@ class ControlSession:
         self.renewals += 1
         self._renewed_against = self.key_expiry
         self._last_renewal = time.time()
+        self._reported = None  # report endpoints and disco key again, for the new key's record
+        self._endpoints_dirty.set()
         log.info("node key renewed %s its expiry at %s", "after" if expired else "ahead of",
                  _when(self.key_expiry))
         if self.on_node_key_changed is not None:

@@ -499,6 +499,112 @@ class Stack:
         run(["ip", "netns", "exec", self.lan_ns, "nft", "delete", "table", "bridge", "tn_block"],
             check=False)
 
+    # -- impairments: loss, delay, DERP drops (issue 9)
+    def add_loss(self, percent: int, peer_ip: str, local_ip: str | None = None) -> None:
+        """Drop ``percent``% of packets, at random, each way between our leg and ``peer_ip``.
+
+        The rules sit on the bridge (``<P>-lan``), i.e. between the namespaces:
+        every IPv4 packet from ``local_ip`` (default: our veth leg, where trionet
+        runs) to ``peer_ip`` and back draws ``numgen random mod 100`` and is
+        dropped below ``percent``; this kernel has no netem. ``loss_counters``
+        reads how many were dropped.
+        """
+        local_ip = local_ip or self.local_ip
+        rules = (
+            "table bridge tn_loss {\n chain loss {\n"
+            "  type filter hook forward priority -10; policy accept;\n"
+            f"  ip saddr {local_ip} ip daddr {peer_ip} counter numgen random mod 100 < {percent}"
+            " counter drop comment \"out\"\n"
+            f"  ip saddr {peer_ip} ip daddr {local_ip} counter numgen random mod 100 < {percent}"
+            " counter drop comment \"in\"\n }\n}\n"
+        )
+        self.remove_loss()
+        run(["ip", "netns", "exec", self.lan_ns, "nft", "-f", "-"], input=rules)
+
+    def loss_counters(self) -> dict[str, dict[str, int]]:
+        """{"out"/"in": {"seen": packets, "dropped": packets}} for the ``add_loss`` rules."""
+        out = run(["ip", "netns", "exec", self.lan_ns, "nft", "-j", "list", "table", "bridge", "tn_loss"]).stdout
+        result: dict[str, dict[str, int]] = {}
+        for item in json.loads(out)["nftables"]:
+            rule = item.get("rule")
+            if not rule or "comment" not in rule:
+                continue
+            counters = [e["counter"] for e in rule["expr"] if "counter" in e]
+            result[rule["comment"]] = {"seen": counters[0]["packets"], "dropped": counters[1]["packets"]}
+        return result
+
+    def remove_loss(self) -> None:
+        run(["ip", "netns", "exec", self.lan_ns, "nft", "delete", "table", "bridge", "tn_loss"], check=False)
+
+    def add_delay_relay(self, peer: Tailscaled, local_port: int, delay: float = 0.05) -> DelayRelay:
+        """Put a delaying userspace UDP relay on the direct path to ``peer``.
+
+        ``local_port`` is trionet's UDP port (``Node(udp_port=...)``, bound on
+        our leg). See ``tests/integration/udprelay.py`` for the relay:
+
+        * in our namespace, ``nat output``: trionet's datagrams from
+          ``local_ip:local_port`` to ``peer_ip:41641`` are DNATed to the relay's
+          socket A; its answers from A go back through the same conntrack entry,
+          so trionet sees them from ``peer_ip:41641``: to trionet this is a plain
+          direct path, only 2 x ``delay`` slower;
+        * the relay's socket B (``local_ip``, another port) talks to the peer,
+          which sees trionet there, as behind a NAT, and finds it by disco;
+        * on the bridge the peer may not reach ``local_ip:local_port`` itself
+          (that endpoint is advertised via STUN and the netmap), so the only
+          direct path either way runs through the relay. DERP is untouched: if
+          the relayed path failed, traffic would fall back to DERP, and the
+          tests check the path is the relayed direct one.
+        """
+        relay = DelayRelay(self, peer, local_port, delay)
+        relay.start()
+        return relay
+
+    def derp_connections(self) -> list[dict[str, Any]]:
+        """Our namespace's TCP connections to Headscale's port (control and DERP), with byte counts."""
+        out = run(["ss", "-tinH", "state", "established", "dst", self.hs_host.ip,
+                   "dport", "=", f":{HS_PORT}"]).stdout
+        conns: list[dict[str, Any]] = []
+        for line in out.splitlines():
+            words = line.split()
+            if not words:
+                continue
+            if not line[0].isspace():  # "Recv-Q Send-Q Local:Port Peer:Port"; then an indented info line
+                local = next((w for w in words if w.startswith(self.local_ip + ":")), None)
+                conns.append({"sport": int(local.rsplit(":", 1)[1]) if local else 0, "bytes": 0})
+            elif conns:
+                for w in words:
+                    for key in ("bytes_acked:", "bytes_received:"):
+                        if w.startswith(key):
+                            conns[-1]["bytes"] += int(w[len(key):])
+        return [c for c in conns if c["sport"]]
+
+    def drop_derp_connection(self, sample: float = 0.5) -> int:
+        """Abort our busiest TCP connection to Headscale (= DERP while it carries the data).
+
+        Control (TS2021) and DERP both go to Headscale's one port, so the DERP
+        one is told apart by traffic: with UDP blocked it carries every packet
+        of the transfer, while control carries a few keep-alives. We sample
+        the byte counters twice and ``ss -K`` the one that grew most: the
+        kernel aborts it (trionet's next read gets ECONNABORTED) and sends a
+        RST to Headscale, the way a middlebox or a server crash drops it.
+        Returns the source port killed.
+        """
+        grown: dict[int, int] = {}
+        deadline = time.monotonic() + 15  # the transfer may be between two bursts
+        while True:
+            before = {c["sport"]: c["bytes"] for c in self.derp_connections()}
+            time.sleep(sample)
+            after = {c["sport"]: c["bytes"] for c in self.derp_connections()}
+            grown = {port: n - before.get(port, 0) for port, n in after.items()}
+            port, delta = max(grown.items(), key=lambda kv: int(kv[1])) if grown else (0, 0)
+            if delta >= 16 << 10:
+                break
+            if time.monotonic() > deadline:
+                raise StackError(f"no busy DERP connection to drop (byte growth per port: {grown})")
+        run(["ss", "-K", "-tn", "dst", self.hs_host.ip, "dport", "=", f":{HS_PORT}",
+             "sport", "=", f":{port}"])
+        return int(port)
+
     # -- teardown
     def stop(self) -> None:
         for node in self.tailscaleds:
@@ -527,6 +633,65 @@ class Stack:
             ],
             "hosts": [h.netns for h in self.hosts], "lan_ns": self.lan_ns,
         }
+
+
+class DelayRelay:
+    """The delaying UDP relay on the path to one peer; see ``Stack.add_delay_relay``."""
+
+    def __init__(self, stack: Stack, peer: Tailscaled, local_port: int, delay: float) -> None:
+        self.stack = stack
+        self.peer = peer
+        self.local_port = local_port
+        self.delay = delay
+        self.proc: subprocess.Popen[str] | None = None
+        self.client_side: tuple[str, int] = ("", 0)
+        self.peer_side: tuple[str, int] = ("", 0)
+        self.counts: dict[str, Any] = {}
+        self.nat_table = f"tn_delay_{stack.prefix}"  # our namespace is shared by concurrent runs
+
+    def start(self) -> None:
+        ip = self.stack.local_ip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.udprelay", "--client-side", f"{ip}:0",
+             "--peer-side", f"{ip}:0", "--peer", f"{self.peer.host.ip}:{self.peer.port}",
+             "--delay", str(self.delay)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            start_new_session=True)
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        try:
+            ready = json.loads(first)
+        except ValueError:
+            self.proc.kill()
+            raise StackError(f"UDP relay did not start: {first}{self.proc.stdout.read()[-2000:]}") from None
+        self.client_side = (str(ready["a"][0]), int(ready["a"][1]))
+        self.peer_side = (str(ready["b"][0]), int(ready["b"][1]))
+        peer_ip, peer_port = self.peer.host.ip, self.peer.port
+        run(["nft", "-f", "-"], input=(
+            f"table ip {self.nat_table} {{\n chain out {{\n"
+            "  type nat hook output priority -100; policy accept;\n"
+            f"  ip saddr {ip} udp sport {self.local_port} ip daddr {peer_ip} udp dport {peer_port}"
+            f" counter dnat to {ip}:{self.client_side[1]}\n }}\n}}\n"))
+        run(["ip", "netns", "exec", self.stack.lan_ns, "nft", "-f", "-"], input=(
+            "table bridge tn_delay {\n chain f {\n  type filter hook forward priority -20; policy accept;\n"
+            f"  ip saddr {peer_ip} ip daddr {ip} udp dport {self.local_port} counter drop\n }}\n}}\n"))
+
+    def stop(self) -> dict[str, Any]:
+        run(["nft", "delete", "table", "ip", self.nat_table], check=False)
+        run(["ip", "netns", "exec", self.stack.lan_ns, "nft", "delete", "table", "bridge", "tn_delay"],
+            check=False)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                out, _ = self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, _ = self.proc.communicate()
+            for line in out.splitlines():
+                if line.startswith("{"):
+                    self.counts = json.loads(line)
+        self.proc = None
+        return self.counts
 
 
 def _stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> None:

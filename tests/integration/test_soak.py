@@ -3,7 +3,12 @@
 `test_soak_short` runs in every `make test` (about 40 s); `make soak` runs
 `test_soak_long`: 11 minutes crossing at least 4 WireGuard rekeys per peer and
 20 Headscale restarts (each drops the embedded DERP too). Both print figures:
-bytes verified, rekeys crossed, restarts survived, the longest stall.
+bytes verified, rekeys crossed, restarts survived, the longest stall, and
+connection resets (none allowed).
+
+Loss, delay and DERP connection drops (separate from Headscale restarts) are in
+test_impairments.py, with short variants in `make test` and long ones here in
+`make soak`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Flow:
         self.last_progress: float | None = None  # stalls count once bytes flow, not during setup
         self.max_stall = 0.0
         self.stalls: list[tuple[float, float]] = []  # (when it ended, how long), for the report
+        self.resets: list[str] = []  # the echo connection broke (it must not)
 
     def progress(self, n: int) -> None:
         now = time.monotonic()
@@ -63,6 +69,14 @@ class Flow:
 
 
 async def echo_flow(node: Node, peer: str, flow: Flow, stop: trio.Event) -> None:
+    """Echo random bytes through ``peer`` until ``stop``; a broken connection is recorded, not raised."""
+    try:
+        await _echo(node, peer, flow, stop)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        flow.resets.append(f"{time.monotonic():.1f}: {type(exc).__name__}: {exc}")
+
+
+async def _echo(node: Node, peer: str, flow: Flow, stop: trio.Event) -> None:
     stream = await node.open_tcp_stream(peer, ECHO_PORT)
 
     async def reader(expected: list[int]) -> None:
@@ -114,10 +128,12 @@ async def soak(stack: Stack, tmp: Path, seconds: float, restarts: int) -> dict[s
             with trio.fail_after(15):  # just after a restart it may still be reconnecting
                 while node.status()["status"] != "Running":
                     await trio.sleep(0.1)
+            # handshakes per peer: the first one plus every rekey crossed
             rekeys = {ts.name: node.wg.peer_statistics(
                 node._key_by_peer_id[next(p["id"] for p in node.peers() if p["hostname"] == ts.name)])["handshakes"]
                 for ts in stack.tailscaleds}
-            result = {"seconds": seconds, "bytes_verified": sum(f.bytes for f in flows),
+            result = {"seconds": seconds, "bytes_verified": sum(f.bytes for f in flows if not f.resets),
+                      "connection_resets": {f.name: f.resets for f in flows},
                       "max_stall_s": max(f.max_stall for f in flows), "headscale_restarts": survived,
                       "handshakes_per_peer": rekeys, "control_reconnects": node.control.reconnects,
                       "stalls": {f.name: f.stalls for f in flows}, "restarts_at": restart_times,
@@ -153,6 +169,7 @@ async def test_soak_short(make_stack: Any, tmp_path: Path) -> None:
     stack = make_stack()
     r = await soak(stack, tmp_path, seconds=float(os.environ.get("TRIONET_SOAK_SECONDS", "30")), restarts=3)
     assert r["bytes_verified"] > 1_000_000
+    assert not any(r["connection_resets"].values()), r
     assert r["max_stall_s"] < 2.0, r
     assert r["headscale_restarts"] == 3 and r["control_reconnects"] >= 3
 
@@ -161,6 +178,7 @@ async def test_soak_short(make_stack: Any, tmp_path: Path) -> None:
 async def test_soak_long(make_stack: Any, tmp_path: Path) -> None:
     stack = make_stack()
     r = await soak(stack, tmp_path, seconds=660, restarts=20)
+    assert not any(r["connection_resets"].values()), r
     assert r["max_stall_s"] < 2.0, r
     assert all(n >= 5 for n in r["handshakes_per_peer"].values()), r  # first handshake + 4 rekeys
     assert r["headscale_restarts"] == 20

@@ -77,14 +77,23 @@ class PacketInfo:
     icmp_response: bool = False  # echo reply or error
 
 
+def _list(value: Any) -> list[Any]:
+    """A JSON list field; a string or number where a list belongs makes the rule unreadable."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return list(value)
+
+
 def compile_rules(rules: Iterable[Any]) -> list[Match]:
     out = []
     for rule in rules or ():
         try:
-            protos = frozenset(_get(rule, "IPProto") or ()) or DEFAULT_PROTOS
-            srcs = tuple(n for s in (_get(rule, "SrcIPs") or ()) for n in parse_ip_set(s))
+            protos = frozenset(_list(_get(rule, "IPProto"))) or DEFAULT_PROTOS
+            srcs = tuple(n for s in _list(_get(rule, "SrcIPs")) for n in parse_ip_set(s))
             dsts = []
-            for dp in _get(rule, "DstPorts") or ():
+            for dp in _list(_get(rule, "DstPorts")):
                 ports = _get(dp, "Ports") or {}
                 dsts.append(DstMatch(tuple(parse_ip_set(_get(dp, "IP"))),
                                      int(_get(ports, "First", 0)), int(_get(ports, "Last", 0))))

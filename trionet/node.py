@@ -172,27 +172,11 @@ class Node:
             self.filter.update(rules=netmap.packet_filter or [])
         seen: set[bytes] = set()
         for peer in netmap.peers.values():
-            key = keymod.parse_public(peer.Key, "nodekey:")
-            seen.add(key)
-            old_key = self._key_by_peer_id.get(peer.ID)
-            if old_key is not None and old_key != key:  # re-keyed peer: forget the old key
-                if self.wg is not None:
-                    self.wg.remove_peer(old_key)
-                self.magic.remove_peer(old_key)
-            self._key_by_peer_id[peer.ID] = key
-            self._peer_ids_by_key[key] = peer.ID
-            allowed = peer.AllowedIPs if peer.AllowedIPs is not None else peer.Addresses
-            if self.wg is not None:
-                self.wg.set_peer(key, [_ip_net(a) for a in allowed or ()])
-            disco = keymod.parse_public(peer.DiscoKey, "discokey:") if peer.DiscoKey else None
-            known = self.magic.paths.peers.get(key)
-            if (self.wg is not None and known is not None and known.disco_key and disco
-                    and known.disco_key != disco):
-                # A new disco key means the peer restarted and lost its WireGuard
-                # sessions; waiting for our no-reply timer would stall for 15 s.
-                self.wg.reset_sessions(key)
-            endpoints = [_split_endpoint(e) for e in peer.Endpoints or ()]
-            self.magic.upsert_peer(key, disco, netmap.home_derp_of(peer), [e for e in endpoints if e])
+            try:
+                self._apply_peer(peer, netmap, seen)
+            except (ValueError, TypeError) as exc:  # one malformed peer must not cost us the rest
+                self.stats["netmap.bad_peer"] += 1
+                log.debug("netmap: skipping peer %s: %s", getattr(peer, "ID", "?"), exc)
         for key in list(self._peer_ids_by_key):
             if key not in seen:
                 if self.wg is not None:
@@ -203,6 +187,34 @@ class Node:
                     del self._key_by_peer_id[peer_id]
         if me is not None and not self._running.is_set():
             self._running.set()
+
+    def _apply_peer(self, peer: Any, netmap: Any, seen: set[bytes]) -> None:
+        """One peer into WireGuard and magicsock; everything parsed before anything changes."""
+        assert self.magic is not None
+        key = keymod.parse_public(peer.Key, "nodekey:")
+        allowed = peer.AllowedIPs if peer.AllowedIPs is not None else peer.Addresses
+        nets = [_ip_net(a) for a in allowed or ()]
+        disco = keymod.parse_public(peer.DiscoKey, "discokey:") if peer.DiscoKey else None
+        endpoints = [e for e in map(_split_endpoint, peer.Endpoints or ()) if e]
+        if key == self.magic.node_public:
+            raise ValueError("a peer with our own node key")
+        seen.add(key)
+        old_key = self._key_by_peer_id.get(peer.ID)
+        if old_key is not None and old_key != key:  # re-keyed peer: forget the old key
+            if self.wg is not None:
+                self.wg.remove_peer(old_key)
+            self.magic.remove_peer(old_key)
+        self._key_by_peer_id[peer.ID] = key
+        self._peer_ids_by_key[key] = peer.ID
+        if self.wg is not None:
+            self.wg.set_peer(key, nets)
+        known = self.magic.paths.peers.get(key)
+        if (self.wg is not None and known is not None and known.disco_key and disco
+                and known.disco_key != disco):
+            # A new disco key means the peer restarted and lost its WireGuard
+            # sessions; waiting for our no-reply timer would stall for 15 s.
+            self.wg.reset_sessions(key)
+        self.magic.upsert_peer(key, disco, netmap.home_derp_of(peer), endpoints)
 
     def _on_node_key_changed(self, node_private: bytes) -> None:
         """Renewed node key: WireGuard and DERP use it now; netstack streams carry on."""

@@ -76,3 +76,13 @@ def test_garbage_never_raises(data: bytes) -> None:
     f = PacketFilter(ALLOW_ALL, [ME])
     f.check_inbound(data)
     f.note_outbound(data)
+
+
+def test_a_rule_with_a_string_where_a_list_belongs_grants_nothing() -> None:
+    syn = ip4("0.0.0.1", "100.64.0.5", 6, tcp(1, 80, 0x02))
+    dst = [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]
+    for bad in ({"SrcIPs": "1", "DstPorts": dst}, {"SrcIPs": ["*"], "DstPorts": "*"},
+                {"SrcIPs": ["*"], "DstPorts": dst, "IPProto": 6}):
+        f = PacketFilter([bad], [ME])
+        assert not f.allow_inbound(syn), bad  # "1" must not be read as 0.0.0.1
+    assert PacketFilter([{"SrcIPs": ["*"], "DstPorts": dst}], [ME]).allow_inbound(syn)

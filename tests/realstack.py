@@ -578,7 +578,7 @@ class Stack:
                             conns[-1]["bytes"] += int(w[len(key):])
         return [c for c in conns if c["sport"]]
 
-    def drop_derp_connection(self, sample: float = 0.5) -> int:
+    def drop_derp_connection(self, sample: float = 0.5, patience: float = 15) -> int | None:
         """Abort our busiest TCP connection to Headscale (= DERP while it carries the data).
 
         Control (TS2021) and DERP both go to Headscale's one port, so the DERP
@@ -587,10 +587,11 @@ class Stack:
         the byte counters twice and ``ss -K`` the one that grew most: the
         kernel aborts it (trionet's next read gets ECONNABORTED) and sends a
         RST to Headscale, the way a middlebox or a server crash drops it.
-        Returns the source port killed.
+        Returns the source port killed, or None when no connection moved data
+        for ``patience`` seconds (the transfer is stalled: nothing to drop).
         """
         grown: dict[int, int] = {}
-        deadline = time.monotonic() + 15  # the transfer may be between two bursts
+        deadline = time.monotonic() + patience  # the transfer may be between two bursts
         while True:
             before = {c["sport"]: c["bytes"] for c in self.derp_connections()}
             time.sleep(sample)
@@ -600,7 +601,7 @@ class Stack:
             if delta >= 16 << 10:
                 break
             if time.monotonic() > deadline:
-                raise StackError(f"no busy DERP connection to drop (byte growth per port: {grown})")
+                return None
         run(["ss", "-K", "-tn", "dst", self.hs_host.ip, "dport", "=", f":{HS_PORT}",
              "sport", "=", f":{port}"])
         return int(port)

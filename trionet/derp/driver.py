@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 15.0  # TCP + TLS + upgrade; the login has its own deadline in DerpClient
 BACKOFF_MAX = 60.0
 BACKOFF_JITTER = 1.0
+# A link that stayed up this long and then broke is redialled at once (tailscaled
+# waits ~10 ms: util/backoff); backoff is for links that keep failing.
+FAST_RETRY_AFTER_UP = 2.0
+FAST_RETRY_JITTER = 0.05
 MAX_QUEUED_BYTES = 2 << 20  # per connection; beyond it send_packet_nowait drops
 MAX_RESPONSE_HEAD = 16 << 10
 READ_SIZE = 256 << 10
@@ -218,6 +222,7 @@ class DerpConnection:
         preferred: bool = False,
         on_packet: OnPacket | None = None,
         on_event: OnEvent | None = None,
+        on_batch_end: Callable[[], None] | None = None,
         path: str = "/derp",
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
@@ -259,6 +264,8 @@ class DerpConnection:
         self.preferred = preferred
         self.on_packet = on_packet
         self.on_event = on_event
+        self.on_batch_end = on_batch_end  # after the packets of one read: flush per-read batches
+        self._up_since: float | None = None
         self.max_queued_bytes = max_queued_bytes
         self.connect_timeout = connect_timeout
         self.client: dc.DerpClient | None = None
@@ -371,8 +378,13 @@ class DerpConnection:
                 reason = await self._one_connection()
                 self.last_error = reason
                 now = trio.current_time()
+                up_for = now - self._up_since if self._up_since is not None else 0.0
+                self._up_since = None
                 if self._restart_delay is not None and now < self._restart_until:
                     delay = self._restart_delay + random.uniform(0, 0.1 * max(self._restart_delay, 0.1))
+                elif up_for >= FAST_RETRY_AFTER_UP:
+                    delay = random.uniform(0, FAST_RETRY_JITTER)
+                    self.stats["fast_reconnects"] += 1
                 else:
                     self._restart_delay = None
                     delay = self._backoff(self._failures)
@@ -555,6 +567,8 @@ class DerpConnection:
             raise
         if events:
             self._deliver(client, events)
+            if self.on_batch_end is not None:
+                self.on_batch_end()
 
     def _deliver(self, client: dc.DerpClient, events: list[dc.Event]) -> None:
         on_packet = self.on_packet
@@ -570,6 +584,7 @@ class DerpConnection:
             if isinstance(ev, dc.Connected):
                 self.server_public = ev.server_public
                 self._failures = 0
+                self._up_since = trio.current_time()
                 self._restart_delay = None
                 self._connected.set()
                 self.stats["connects"] += 1

@@ -242,7 +242,7 @@ class MagicConn:
         url, ip = derp_url_for_node(reg.Nodes[0], self.login_server)
         conn = DerpConnection(url, self.node_private, ca_file=self.ca_file, connect_ip=ip,
                               preferred=preferred or region == self.home_region,
-                              on_packet=partial(self._on_derp_packet, region),
+                              on_packet=partial(self._on_derp_packet, region), on_batch_end=self.on_batch_end,
                               on_event=partial(self._on_derp_event, region))
         self.derps[region] = conn
         self._nursery.start_soon(conn.run)
@@ -260,9 +260,7 @@ class MagicConn:
             self._on_disco(data, ("derp", region), src)
             return
         self.paths.note_derp_region(src, region)
-        self.on_wireguard(data, src, ("derp", region))
-        if self.on_batch_end is not None:
-            self.on_batch_end()
+        self.on_wireguard(data, src, ("derp", region))  # on_batch_end follows once per DERP read
 
     async def _udp_reader(self) -> None:
         assert self.sock is not None

@@ -259,6 +259,49 @@ async def test_restarting_sets_reconnect_delay(autojump_clock: trio.testing.Mock
         nursery.cancel_scope.cancel()
 
 
+async def _login(s: Any, relay_private: PrivateKey, a: DerpConnection) -> None:
+    from nacl.public import Box, PublicKey
+
+    await s.receive_some()  # the GET
+    await s.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n"
+                     + frames.build_server_key(bytes(relay_private.public_key)))
+    await trio.sleep(0.1)
+    box = Box(relay_private, PublicKey(a.node_public))
+    await s.send_all(frames.build_server_info(bytes(box.encrypt(b"{}", bytes(24)))))
+    await trio.sleep(0.1)
+
+
+async def test_a_link_that_was_up_is_redialled_at_once_then_backoff(autojump_clock: trio.testing.MockClock) -> None:
+    relay_private = PrivateKey.generate()
+    streams: list[Any] = []
+
+    async def open_stream() -> trio.abc.Stream:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        streams.append((trio.current_time(), server_stream))
+        return client_stream
+
+    a = DerpConnection("http://derp.test/derp", key(), open_stream=open_stream, backoff=lambda n: 50.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run)
+        await trio.sleep(0.1)
+        await _login(streams[0][1], relay_private, a)
+        assert a.connected
+        await trio.sleep(30)  # a healthy link for a while, then the server drops it
+        dropped_at = trio.current_time()
+        await streams[0][1].aclose()
+        await trio.sleep(1)
+        assert len(streams) == 2 and streams[1][0] - dropped_at <= 0.06, "redialled within 50 ms, not after backoff"
+        assert a.stats["fast_reconnects"] == 1
+        # a link that breaks right after it came up gets the ordinary backoff
+        await _login(streams[1][1], relay_private, a)
+        await streams[1][1].aclose()
+        await trio.sleep(10)
+        assert len(streams) == 2
+        await trio.sleep(50)
+        assert len(streams) == 3
+        nursery.cancel_scope.cancel()
+
+
 def test_backoff_delay_grows_to_60() -> None:
     import random
 

@@ -93,6 +93,7 @@ class MagicConn:
         self._user_pings: dict[bytes, tuple[trio.Event, list[Any]]] = {}
         self._endpoints_ready = trio.Event()
         self._disco_wake = trio.Event()
+        self._dual_stack = False
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -108,6 +109,7 @@ class MagicConn:
         sock.setblocking(False)
         sock.bind((bind, self.udp_port))
         self.sock = sock
+        self._dual_stack = sock.family == socket.AF_INET6  # IPv4 peers go to ::ffff:a.b.c.d
         self.local_endpoints = self._local_addresses(sock.getsockname()[1])
 
     def _local_addresses(self, port: int) -> list[Addr]:
@@ -210,7 +212,7 @@ class MagicConn:
             self.stats["send.udp_no_socket"] += 1
             return
         target: Any = addr
-        if self.sock.family == socket.AF_INET6 and ":" not in addr[0]:
+        if self._dual_stack and ":" not in addr[0]:
             target = ("::ffff:" + addr[0], addr[1])
         try:
             self.sock.sendto(data, target)
@@ -265,25 +267,36 @@ class MagicConn:
     async def _udp_reader(self) -> None:
         assert self.sock is not None
         sock = self.sock
+        recvfrom = sock.recvfrom
+        on_wireguard = self.on_wireguard
+        sources: dict[Any, PathTag] = {}  # the socket's address -> our path tag, built once per peer
         while True:
             await trio.lowlevel.wait_readable(sock)
+            count = 0
             for _ in range(UDP_BATCH):
                 try:
-                    data, addr = sock.recvfrom(65535)
+                    data, addr = recvfrom(65535)
                 except BlockingIOError:
                     break
                 except OSError as exc:  # e.g. ICMP unreachable surfaced as ECONNREFUSED
                     self.stats["recv.udp_error"] += 1
                     log.debug("udp recv: %s", exc)
                     continue
-                src = _norm(addr)
-                self.stats["recv.udp"] += 1
-                if stun.is_stun(data):
+                count += 1
+                path = sources.get(addr)
+                if path is None:
+                    if len(sources) > 4096:
+                        sources.clear()
+                    path = sources[addr] = ("udp", _norm(addr))
+                if data[:1] == b"\x04":  # WireGuard transport: STUN starts 0x00/0x01, disco 'T'
+                    on_wireguard(data, None, path)
+                elif stun.is_stun(data):
                     self._on_stun(data)
                 elif disco.looks_like_disco(data):
-                    self._on_disco(data, ("udp", src), None)
+                    self._on_disco(data, path, None)
                 else:
-                    self.on_wireguard(data, None, ("udp", src))
+                    on_wireguard(data, None, path)
+            self.stats["recv.udp"] += count
             if self.on_batch_end is not None:
                 self.on_batch_end()
 

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import random
 import struct
+import zlib
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -80,6 +81,10 @@ class _Touchable:
     waker: Callable[[], object] | None
 
 
+EPHEMERAL_LOW = 49152  # IANA dynamic ports, as RFC 6056 recommends
+EPHEMERAL_COUNT = 65536 - EPHEMERAL_LOW
+
+
 class StackCore:
     """IPv4/IPv6 + TCP/UDP/ICMP, sans-IO."""
 
@@ -108,6 +113,8 @@ class StackCore:
         self._now = 0.0
         self._echo_ident = self._rng.randrange(1 << 16)
         self._echo_seq = 0
+        self._port_secret = self._rng.getrandbits(64).to_bytes(8, "big")
+        self._next_ephemeral = 0
 
     # ---------------------------------------------------------------- helpers
     def statistics(self) -> dict[str, int]:
@@ -333,10 +340,16 @@ class StackCore:
     def tcp_connect(self, dst: IPAddress, port: int, now: float) -> TcpConnection:
         dstb = dst.packed
         src = self._src_for(dstb)
-        for _ in range(100):
-            lport = self._rng.randrange(49152, 65536)
+        # RFC 6056 algorithm 3: a secret per-destination offset plus one counter, so a
+        # destination sees a local port again only after the whole range, long after
+        # the peer's TIME_WAIT for it ended. Random ports collided with the peer's
+        # TIME_WAIT within a few hundred connections (SYNs ignored, 60 s hangs).
+        offset = zlib.crc32(self._port_secret + dstb + src + port.to_bytes(2, "big"))
+        for i in range(EPHEMERAL_COUNT):
+            lport = EPHEMERAL_LOW + (offset + self._next_ephemeral + i) % EPHEMERAL_COUNT
             key = (dstb, port, src, lport)
             if key not in self.conns and lport not in self.listeners:
+                self._next_ephemeral += i + 1
                 break
         else:
             raise LocalProtocolError("no free ephemeral port")

@@ -116,16 +116,6 @@ while True:
     c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 '''
 
-# http.server's listen backlog is 5: 200 simultaneous SYNs overflow it and the
-# run measures SYN retries, not the proxies. This one queues 1024.
-HTTP = r'''
-import http.server, sys
-class Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 1024
-handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=sys.argv[2], **k)
-Server(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
-'''
-
 # `python -m http.server` listens with a backlog of 5: 200 simultaneous connects overflow
 # its accept queue, the kernel drops SYNs (and handshake ACKs), and ts1's tailscaled,
 # which dials this server before it answers the tailnet SYN, retries at 1, 3, 7, 15,

@@ -128,8 +128,14 @@ def bench_stun(min_time: float) -> dict[str, Any]:
 
 
 async def _relay(
-    name: str, url: str, keys: tuple[bytes, bytes], size: int, seconds: float, **kw: Any
+    name: str,
+    connect: Callable[..., DerpConnection],
+    keys: tuple[bytes, bytes],
+    size: int,
+    seconds: float,
+    transport: str = "http",
 ) -> dict[str, Any]:
+    """Two DerpConnections made by ``connect(private, transport, **kw)``, one hop, one way."""
     received = 0
     more = trio.Event()
 
@@ -138,8 +144,8 @@ async def _relay(
         received += 1
         more.set()
 
-    a = DerpConnection(url, keys[0], **kw)
-    b = DerpConnection(url, keys[1], on_packet=on_packet, **kw)
+    a = connect(keys[0], transport)
+    b = connect(keys[1], transport, on_packet=on_packet)
     dst = b.node_public
     payload = os.urandom(size)
     async with trio.open_nursery() as nursery:
@@ -175,7 +181,7 @@ async def _relay(
         "mbit_s": counted * size * 8 / elapsed / 1e6,
         "window": WINDOW,
         "lost": sent - received,
-        "transport": kw.get("transport", "http"),
+        "transport": transport,
     }
 
 
@@ -186,41 +192,25 @@ async def bench_relay_inprocess(size: int, seconds: float) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(relay.serve)
         keys = (bytes(PrivateKey.generate()), bytes(PrivateKey.generate()))
-        row = await _relay("relay in-process", f"http://127.0.0.1:{port}/derp", keys, size, seconds)
+        url = f"http://127.0.0.1:{port}/derp"
+
+        def connect(private: bytes, transport: str, **kw: Any) -> DerpConnection:
+            return DerpConnection(url, private, transport=transport, **kw)
+
+        row = await _relay("relay in-process", connect, keys, size, seconds)
         nursery.cancel_scope.cancel()
     return row
 
 
 def bench_relay_headscale(version: str, size: int, seconds: float) -> list[dict[str, Any]]:
-    from tests.integration.test_derp import node_private_key
-    from tests.realstack import Stack
+    from tests.integration.derp_helpers import derp_stack_for
 
-    stack = Stack(version)
     rows = []
-    try:
-        stack.start(tailscaleds=0)
-        keys = []
-        for name in ("bk1", "bk2"):
-            node = stack.add_tailscaled(name)
-            keys.append(node_private_key(node))
-            stack.stop_tailscaled(node)
-        url = f"{stack.server_url}/derp"
-        transports = ["http", "websocket"] if tuple(map(int, version.split("."))) >= (0, 24, 0) else ["http"]
-        for transport in transports:
-            relay = functools.partial(
-                _relay,
-                f"relay headscale {version}",
-                url,
-                (keys[0], keys[1]),
-                size,
-                seconds,
-                ca_file=str(stack.ca_file),
-                transport=transport,
-            )
-            row = trio.run(relay)
-            rows.append(row)
-    finally:
-        stack.stop()
+    with derp_stack_for(version, ("bk1", "bk2")) as derp:
+        for transport in derp.transports:
+            keys = (derp.keys[0], derp.keys[1])
+            relay = functools.partial(_relay, f"relay headscale {version}", derp.connection, keys, size, seconds)
+            rows.append(trio.run(relay, transport))
     return rows
 
 

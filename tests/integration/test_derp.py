@@ -1,17 +1,11 @@
 """trionet's DERP client and STUN against Headscale's real embedded DERP server.
 
-Each Headscale version gets a private stack (this module restarts Headscale).
-DERP identities are real registered node keys: a stock tailscaled registers
-with a pre-auth key, is stopped, and its node private key (from its state
-file) becomes one of our DERP clients. So Headscale 0.29's
-``verify_clients: true`` admits them for the right reason, and no running
-tailscaled shares the key.
+Each Headscale version gets a private stack (this module restarts Headscale),
+with two registered node keys as DERP identities (tests/integration/derp_helpers.py).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -20,62 +14,19 @@ import pytest
 import trio
 from nacl.public import PrivateKey
 
-from tests.realstack import HEADSCALE_VERSIONS, STUN_PORT, Stack, Tailscaled
+from tests.integration.derp_helpers import DerpStack, derp_stack_for
+from tests.realstack import HEADSCALE_VERSIONS, STUN_PORT
 from trionet.derp import client as dc
-from trionet.derp.driver import DerpConnection, derp_url_for_node
+from trionet.derp.driver import DerpConnection
 from trionet.magicsock import disco, stun
 
 pytestmark = pytest.mark.integration
 
 
-def node_private_key(node: Tailscaled) -> bytes:
-    """The node (= WireGuard = DERP) private key tailscaled persisted for its profile."""
-    state = json.loads((node.dir / "state" / "tailscaled.state").read_text())
-    current = base64.b64decode(state["_current-profile"]).decode()
-    prefs = json.loads(base64.b64decode(state[current]))
-    text = prefs["Config"]["PrivateNodeKey"]
-    assert text.startswith("privkey:")
-    return bytes.fromhex(text.removeprefix("privkey:"))
-
-
-class DerpStack:
-    def __init__(self, stack: Stack, keys: list[bytes]) -> None:
-        self.stack = stack
-        self.keys = keys
-        self.version = stack.version
-
-    @property
-    def at_least_024(self) -> bool:
-        return tuple(int(x) for x in self.version.split(".")) >= (0, 24, 0)
-
-    @property
-    def verifies_clients(self) -> bool:
-        return tuple(int(x) for x in self.version.split(".")) >= (0, 27, 0)
-
-    def derp_url(self) -> tuple[str, str | None]:
-        # the embedded region as Headscale builds it (GenerateRegion): host and port of server_url
-        node = {"HostName": self.stack.hs_host.ip, "DERPPort": 8443, "IPv4": self.stack.hs_host.ip}
-        return derp_url_for_node(node, self.stack.server_url)
-
-    def connection(self, private: bytes, transport: str = "http", **kw: Any) -> DerpConnection:
-        url, ip = self.derp_url()
-        kw.setdefault("backoff", lambda n: min(0.2 * 2**n, 2.0))
-        return DerpConnection(url, private, ca_file=str(self.stack.ca_file), connect_ip=ip, transport=transport, **kw)
-
-
 @pytest.fixture(scope="module", params=HEADSCALE_VERSIONS, ids=lambda v: f"hs{v}")
 def derp_stack(request: pytest.FixtureRequest) -> Iterator[DerpStack]:
-    stack = Stack(request.param)
-    try:
-        stack.start(tailscaleds=0)
-        keys = []
-        for name in ("dk1", "dk2"):
-            node = stack.add_tailscaled(name)
-            keys.append(node_private_key(node))
-            stack.stop_tailscaled(node)  # its key stays registered; nobody else uses it now
-        yield DerpStack(stack, keys)
-    finally:
-        stack.stop()
+    with derp_stack_for(request.param, ("dk1", "dk2")) as stack:
+        yield stack
 
 
 class Inbox:

@@ -118,6 +118,7 @@ class StackCore:
 
     # ---------------------------------------------------------------- helpers
     def statistics(self) -> dict[str, int]:
+        """Counters; ``tcp_retransmits`` and friends include closed connections only."""
         out = dict(self.stats)
         out["tcp_connections"] = len(self.conns)
         out["tcp_listeners"] = len(self.listeners)
@@ -332,6 +333,10 @@ class StackCore:
     def tcp_closed(self, conn: TcpConnection) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+            stats = self.stats
+            for k, v in conn.stats.items():
+                if v and k not in ("segments_in", "segments_out"):
+                    stats["tcp_" + k] += v
         lst = conn.listener
         if isinstance(lst, ListenerCore):
             lst.half_open.pop(conn.key, None)

@@ -822,6 +822,7 @@ class TcpConnection:
         self._rtt_seq = None  # Karn's rule
         self.rto = min(self.rto * 2, self.config.max_rto)
         if st in (S.SYN_SENT, S.SYN_RECEIVED):
+            self.stats["syn_retransmits"] = self.stats.get("syn_retransmits", 0) + 1
             self._send_syn(now)
             self.rto_at = now + self.rto
             return

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.integration.services import TCP_ECHO as ECHO
 from tests.realstack import NEWEST_HEADSCALE, Stack, wait_for
 from trionet import Node
 
@@ -46,19 +47,6 @@ MB = 1 << 20
 # seconds in RTO back-off (see the report in issue 9), so DERP runs use what
 # test_soak uses.
 DERP_WINDOW = 256 << 10
-ECHO = r'''
-import socket, sys, threading
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(64)
-def serve(c):
-    while True:
-        b = c.recv(65536)
-        if not b: break
-        c.sendall(b)
-    c.close()
-while True:
-    c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-'''
 
 
 @pytest.fixture(scope="module")

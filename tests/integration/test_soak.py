@@ -24,24 +24,12 @@ from typing import Any
 import pytest
 import trio
 
+from tests.integration.services import TCP_ECHO as ECHO
 from tests.realstack import Stack, wait_for
 from trionet import Node
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
 
-ECHO = r'''
-import socket, sys, threading
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(64)
-def serve(c):
-    while True:
-        b = c.recv(65536)
-        if not b: break
-        c.sendall(b)
-    c.close()
-while True:
-    c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-'''
 ECHO_PORT = 7007
 CHUNK = 64 * 1024
 

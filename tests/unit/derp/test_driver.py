@@ -224,6 +224,18 @@ async def test_login_timeout_then_silence_timeout(autojump_clock: trio.testing.M
         nursery.cancel_scope.cancel()
 
 
+async def _login(s: Any, relay_private: PrivateKey, a: DerpConnection) -> None:
+    from nacl.public import Box, PublicKey
+
+    await s.receive_some()  # the GET
+    await s.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n"
+                     + frames.build_server_key(bytes(relay_private.public_key)))
+    await trio.sleep(0.1)
+    box = Box(relay_private, PublicKey(a.node_public))
+    await s.send_all(frames.build_server_info(bytes(box.encrypt(b"{}", bytes(24)))))
+    await trio.sleep(0.1)
+
+
 async def test_restarting_sets_reconnect_delay(autojump_clock: trio.testing.MockClock) -> None:
     relay_private = PrivateKey.generate()
     streams: list[Any] = []
@@ -238,17 +250,7 @@ async def test_restarting_sets_reconnect_delay(autojump_clock: trio.testing.Mock
         nursery.start_soon(a.run)
         await trio.sleep(0.1)
         t0, s = streams[0]
-        await s.receive_some()  # the GET
-        await s.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n"
-            + frames.build_server_key(bytes(relay_private.public_key))
-        )
-        await trio.sleep(0.1)
-        from nacl.public import Box, PublicKey
-
-        box = Box(relay_private, PublicKey(a.node_public))
-        await s.send_all(frames.build_server_info(bytes(box.encrypt(b"{}", bytes(24)))))
-        await trio.sleep(0.1)
+        await _login(s, relay_private, a)
         assert a.connected
         await s.send_all(frames.build_restarting(3000, 60000))
         await trio.sleep(0.1)
@@ -257,18 +259,6 @@ async def test_restarting_sets_reconnect_delay(autojump_clock: trio.testing.Mock
         assert len(streams) == 2
         assert 3.0 <= streams[1][0] - (t0 + 0.4) <= 3.5  # 3 s + ≤10 % jitter, not the 50 s backoff
         nursery.cancel_scope.cancel()
-
-
-async def _login(s: Any, relay_private: PrivateKey, a: DerpConnection) -> None:
-    from nacl.public import Box, PublicKey
-
-    await s.receive_some()  # the GET
-    await s.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n"
-                     + frames.build_server_key(bytes(relay_private.public_key)))
-    await trio.sleep(0.1)
-    box = Box(relay_private, PublicKey(a.node_public))
-    await s.send_all(frames.build_server_info(bytes(box.encrypt(b"{}", bytes(24)))))
-    await trio.sleep(0.1)
 
 
 async def test_a_link_that_was_up_is_redialled_at_once_then_backoff(autojump_clock: trio.testing.MockClock) -> None:

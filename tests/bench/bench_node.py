@@ -167,7 +167,8 @@ def run_client(ns: list[str], mode: str, host: str, port: int, proxy_port: int, 
 def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] | None = None,
          conns: int = 200, profile: Path | None = None) -> dict[str, Any]:
     """``only``: a subset of {"stream", "rr", "concurrent", "derp"}; ``profile``: run the
-    trionet daemon under pyinstrument and write its HTML report there."""
+    trionet daemon under pyinstrument and write its report there (HTML; text for
+    .txt, a session for .pyisession)."""
     rows = only or frozenset(("stream", "rr", "concurrent", "derp"))
     trionet_socks = free_port()
     build((NEWEST_HEADSCALE,))
@@ -189,7 +190,9 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
         state = stack.workdir / "trionet-state"
         keyfile = stack.workdir / "key"
         keyfile.write_text(stack.preauth_key())
-        prof = ([sys.executable, "-m", "pyinstrument", "-r", "html", "-o", str(profile)]
+        renderer = {".txt": "text", ".pyisession": "pyisession", ".json": "speedscope"}.get(
+            profile.suffix, "html") if profile else ""
+        prof = ([sys.executable, "-m", "pyinstrument", "-r", renderer, "-o", str(profile)]
                 if profile else [sys.executable])
         daemon = subprocess.Popen(
             [*prof, "-m", "trionet", "up", "--login-server", stack.server_url, "--authkey",
@@ -287,7 +290,8 @@ if __name__ == "__main__":
     ap.add_argument("--only", default="", help="comma-separated rows: stream,rr,concurrent,derp")
     ap.add_argument("--conns", type=int, default=200, help="connections in the concurrent row")
     ap.add_argument("--blob-mb", type=int, default=200, help="single-stream transfer size")
-    ap.add_argument("--profile", type=Path, help="run the trionet daemon under pyinstrument; HTML here")
+    ap.add_argument("--profile", type=Path,
+                    help="run the trionet daemon under pyinstrument; report here (.html, .txt, .pyisession)")
     a = ap.parse_args()
     main(a.json_opt or a.json, blob_mb=a.blob_mb,
          only=frozenset(a.only.split(",")) if a.only else None, conns=a.conns,

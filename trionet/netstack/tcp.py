@@ -23,7 +23,7 @@ from typing import Protocol
 from ..errors import LocalProtocolError
 from .congestion import NewReno
 from .wire import tcp as wtcp
-from .wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions
+from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpOptions
 
 MASK = 0xFFFFFFFF
 _TS_PREFIX = b"\x01\x01\x08\x0a"
@@ -77,6 +77,8 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     S.TIME_WAIT: {E.TIMEOUT: S.CLOSED, E.RESET: S.CLOSED},
 }
 
+#: flags that take a segment off the fast path (PSH, ECE and CWR do not)
+_NOT_FAST = SYN | FIN | RST | ACK | URG
 _SEND_STATES = frozenset((S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK))
 _RECV_STATES = frozenset((S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2))
 
@@ -281,10 +283,12 @@ class TcpConnection:
         return self.config.send_buffer - len(self.sbuf)
 
     def read(self, max_bytes: int, now: float) -> bytes:
-        if not self.rbuf:
+        rbuf = self.rbuf
+        if not rbuf:
             return b""
-        data = bytes(self.rbuf[:max_bytes])
-        del self.rbuf[:max_bytes]
+        with memoryview(rbuf) as mv:  # one copy, not a bytearray slice and then bytes()
+            data = bytes(mv[:max_bytes])
+        del rbuf[:max_bytes]
         if self.state in _RECV_STATES:
             edge = self.rcv_nxt + self._rcv_space()
             inc = edge - self._rcv_adv_edge
@@ -336,6 +340,37 @@ class TcpConnection:
     # ------------------------------------------------------------- receiving
     def _rcv_space(self) -> int:
         return self.config.recv_buffer - len(self.rbuf)
+
+    def rcv_fast(self, seq_w: int, ack_w: int, flags: int, window: int, ts_val: int | None,
+                 payload: memoryview) -> bool:
+        """Header prediction (RFC 9293 3.10.7.4, Jacobson's fast path): the next in-order
+        data segment of an established connection, acknowledging nothing new. Takes it
+        and returns True, exactly as ``on_segment`` would; returns False, having
+        changed nothing, for any other segment."""
+        rn = self.rcv_nxt
+        plen = len(payload)
+        cfg = self.config
+        if (self.state is not S.ESTABLISHED or flags & _NOT_FAST != ACK or seq_w != rn & MASK
+                or ack_w != self.snd_una & MASK or not plen or self._ooo_starts
+                or self.app_closed or cfg.keepalive_idle is not None
+                or plen > cfg.recv_buffer - len(self.rbuf)):
+            return False
+        self.stats["segments_in"] += 1
+        if ts_val is not None and self.ts_ok:
+            self.ts_recent = ts_val
+        # window update (the SND.WL1/WL2 rule of _process_ack, with seq == RCV.NXT)
+        wl1 = self.snd_wl1
+        if wl1 < rn or (wl1 == rn and self.snd_wl2 <= self.snd_una):
+            wnd = window << self.snd_wscale
+            self.snd_wnd = wnd
+            self.snd_wl1 = rn
+            self.snd_wl2 = self.snd_una
+            if wnd > 0:
+                self.persist_at = None
+        self.rbuf += payload
+        self.rcv_nxt = rn + plen
+        self._ack_pending += 1
+        return True
 
     def on_segment(self, seq_w: int, ack_w: int, flags: int, window: int,
                    opts: TcpOptions, payload: memoryview, now: float) -> None:

@@ -1,0 +1,237 @@
+"""The receive fast path and the driver's timer bookkeeping (issue 8).
+
+* ``TcpConnection.rcv_fast`` (header prediction) must leave a connection exactly
+  as ``on_segment`` would: the same script is played to two stacks, one with the
+  fast path switched off, and every packet out and every piece of state compared.
+* The driver no longer scans every connection after each packet batch and each
+  read; it looks at the connections a call touched. A timer armed anywhere else
+  would be forgotten: a lost SYN-ACK or a lost first data segment would then never
+  be retransmitted. Both are played here in simulated time.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from trionet.netstack import NetStack, TcpConfig
+from trionet.netstack.stack import StackCore
+from trionet.netstack.tcp import TcpConnection
+from trionet.netstack.wire import tcp as wtcp
+from trionet.netstack.wire.tcp import ACK, FIN, PSH, SYN, URG
+
+from .fakepeer import PEER, US, make_segment, parse_out
+from .simlink import B4, Pipe, linked_stacks
+
+STATE = ("state", "rcv_nxt", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "ts_recent",
+         "_ack_pending", "_ack_now", "delack_at", "rto_at", "persist_at", "fin_received",
+         "_ooo_starts", "dupacks")
+
+
+def _ts(val: int, ecr: int = 0) -> bytes:
+    return b"\x01\x01\x08\x0a" + struct.pack("!II", val, ecr)
+
+
+class _Side:
+    def __init__(self, fast: bool, config: TcpConfig | None = None) -> None:
+        self.out: list[bytes] = []
+        self.stack = StackCore([US], self.out.append, tcp_config=config, seed=5)
+        self.fast_taken = 0
+        self.conn: TcpConnection | None = None
+        self._fast = fast
+
+    def open(self) -> tuple[int, int]:
+        conn = self.stack.tcp_connect(PEER, 80, 0.0)
+        syn = parse_out(self.out.pop())
+        self.stack.deliver(make_segment(80, syn.sport, 7000, syn.seq + 1, SYN | ACK, 65535,
+                                        options=wtcp.build_options(mss=1000, wscale=2,
+                                                                   sack_perm=True, ts=(50, 1))),
+                           0.001)
+        self.out.clear()
+        real = conn.rcv_fast
+
+        def counted(*a: object) -> bool:
+            if not self._fast:
+                return False
+            took = real(*a)  # type: ignore[arg-type]
+            self.fast_taken += took
+            return took
+
+        conn.rcv_fast = counted  # type: ignore[method-assign]
+        self.conn = conn
+        return syn.sport, syn.seq + 1
+
+    def state(self) -> dict[str, object]:
+        assert self.conn is not None
+        s = {k: getattr(self.conn, k) for k in STATE}
+        s["rbuf"] = bytes(self.conn.rbuf)
+        s["stats"] = dict(self.conn.stats)
+        return s
+
+
+def test_fast_path_changes_exactly_what_the_slow_path_does() -> None:
+    sides = [_Side(fast=True), _Side(fast=False)]
+    port, our_seq = sides[0].open()
+    assert sides[1].open() == (port, our_seq), "same seed, same ports and ISS"
+    pseq = 7001
+    script: list[tuple[float, list[bytes]]] = []
+
+    def data(seq: int, n: int, flags: int = ACK, ack: int = our_seq, wnd: int = 4000,
+             opts: bytes | None = None, fill: int = 0x61) -> bytes:
+        return make_segment(80, port, seq, ack, flags, wnd, bytes([fill]) * n,
+                            _ts(100 + seq % 1000, 1) if opts is None else opts)
+
+    # in order, several per batch, PSH and no-PSH, with and without timestamps
+    script.append((0.01, [data(pseq, 1000), data(pseq + 1000, 1000, ACK | PSH),
+                          data(pseq + 2000, 500, opts=b"")]))
+    pseq += 2500
+    # the window the peer offers changes; an URG segment; a gap, then its filler
+    script.append((0.02, [data(pseq, 1000, wnd=0), data(pseq + 1000, 100, ACK | URG)]))
+    pseq += 1100
+    script.append((0.03, [data(pseq + 1000, 1000), data(pseq, 1000, fill=0x62)]))
+    pseq += 2000
+    # a duplicate (old) segment, then the peer's window opens again
+    script.append((0.04, [data(pseq - 1000, 1000), data(pseq, 1000, wnd=8000)]))
+    pseq += 1000
+    script.append((0.3, []))  # the delayed ACK timer
+    # we send; the peer's data acknowledges part of it, then nothing new (fast path again)
+    script.append((0.5, [data(pseq, 700)]))
+    pseq += 700
+    script.append((0.6, [data(pseq, 300, ack=our_seq + 400), data(pseq + 300, 300,
+                                                                 ack=our_seq + 400)]))
+    pseq += 600
+    script.append((0.7, [data(pseq, 10, ACK | FIN, ack=our_seq + 400)]))
+    pseq += 11
+    script.append((0.8, [data(pseq, 10, ack=our_seq + 400)]))  # data after FIN: not taken
+
+    for now, packets in script:
+        outs = []
+        for side in sides:
+            if now == 0.5:
+                assert side.conn is not None
+                side.conn.send(b"q" * 900, now)
+            side.stack.deliver_many(packets, now)
+            if not packets:
+                side.stack.on_timer(now)
+            outs.append([parse_out(p) for p in side.out])
+            side.out.clear()
+        assert outs[0] == outs[1], f"at {now}"
+        assert sides[0].state() == sides[1].state(), f"at {now}"
+        assert sides[0].stack.statistics() == sides[1].stack.statistics()
+    assert sides[0].fast_taken == 7 and sides[1].fast_taken == 0
+    conn = sides[0].conn
+    assert conn is not None and conn.fin_received and bytes(conn.rbuf).count(b"b") == 1000
+    assert len(conn.rbuf) == 2500 + 1100 + 2000 + 1000 + 700 + 600 + 10
+
+
+def test_keepalive_connections_take_the_slow_path() -> None:
+    side = _Side(fast=True, config=TcpConfig(keepalive_idle=10.0))
+    port, our_seq = side.open()
+    side.stack.deliver(make_segment(80, port, 7001, our_seq, ACK, 4000, b"x" * 100), 1.0)
+    assert side.fast_taken == 0
+    assert side.conn is not None and side.conn.keepalive_at == pytest.approx(11.0)
+
+
+def test_unchecked_checksums_only_when_asked() -> None:
+    for verify in (True, False):
+        out: list[bytes] = []
+        stack = StackCore([US], out.append, seed=5, verify_checksums=verify)
+        conn = stack.tcp_connect(PEER, 80, 0.0)
+        syn = parse_out(out.pop())
+        stack.deliver(make_segment(80, syn.sport, 7000, syn.seq + 1, SYN | ACK, 65535), 0.0)
+        seg = bytearray(make_segment(80, syn.sport, 7001, syn.seq + 1, ACK, 65535, b"hello"))
+        seg[-1] ^= 0x20  # corrupt the payload: only the TCP checksum can tell
+        stack.deliver(bytes(seg), 0.01)
+        assert bytes(conn.rbuf) == (b"" if verify else b"hellO")
+        assert stack.stats["drop_tcp_bad_checksum"] == (1 if verify else 0)
+
+
+# ------------------------------------------------------------------ the driver
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+class _Tcp:
+    """The TCP header fields of an IPv4 packet (20-byte IP header), for dropping rules."""
+
+    def __init__(self, packet: bytes) -> None:
+        self.sport, self.dport, self.seq, self.ack, off, self.flags = struct.unpack_from(
+            "!HHIIBB", packet, 20)
+        self.payload_len = len(packet) - 20 - (off >> 4) * 4
+
+
+def _dropper(rule: Callable[[_Tcp], bool]) -> Callable[[bytes], bytes | None]:
+    return lambda packet: None if rule(_Tcp(packet)) else packet
+
+
+async def _connections(a: NetStack, b: NetStack, n: int) -> list[trio.abc.Stream]:
+    """``n`` idle established connections: every one a candidate for a full scan."""
+    lst = b.listen_tcp(9000, backlog=n + 1)
+    out: list[trio.abc.Stream] = []
+    for _ in range(n):
+        out.append(await a.open_tcp_stream(B4, 9000))
+        out.append(await lst.accept())
+    await lst.aclose()
+    return out
+
+
+async def test_lost_syn_ack_is_retransmitted_by_the_listener(
+        autojump_clock: trio.testing.MockClock) -> None:
+    syn_acks = [0]
+    client_syns = [0]
+
+    def first_syn_ack(h: _Tcp) -> bool:
+        if h.sport != 80 or h.flags & (SYN | ACK) != SYN | ACK:
+            return False
+        syn_acks[0] += 1
+        return syn_acks[0] == 1
+
+    def client_syn_retries(h: _Tcp) -> bool:
+        if h.dport != 80 or h.flags & (SYN | ACK) != SYN:
+            return False
+        client_syns[0] += 1
+        return client_syns[0] > 1  # only the listener's own timer can save the handshake
+
+    async with linked_stacks(Pipe(mangle=_dropper(client_syn_retries)),
+                             Pipe(mangle=_dropper(first_syn_ack))) as (a, b):
+        await _connections(a, b, 20)
+        lst = b.listen_tcp(80)
+        start = trio.current_time()
+        with trio.fail_after(5):
+            client = await a.open_tcp_stream(B4, 80)
+            server = await lst.accept()
+        assert syn_acks[0] == 2 and client_syns[0] >= 1
+        assert 0.9 < trio.current_time() - start < 1.5  # the SYN-ACK's 1 s RTO
+        await client.send_all(b"ping")
+        assert await server.receive_some() == b"ping"
+
+
+async def test_lost_first_segment_after_idle_is_retransmitted(
+        autojump_clock: trio.testing.MockClock) -> None:
+    dropped = [0]
+
+    def first_data(h: _Tcp) -> bool:
+        if h.dport == 80 and h.payload_len and not dropped[0]:
+            dropped[0] += 1
+            return True
+        return False
+
+    async with linked_stacks(Pipe(mangle=_dropper(first_data))) as (a, b):
+        await _connections(a, b, 20)
+        lst = b.listen_tcp(80)
+        client = await a.open_tcp_stream(B4, 80)
+        server = await lst.accept()
+        await trio.sleep(30)  # every timer idle: the timer task sleeps for good
+        start = trio.current_time()
+        await client.send_all(b"x" * 500)
+        with trio.fail_after(5):
+            assert await server.receive_some() == b"x" * 500
+        assert dropped[0] == 1
+        assert trio.current_time() - start < 1.5  # one RTO, not a connection timeout

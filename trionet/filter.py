@@ -220,7 +220,7 @@ class PacketFilter:
         # Fast path for the bulk of traffic: IPv4 TCP without SYN to one of our
         # addresses passes (runIn4 "tcp non-syn") without building any objects.
         if (len(packet) >= 40 and packet[0] == 0x45 and packet[9] == TCP and not packet[33] & 0x02
-                and bytes(packet[16:20]) in self._local_raw and not struct.unpack_from("!H", packet, 6)[0] & 0x1FFF):
+                and not (packet[6] & 0x1F or packet[7]) and bytes(packet[16:20]) in self._local_raw):
             return True
         ok, why = self.check_inbound(packet)
         if not ok:

@@ -244,7 +244,11 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
             print(f"{'64-byte round trip p99 (ms)':<44} trionet {results['rows'][-1]['p99']['trionet']:10.2f}  "
                   f"tailscaled {results['rows'][-1]['p99']['tailscaled']:10.2f}")
         if "concurrent" in rows:
-            both(f"{conns} concurrent connections (MB/s)", "concurrent", HTTP_PORT, conns, "mbps")
+            both(f"{conns} concurrent connections (MB/s)", "concurrent", HTTP_PORT, conns, "mbps", cpu=True)
+            row = results["rows"][-1]
+            # CPU per connection: steadier than wall-clock rates on a shared machine
+            print(f"{'  CPU ms per connection':<44} trionet {row['trionet_cpu_s_per_gb'] * 262e-6 * 1e3:10.2f}  "
+                  f"tailscaled {row['tailscaled_cpu_s_per_gb'] * 262e-6 * 1e3:10.2f}")
             both(f"{conns} concurrent: connection setups/s", "concurrent", HTTP_PORT, conns, "setups_per_s")
             for name in sides:
                 d = results["rows"][-1][name + "_detail"]

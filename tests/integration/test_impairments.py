@@ -201,9 +201,14 @@ async def loss_transfer(stack: Stack, tmp: Path, size: int, percent: int = 5) ->
     finally:
         stack.remove_loss()
     print(f"\nloss: {result}")
-    for way in ("in", "out"):  # the rules did drop about 5% of what they saw
-        seen, dropped = result["loss"][way]["seen"], result["loss"][way]["dropped"]
-        assert seen > 1000 and 0.5 * percent / 100 < dropped / seen < 2 * percent / 100, result
+    # The rules did drop about 5% of what they saw, both ways. They count skbs:
+    # tailscaled sends with UDP GSO, so its direction shows far fewer skbs than
+    # datagrams (768 for 8 MiB in one run), and the ratio is judged on the total.
+    loss = result["loss"]
+    seen = loss["in"]["seen"] + loss["out"]["seen"]
+    dropped = loss["in"]["dropped"] + loss["out"]["dropped"]
+    assert loss["in"]["dropped"] > 0 and loss["out"]["dropped"] > 0, result
+    assert seen > 1000 and 0.5 * percent / 100 < dropped / seen < 2 * percent / 100, result
     assert result["verified"] and result["reset"] is None, result
     return result
 

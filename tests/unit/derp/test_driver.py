@@ -224,6 +224,19 @@ async def test_login_timeout_then_silence_timeout(autojump_clock: trio.testing.M
         nursery.cancel_scope.cancel()
 
 
+def _memory_link(backoff: float) -> tuple[DerpConnection, list[Any]]:
+    """A DerpConnection whose every dial is a fresh memory stream, kept as (time, server end)."""
+    streams: list[Any] = []
+
+    async def open_stream() -> trio.abc.Stream:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        streams.append((trio.current_time(), server_stream))
+        return client_stream
+
+    return DerpConnection("http://derp.test/derp", key(), open_stream=open_stream,
+                          backoff=lambda n: backoff), streams
+
+
 async def _login(s: Any, relay_private: PrivateKey, a: DerpConnection) -> None:
     from nacl.public import Box, PublicKey
 
@@ -238,14 +251,7 @@ async def _login(s: Any, relay_private: PrivateKey, a: DerpConnection) -> None:
 
 async def test_restarting_sets_reconnect_delay(autojump_clock: trio.testing.MockClock) -> None:
     relay_private = PrivateKey.generate()
-    streams: list[Any] = []
-
-    async def open_stream() -> trio.abc.Stream:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        streams.append((trio.current_time(), server_stream))
-        return client_stream
-
-    a = DerpConnection("http://derp.test/derp", key(), open_stream=open_stream, backoff=lambda n: 50.0)
+    a, streams = _memory_link(backoff=50.0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.run)
         await trio.sleep(0.1)
@@ -263,14 +269,7 @@ async def test_restarting_sets_reconnect_delay(autojump_clock: trio.testing.Mock
 
 async def test_a_link_that_was_up_is_redialled_at_once_then_backoff(autojump_clock: trio.testing.MockClock) -> None:
     relay_private = PrivateKey.generate()
-    streams: list[Any] = []
-
-    async def open_stream() -> trio.abc.Stream:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        streams.append((trio.current_time(), server_stream))
-        return client_stream
-
-    a = DerpConnection("http://derp.test/derp", key(), open_stream=open_stream, backoff=lambda n: 50.0)
+    a, streams = _memory_link(backoff=50.0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.run)
         await trio.sleep(0.1)

@@ -245,7 +245,7 @@ class Node:
         for tx in self.wg.send_ip(packet, time.monotonic(), time.time()):
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
 
-    def _on_wireguard(self, data: bytes, derp_src: bytes | None, path: PathTag) -> None:
+    def _on_wireguard(self, data: bytes | memoryview, derp_src: bytes | None, path: PathTag) -> None:
         if self.wg is None or self.magic is None:
             self.stats["drop.no_wireguard"] += 1
             return

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +42,30 @@ STUN_RETRY = 0.5
 ENDPOINT_REFRESH = 25.0  # tailscaled re-STUNs about this often (endpointsFreshEnoughDuration 27 s)
 
 
+# Linux UDP GRO (udp(7)): one read returns up to 64 KiB of same-size datagrams from one
+# sender, with the segment size in a control message. tailscaled sends with UDP GSO, so
+# its batches reach us whole instead of being split by the kernel and read one by one.
+_SOL_UDP = 17
+_UDP_GRO = 104
+
+
+def _enable_udp_gro(sock: socket.socket) -> bool:
+    if sys.platform != "linux":
+        return False
+    try:
+        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+    except OSError:  # kernels before 5.0
+        return False
+    return True
+
+
+def _gro_segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, value in ancillary:
+        if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
+            return int.from_bytes(value[:4], sys.byteorder)  # udp_cmsg_recv: a native int
+    return 0
+
+
 def _norm(addr: Any) -> Addr:
     host = addr[0]
     if host.startswith("::ffff:"):
@@ -55,7 +80,7 @@ class MagicConn:
         node_public: bytes,
         disco_private: bytes,
         disco_public: bytes,
-        on_wireguard: Callable[[bytes, bytes | None, PathTag], None],
+        on_wireguard: Callable[[bytes | memoryview, bytes | None, PathTag], None],
         *,
         login_server: str,
         ca_file: str | None = None,
@@ -94,6 +119,7 @@ class MagicConn:
         self._endpoints_ready = trio.Event()
         self._disco_wake = trio.Event()
         self._dual_stack = False
+        self._gro = False  # the kernel may hand us several datagrams of one flow per read
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -109,6 +135,7 @@ class MagicConn:
         sock.setblocking(False)
         sock.bind((bind, self.udp_port))
         self.sock = sock
+        self._gro = _enable_udp_gro(sock)
         self._dual_stack = sock.family == socket.AF_INET6  # IPv4 peers go to ::ffff:a.b.c.d
         self.local_endpoints = self._local_addresses(sock.getsockname()[1])
 
@@ -267,38 +294,62 @@ class MagicConn:
     async def _udp_reader(self) -> None:
         assert self.sock is not None
         sock = self.sock
-        recvfrom = sock.recvfrom
         on_wireguard = self.on_wireguard
         sources: dict[Any, PathTag] = {}  # the socket's address -> our path tag, built once per peer
+        gro = self._gro
+        recvmsg = sock.recvmsg
+        recvfrom = sock.recvfrom
+        cmsg_space = socket.CMSG_SPACE(4)
         while True:
             await trio.lowlevel.wait_readable(sock)
             count = 0
             for _ in range(UDP_BATCH):
                 try:
-                    data, addr = recvfrom(65535)
+                    if gro:
+                        data, ancillary, _flags, addr = recvmsg(65535, cmsg_space)
+                    else:
+                        data, addr = recvfrom(65535)
+                        ancillary = None
                 except BlockingIOError:
                     break
                 except OSError as exc:  # e.g. ICMP unreachable surfaced as ECONNREFUSED
                     self.stats["recv.udp_error"] += 1
                     log.debug("udp recv: %s", exc)
                     continue
-                count += 1
                 path = sources.get(addr)
                 if path is None:
                     if len(sources) > 4096:
                         sources.clear()
                     path = sources[addr] = ("udp", _norm(addr))
+                segment = _gro_segment_size(ancillary) if ancillary else 0
+                if segment and segment < len(data):
+                    # Several datagrams of one flow, coalesced by the kernel: split them
+                    # without copying (the parsers and the cipher accept memoryviews).
+                    view = memoryview(data)
+                    for offset in range(0, len(data), segment):
+                        count += 1
+                        self._on_udp_datagram(view[offset:offset + segment], path)
+                    continue
+                count += 1
                 if data[:1] == b"\x04":  # WireGuard transport: STUN starts 0x00/0x01, disco 'T'
                     on_wireguard(data, None, path)
-                elif stun.is_stun(data):
-                    self._on_stun(data)
-                elif disco.looks_like_disco(data):
-                    self._on_disco(data, path, None)
                 else:
-                    on_wireguard(data, None, path)
+                    self._on_udp_datagram(data, path)
             self.stats["recv.udp"] += count
             if self.on_batch_end is not None:
                 self.on_batch_end()
+
+    def _on_udp_datagram(self, data: bytes | memoryview, path: PathTag) -> None:
+        if data[:1] == b"\x04":
+            self.on_wireguard(data, None, path)
+            return
+        data = bytes(data)
+        if stun.is_stun(data):
+            self._on_stun(data)
+        elif disco.looks_like_disco(data):
+            self._on_disco(data, path, None)
+        else:
+            self.on_wireguard(data, None, path)
 
     # ------------------------------------------------------------------ disco
     def _on_disco(self, data: bytes, path: PathTag, derp_src: bytes | None) -> None:

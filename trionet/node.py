@@ -229,7 +229,8 @@ class Node:
         self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
         # Packets reach the stack only through WireGuard, whose AEAD already proved them
         # intact; tailscaled's netstack skips these checksums too.
-        self.stack = NetStack(addresses=addrs, output=self._on_ip_out, mtu=1280, verify_checksums=False)
+        self.stack = NetStack(addresses=addrs, output=self._on_ip_out, mtu=1280, verify_checksums=False,
+                              output_done=self.magic.uncork if self.magic is not None else None)
         assert self._nursery is not None
         self._nursery.start_soon(self.stack.run)
         self._stack_ready.set()
@@ -241,6 +242,7 @@ class Node:
     # -------------------------------------------------------------- hot path
     def _on_ip_out(self, packet: bytes) -> None:
         assert self.wg is not None and self.magic is not None
+        self.magic.cork()  # the netstack step ends with output_done -> uncork: one GSO write per run
         self.filter.note_outbound(packet)
         for tx in self.wg.send_ip(packet, time.monotonic(), time.time()):
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
@@ -282,6 +284,7 @@ class Node:
             now = time.monotonic()
             for tx in self.wg.tick(now, time.time()):
                 self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
+            self.magic.uncork()  # a backstop: a netstack step that raised never reached output_done
             deadline = self.wg.next_deadline()
             delay = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
             await trio.sleep(delay)

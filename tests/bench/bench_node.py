@@ -92,10 +92,30 @@ def concurrent(proxy, host, port, conns, path):
             "mean_setup_ms": sum(setup) / conns * 1e3, "failed": len(failed), "errors": failed[:3],
             "max_setup_ms": max(setup) * 1e3}
 
+def upload(proxy, host, port, size_mb):
+    s = socks(proxy, host, port)
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    t0 = time.perf_counter()
+    s.sendall(struct.pack("!Q", size_mb << 20))  # a length, not EOF: tailscaled's proxy does not half-close
+    for _ in range(size_mb):
+        s.sendall(chunk)
+    reply = b""
+    while True:
+        b = s.recv(64)
+        if not b:
+            break
+        reply += b
+    dt = time.perf_counter() - t0
+    got = int(reply)  # what the sink counted, so a short transfer cannot pass as a fast one
+    assert got == size_mb << 20, (got, size_mb << 20)
+    return {"bytes": got, "seconds": dt, "mbps": got / dt / 1e6}
+
 mode, host, port, proxy_port, arg = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 proxy = ("127.0.0.1", proxy_port)
 if mode == "stream":
     print(json.dumps(stream(proxy, host, port, int(arg))))
+elif mode == "upload":
+    print(json.dumps(upload(proxy, host, port, int(arg))))
 elif mode == "rr":
     print(json.dumps(rr(proxy, host, port, int(arg))))
 else:
@@ -116,6 +136,27 @@ while True:
     c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 '''
 
+# Reads the length the client announces, then that many bytes; answers with the count.
+SINK = r'''
+import socket, struct, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(64)
+def serve(c):
+    head = b""
+    while len(head) < 8:
+        b = c.recv(8 - len(head))
+        if not b: return c.close()
+        head += b
+    want, n = struct.unpack("!Q", head)[0], 0
+    while n < want:
+        b = c.recv(min(1 << 20, want - n))
+        if not b: break
+        n += len(b)
+    c.sendall(str(n).encode()); c.close()
+while True:
+    c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+'''
+
 # `python -m http.server` listens with a backlog of 5: 200 simultaneous connects overflow
 # its accept queue, the kernel drops SYNs (and handshake ACKs), and ts1's tailscaled,
 # which dials this server before it answers the tailnet SYN, retries at 1, 3, 7, 15,
@@ -129,7 +170,7 @@ handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=sys
 Server(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
 '''
 
-HTTP_PORT, ECHO_PORT = 8000, 7000
+HTTP_PORT, ECHO_PORT, SINK_PORT = 8000, 7000, 7001
 TS2_SOCKS = 1055  # in ts2's own namespace
 
 
@@ -166,10 +207,10 @@ def run_client(ns: list[str], mode: str, host: str, port: int, proxy_port: int, 
 
 def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] | None = None,
          conns: int = 200, profile: Path | None = None) -> dict[str, Any]:
-    """``only``: a subset of {"stream", "rr", "concurrent", "derp"}; ``profile``: run the
+    """``only``: a subset of {"stream", "upload", "rr", "concurrent", "derp"}; ``profile``: run the
     trionet daemon under pyinstrument and write its report there (HTML; text for
     .txt, a session for .pyisession)."""
-    rows = only or frozenset(("stream", "rr", "concurrent", "derp"))
+    rows = only or frozenset(("stream", "upload", "rr", "concurrent", "derp"))
     trionet_socks = free_port()
     build((NEWEST_HEADSCALE,))
     stack = Stack(NEWEST_HEADSCALE).start(tailscaleds=2)
@@ -187,6 +228,7 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
         procs.append(subprocess.Popen([*ts1.host.exec_prefix(), sys.executable, "-c", HTTP, str(HTTP_PORT), str(www)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([*ts1.host.exec_prefix(), sys.executable, "-c", ECHO, str(ECHO_PORT)]))
+        procs.append(subprocess.Popen([*ts1.host.exec_prefix(), sys.executable, "-c", SINK, str(SINK_PORT)]))
         state = stack.workdir / "trionet-state"
         keyfile = stack.workdir / "key"
         keyfile.write_text(stack.preauth_key())
@@ -218,10 +260,13 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
                  cpu: bool = False) -> None:
             row: dict[str, Any] = {"metric": label}
             for name, (ns, proxy_port, pid) in sides.items():
-                warm = {"rr": 8, "stream": 10, "concurrent": 20}[mode]
-                run_client(ns, mode, ts1_ip, port, proxy_port, warm)  # warm up
-                c0 = cpu_seconds(pid)
-                r = run_client(ns, mode, ts1_ip, port, proxy_port, arg)
+                warm = {"rr": 8, "stream": 10, "upload": 10, "concurrent": 20}[mode]
+                try:
+                    run_client(ns, mode, ts1_ip, port, proxy_port, warm)  # warm up
+                    c0 = cpu_seconds(pid)
+                    r = run_client(ns, mode, ts1_ip, port, proxy_port, arg)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"{label}, {name}: {exc}") from None
                 row[name] = r[key]
                 row[name + "_detail"] = r
                 if cpu:
@@ -238,6 +283,9 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
         print(f"{'metric':<44} (same run, same service on ts1, both through SOCKS5)")
         if "stream" in rows:
             both(f"single stream {blob_mb} MB, direct (MB/s)", "stream", HTTP_PORT, blob_mb, "mbps", cpu=True)
+        if "upload" in rows:
+            both(f"single stream {blob_mb} MB upload, direct (MB/s)", "upload", SINK_PORT, blob_mb, "mbps",
+                 cpu=True)
         if "rr" in rows:
             both("64-byte round trip p50 (ms)", "rr", ECHO_PORT, 2000, "p50_ms", higher_better=False)
             results["rows"][-1]["p99"] = {n: results["rows"][-1][n + "_detail"]["p99_ms"] for n in sides}
@@ -291,7 +339,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="?", type=Path, help="write the results here")
     ap.add_argument("--json", dest="json_opt", type=Path, help="same as the positional argument")
-    ap.add_argument("--only", default="", help="comma-separated rows: stream,rr,concurrent,derp")
+    ap.add_argument("--only", default="", help="comma-separated rows: stream,upload,rr,concurrent,derp")
     ap.add_argument("--conns", type=int, default=200, help="connections in the concurrent row")
     ap.add_argument("--blob-mb", type=int, default=200, help="single-stream transfer size")
     ap.add_argument("--profile", type=Path,

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -47,6 +48,12 @@ ENDPOINT_REFRESH = 25.0  # tailscaled re-STUNs about this often (endpointsFreshE
 # its batches reach us whole instead of being split by the kernel and read one by one.
 _SOL_UDP = 17
 _UDP_GRO = 104
+# And UDP GSO: one sendmsg with UDP_SEGMENT carries a run of datagrams to one address.
+_UDP_SEGMENT = 103
+_GSO_SIZE = struct.Struct("=H")
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels
+GSO_MAX_BYTES = 65000  # the whole run must fit one IP packet's 64 KiB
+_GSO_UNSUPPORTED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 
 def _enable_udp_gro(sock: socket.socket) -> bool:
@@ -120,6 +127,9 @@ class MagicConn:
         self._disco_wake = trio.Event()
         self._dual_stack = False
         self._gro = False  # the kernel may hand us several datagrams of one flow per read
+        self._gso = False  # and take several of ours in one write (see cork)
+        self._corked = False
+        self._udp_queue: list[tuple[Any, bytes]] = []
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -136,6 +146,7 @@ class MagicConn:
         sock.bind((bind, self.udp_port))
         self.sock = sock
         self._gro = _enable_udp_gro(sock)
+        self._gso = sys.platform == "linux" and os.environ.get("TRIONET_DISABLE_UDP_GSO", "") in ("", "0")
         self._dual_stack = sock.family == socket.AF_INET6  # IPv4 peers go to ::ffff:a.b.c.d
         self.local_endpoints = self._local_addresses(sock.getsockname()[1])
 
@@ -241,13 +252,77 @@ class MagicConn:
         target: Any = addr
         if self._dual_stack and ":" not in addr[0]:
             target = ("::ffff:" + addr[0], addr[1])
+        if self._corked:
+            queue = self._udp_queue
+            queue.append((target, data))
+            if len(queue) >= GSO_MAX_SEGMENTS:
+                self._send_udp_queue()
+            return
         try:
             self.sock.sendto(data, target)
             self.stats["send.udp"] += 1
         except BlockingIOError:
             self.stats["send.udp_full"] += 1
         except OSError as exc:
-            self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
+            self._count_send_error(exc, 1)
+
+    def cork(self) -> None:
+        """Hold UDP datagrams until `uncork`, to send same-sized runs to one address as
+        one GSO write. For a burst produced synchronously, such as one netstack flush."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        if self._udp_queue:
+            self._send_udp_queue()
+
+    def _send_udp_queue(self) -> None:
+        queue, self._udp_queue = self._udp_queue, []
+        assert self.sock is not None
+        sock = self.sock
+        n = len(queue)
+        i = 0
+        while i < n:
+            target, first = queue[i]
+            size = len(first)
+            j = i + 1
+            total = size
+            if self._gso:
+                # A GSO run: one address, equal sizes, except that the last may be shorter.
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    next_target, data = queue[j]
+                    length = len(data)
+                    if next_target != target or length > size or total + length > GSO_MAX_BYTES:
+                        break
+                    total += length
+                    j += 1
+                    if length < size:
+                        break
+            count = j - i
+            try:
+                if count == 1:
+                    sock.sendto(first, target)
+                else:
+                    sock.sendmsg([data for _, data in queue[i:j]],
+                                 [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, target)
+                    self.stats["send.udp_gso"] += 1
+                self.stats["send.udp"] += count
+            except BlockingIOError:
+                self.stats["send.udp_full"] += count
+            except OSError as exc:
+                if count > 1 and exc.errno in _GSO_UNSUPPORTED:
+                    # No GSO on this path (tailscaled sees EIO without checksum offload):
+                    # send one by one from now on, starting with this run.
+                    log.info("UDP GSO unavailable (%s); sending datagrams one by one", exc)
+                    self._gso = False
+                    self._udp_queue = queue[i:] + self._udp_queue
+                    self._send_udp_queue()
+                    return
+                self._count_send_error(exc, count)
+            i = j
+
+    def _count_send_error(self, exc: OSError, count: int) -> None:
+        self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += count
 
     def _send_derp(self, region: int, node_key: bytes, data: bytes) -> None:
         conn = self._ensure_derp(region)

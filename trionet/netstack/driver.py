@@ -27,18 +27,21 @@ class NetStack:
     whichever task caused it). ``accept_inbound`` vetoes new inbound TCP
     connections, UDP datagrams and echo requests. ``verify_checksums=False`` suits
     packets that arrive through WireGuard (already authenticated); a TUN device
-    wants the default.
+    wants the default. ``output_done`` is called after every step that may have
+    called ``output`` (a batch delivered, a send, a read, a timer), so the owner can
+    hold a step's packets and write them together.
     """
 
     def __init__(self, addresses: Iterable[IPAddress | str], output: Callable[[bytes], None],
                  mtu: int = 1280, accept_inbound: Callable[[PacketInfo], bool] | None = None,
                  tcp_config: TcpConfig | None = None, seed: int | None = None,
-                 verify_checksums: bool = True) -> None:
+                 verify_checksums: bool = True, output_done: Callable[[], None] | None = None) -> None:
         addrs = [ipaddress.ip_address(a) for a in addresses]
         self.core = StackCore(addrs, output, mtu=mtu, accept_inbound=accept_inbound,
                               tcp_config=tcp_config, seed=seed,
                               verify_checksums=verify_checksums)
         self._timer_scope: trio.CancelScope | None = None
+        self._output_done = output_done
 
     # ------------------------------------------------------------ packet path
     def deliver(self, packet: bytes | bytearray | memoryview) -> None:
@@ -78,6 +81,8 @@ class NetStack:
         if core.timer_hint is not None:
             d = min(d, core.timer_hint)
             core.timer_hint = None
+        if self._output_done is not None:
+            self._output_done()
         cs = self._timer_scope
         if cs is not None and d < cs.deadline:
             cs.deadline = d

@@ -34,6 +34,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _TS_FAST = b"\x01\x01\x08\x0a"
+_IP4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")  # IPv4 without options, then TCP without options
 _II = struct.Struct("!II")
 #: IPv4 header without options + the fixed part of a TCP header, for the fast path:
 #: version/IHL, total length, flags/fragment offset, protocol, src, dst; ports, seq,
@@ -374,6 +375,32 @@ class StackCore:
                  options: bytes, payload: bytes | memoryview) -> None:
         rip, rport, lip, lport = conn.key
         pb = self._pseudo_base(lip, rip, 6)
+        if len(lip) == 4:
+            # Both headers in one pack, both checksums summed from the field values:
+            # every segment of a bulk send comes through here.
+            hlen = 20 + len(options)
+            plen = len(payload)
+            seq &= 0xFFFFFFFF
+            ack &= 0xFFFFFFFF
+            off_flags = (hlen << 10) | flags
+            total = pb + hlen + plen + lport + rport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) \
+                + (ack & 0xFFFF) + off_flags + window
+            if options:
+                total += ones_sum(options)
+            if plen:
+                total += ones_sum(payload)
+            ident = self._ident = (self._ident + 1) & 0xFFFF
+            ip_len = 20 + hlen + plen
+            # the IPv4 header's words: pseudo-header sum minus the protocol, plus
+            # 0x4500 (version, IHL), 0x4000 (DF), 0x4006 (TTL 64, TCP), length, ident
+            ip_ck = ~((pb + 0xC500 + ip_len + ident) % 0xFFFF) & 0xFFFF
+            hdr = _IP4_TCP.pack(0x45, 0, ip_len, ident, 0x4000, 64, 6, ip_ck, lip, rip, lport, rport, seq,
+                                ack, off_flags, window, ~(total % 0xFFFF) & 0xFFFF, 0)
+            stats = self.stats
+            stats["tcp_out"] += 1
+            stats["ip_out"] += 1
+            self.output(b"".join((hdr, options, payload)) if options or plen else hdr)
+            return
         hdr = wtcp.build(lport, rport, seq, ack, flags, window, options, payload, pb)
         self.stats["tcp_out"] += 1
         self._ip_out(lip, rip, 6, hdr, payload)

@@ -1,0 +1,112 @@
+"""Corked sends: runs of same-sized datagrams to one address leave as one GSO write,
+and every datagram still arrives, in order, as its own datagram."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from trionet import keys
+from trionet.magicsock.conn import GSO_MAX_BYTES, MagicConn
+
+
+def make_conn() -> MagicConn:
+    node, disco = keys.new_private(), keys.new_private()
+    conn = MagicConn(node, keys.public_of(node), disco, keys.public_of(disco), lambda *a: None,
+                     login_server="https://hs.test", udp_bind="127.0.0.1")
+    conn.bind()
+    return conn
+
+
+def receiver() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    return sock
+
+
+def drain(sock: socket.socket, count: int) -> list[bytes]:
+    return [sock.recv(65535) for _ in range(count)]
+
+
+def datagram(i: int, size: int) -> bytes:
+    return i.to_bytes(4, "big") + bytes([i % 251]) * (size - 4)
+
+
+def test_a_corked_burst_leaves_in_few_writes_and_arrives_whole() -> None:
+    conn = make_conn()
+    a, b = receiver(), receiver()
+    to_a = [datagram(i, 1312) for i in range(30)] + [datagram(30, 200)]
+    to_b = [datagram(100 + i, 1312) for i in range(5)]
+    conn.cork()
+    for d in to_a[:10]:
+        conn._send_udp(d, a.getsockname())
+    for d in to_b:
+        conn._send_udp(d, b.getsockname())
+    for d in to_a[10:]:
+        conn._send_udp(d, a.getsockname())
+    assert conn.stats["send.udp"] == 0, "nothing leaves while corked"
+    conn.uncork()
+    assert drain(a, len(to_a)) == to_a
+    assert drain(b, len(to_b)) == to_b
+    assert conn.stats["send.udp"] == 36
+    # a (10), b (5), a (21: 20 full and the short one ends the run)
+    assert conn.stats["send.udp_gso"] == 3
+
+
+def test_runs_stop_at_a_longer_datagram_and_at_the_size_limit() -> None:
+    conn = make_conn()
+    a = receiver()
+    size = 1312
+    per_write = GSO_MAX_BYTES // size
+    burst = [datagram(i, size) for i in range(per_write + 3)] + [datagram(99, 100), datagram(100, size)]
+    conn.cork()
+    for d in burst:
+        conn._send_udp(d, a.getsockname())
+    conn.uncork()
+    assert drain(a, len(burst)) == burst
+    # per_write full ones; then 3 full and the short one; then one alone (plain sendto)
+    assert conn.stats["send.udp_gso"] == 2
+    assert conn.stats["send.udp"] == len(burst)
+
+
+def test_uncorked_sends_go_at_once() -> None:
+    conn = make_conn()
+    a = receiver()
+    conn._send_udp(b"now", a.getsockname())
+    assert a.recv(100) == b"now"
+    assert conn.stats["send.udp_gso"] == 0
+
+
+class NoGsoSocket:
+    """A socket whose path refuses GSO the way a device without checksum offload does."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.refused = 0
+
+    def sendmsg(self, *args: Any) -> int:
+        self.refused += 1
+        raise OSError(errno.EIO, "Input/output error")
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        return self.real.sendto(data, addr)
+
+
+def test_without_gso_the_run_is_resent_one_by_one_and_gso_stays_off() -> None:
+    conn = make_conn()
+    assert conn.sock is not None
+    fake = NoGsoSocket(conn.sock)
+    conn.sock = fake  # type: ignore[assignment]
+    a = receiver()
+    burst = [datagram(i, 1000) for i in range(8)]
+    for _ in range(2):
+        conn.cork()
+        for d in burst:
+            conn._send_udp(d, a.getsockname())
+        conn.uncork()
+        assert drain(a, len(burst)) == burst
+    assert fake.refused == 1, "GSO is tried once, then left off"
+    assert conn.stats["send.udp"] == 16
+    assert conn.stats.get("send.udp_EIO", 0) == 0

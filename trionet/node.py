@@ -44,6 +44,10 @@ except ImportError:  # pragma: no cover - only while those packages are being bu
 
 log = logging.getLogger(__name__)
 
+# Outbound packets are encrypted and written in bursts of this many: one GSO write
+# of full-size datagrams (48 x 1312 bytes fits magicsock's 65,000-byte limit).
+OUTBOUND_BURST = 48
+
 MAGIC_DNS_IP = "100.100.100.100"
 
 
@@ -90,6 +94,7 @@ class Node:
         self._stack_ready = trio.Event()
         self._cm: Any = None
         self._inbound: list[bytes] = []  # decrypted packets of the current UDP read batch
+        self._outbound: list[bytes] = []  # the current netstack step's packets, sent at its end
 
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -230,7 +235,7 @@ class Node:
         # Packets reach the stack only through WireGuard, whose AEAD already proved them
         # intact; tailscaled's netstack skips these checksums too.
         self.stack = NetStack(addresses=addrs, output=self._on_ip_out, mtu=1280, verify_checksums=False,
-                              output_done=self.magic.uncork if self.magic is not None else None)
+                              output_done=self._flush_outbound)
         assert self._nursery is not None
         self._nursery.start_soon(self.stack.run)
         self._stack_ready.set()
@@ -241,11 +246,34 @@ class Node:
 
     # -------------------------------------------------------------- hot path
     def _on_ip_out(self, packet: bytes) -> None:
+        outbound = self._outbound
+        outbound.append(packet)  # sent at the end of the netstack step (_flush_outbound),
+        if len(outbound) >= OUTBOUND_BURST:  # or sooner, so the peer works while we build more
+            self._flush_outbound()
+
+    def _flush_outbound(self) -> None:
+        """One netstack step's packets: encrypted as a burst, and each run of datagrams
+        to one peer handed to magicsock together, so it leaves in one GSO write."""
+        if not self._outbound:
+            return
+        batch, self._outbound = self._outbound, []
         assert self.wg is not None and self.magic is not None
-        self.magic.cork()  # the netstack step ends with output_done -> uncork: one GSO write per run
-        self.filter.note_outbound(packet)
-        for tx in self.wg.send_ip(packet, time.monotonic(), time.time()):
-            self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
+        note = self.filter.note_outbound
+        for packet in batch:
+            if packet[9] != 6 or packet[0] != 0x45:  # IPv4 TCP needs no flow note; the rest may
+                note(packet)
+        txs = self.wg.send_ip_many(batch, time.monotonic(), time.time())
+        magic = self.magic
+        magic.cork()
+        i, n = 0, len(txs)
+        while i < n:
+            first = txs[i]
+            j = i + 1
+            while j < n and txs[j].peer == first.peer and txs[j].path == first.path:
+                j += 1
+            magic.send_wireguard_many(first.peer, [tx.data for tx in txs[i:j]], first.path)
+            i = j
+        magic.uncork()
 
     def _on_wireguard(self, data: bytes | memoryview, derp_src: bytes | None, path: PathTag) -> None:
         if self.wg is None or self.magic is None:
@@ -284,7 +312,7 @@ class Node:
             now = time.monotonic()
             for tx in self.wg.tick(now, time.time()):
                 self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
-            self.magic.uncork()  # a backstop: a netstack step that raised never reached output_done
+            self._flush_outbound()  # a backstop: a netstack step that raised never reached output_done
             deadline = self.wg.next_deadline()
             delay = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
             await trio.sleep(delay)

@@ -21,7 +21,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -225,6 +225,11 @@ class MagicConn:
     # --------------------------------------------------------------- sending
     def send_wireguard(self, node_key: bytes, data: bytes, reply_path: PathTag | None = None) -> None:
         """Send one WireGuard datagram to a peer; never blocks (drops and counts instead)."""
+        self.send_wireguard_many(node_key, (data,), reply_path)
+
+    def send_wireguard_many(self, node_key: bytes, datagrams: Sequence[bytes],
+                            reply_path: PathTag | None = None) -> None:
+        """`send_wireguard` for a burst to one peer: the path is chosen once."""
         now = time.monotonic()
         addr, region = self.paths.paths_for_send(node_key, now)
         if self.paths.wake:
@@ -233,17 +238,33 @@ class MagicConn:
         if reply_path is not None:
             kind, where = reply_path
             if kind == "udp":
-                self._send_udp(data, where)
+                self._send_udp_many(datagrams, where)
                 sent_udp = where == addr
             elif kind == "derp":
-                self._send_derp(where, node_key, data)
+                for data in datagrams:
+                    self._send_derp(where, node_key, data)
                 sent_derp = where == region
         if addr is not None and not sent_udp:
-            self._send_udp(data, addr)
+            self._send_udp_many(datagrams, addr)
         if region and not sent_derp:
-            self._send_derp(region, node_key, data)
+            for data in datagrams:
+                self._send_derp(region, node_key, data)
         if addr is None and not region and reply_path is None:
-            self.stats["send.no_path"] += 1
+            self.stats["send.no_path"] += len(datagrams)
+
+    def _send_udp_many(self, datagrams: Sequence[bytes], addr: Addr) -> None:
+        if len(datagrams) == 1:
+            self._send_udp(datagrams[0], addr)
+            return
+        if self.sock is None:
+            self.stats["send.udp_no_socket"] += len(datagrams)
+            return
+        target: Any = addr
+        if self._dual_stack and ":" not in addr[0]:
+            target = ("::ffff:" + addr[0], addr[1])
+        self._udp_queue.extend([(target, data) for data in datagrams])
+        if not self._corked or len(self._udp_queue) >= GSO_MAX_SEGMENTS:
+            self._send_udp_queue()
 
     def _send_udp(self, data: bytes, addr: Addr) -> None:
         if self.sock is None:

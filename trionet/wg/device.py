@@ -345,52 +345,69 @@ class WgDevice:
 
         Without a usable session the packet is staged (up to 128 per peer,
         oldest dropped) and a handshake initiation is returned instead."""
-        n = len(packet)
-        if n < 20:
-            self._drop("send_short", n)
-            return []
-        version = packet[0] >> 4
-        if version == 4:
-            raw = packet[16:20]
-        elif version == 6 and n >= 40:
-            raw = packet[24:40]
-        else:
-            self._drop("send_not_ip", version)
-            return []
-        if n > MAX_SEGMENT_SIZE - TRANSPORT_MIN_SIZE:
-            self._drop("send_too_big", n)
-            return []
-        if type(raw) is not bytes:
-            raw = bytes(raw)
-        peer = self._route_cache.get(raw)
-        if peer is None:
-            peer = self._allowed.lookup_raw(raw)
+        return self.send_ip_many((packet,), now, wall)
+
+    def send_ip_many(self, packets: Iterable[bytes | bytearray | memoryview], now: float,
+                     wall: float) -> list[Transmit]:
+        """`send_ip` for a burst (one netstack step's packets), in order. The timer
+        hooks and the rekey check run once per peer per burst, not per packet."""
+        out: list[Transmit] = []
+        append = out.append
+        route_cache = self._route_cache
+        touched: list[Peer] = []
+        for packet in packets:
+            n = len(packet)
+            if n < 20:
+                self._drop("send_short", n)
+                continue
+            version = packet[0] >> 4
+            if version == 4:
+                raw = packet[16:20]
+            elif version == 6 and n >= 40:
+                raw = packet[24:40]
+            else:
+                self._drop("send_not_ip", version)
+                continue
+            if n > MAX_SEGMENT_SIZE - TRANSPORT_MIN_SIZE:
+                self._drop("send_too_big", n)
+                continue
+            if type(raw) is not bytes:
+                raw = bytes(raw)
+            peer = route_cache.get(raw)
             if peer is None:
-                self._drop("send_no_route", raw.hex())
-                return []
-        kp = peer.current
-        if peer.staged or kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES \
-                or now - kp.created >= REJECT_AFTER_TIME:
-            self._stage(peer, bytes(packet))
-            return self._send_staged(peer, now, wall, None)
-        # fast path: one packet on the current session (inlined _seal and timer hooks)
-        counter = kp.send_counter
-        kp.send_counter = counter + 1
-        if n & 15:
-            packet = bytes(packet) + _PAD[:-n & 15]
-        data = _HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter) + kp.send.encrypt(_NONCE.pack(counter), packet,
-                                                                                      None)
-        peer.tx_packets += 1
-        peer.tx_bytes += n
-        if peer.persistent_keepalive:
-            peer.t_persistent_keepalive = now + peer.persistent_keepalive
-        peer.t_send_keepalive = None
-        if peer.t_new_handshake is None:
-            peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
-        if counter >= REKEY_AFTER_MESSAGES or (kp.initiator and now - kp.created > REKEY_AFTER_TIME):
-            return [_tuple_new(Transmit, (peer.public, data, None)),
-                    *self._send_handshake_initiation(peer, now, wall, False)]
-        return [_tuple_new(Transmit, (peer.public, data, None))]
+                peer = self._allowed.lookup_raw(raw)
+                if peer is None:
+                    self._drop("send_no_route", raw.hex())
+                    continue
+            kp = peer.current
+            if peer.staged or kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES \
+                    or now - kp.created >= REJECT_AFTER_TIME:
+                self._stage(peer, bytes(packet))
+                out.extend(self._send_staged(peer, now, wall, None))
+                continue
+            # the common case: the current session (an inlined _seal)
+            counter = kp.send_counter
+            kp.send_counter = counter + 1
+            if n & 15:
+                packet = bytes(packet) + _PAD[:-n & 15]
+            append(_tuple_new(Transmit, (peer.public, _HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter)
+                                         + kp.send.encrypt(_NONCE.pack(counter), packet, None), None)))
+            peer.tx_packets += 1
+            peer.tx_bytes += n
+            if not touched or touched[-1] is not peer:
+                touched.append(peer)
+        for peer in dict.fromkeys(touched):
+            # timersDataSent and keepKeyFreshSending, once for the burst
+            if peer.persistent_keepalive:
+                peer.t_persistent_keepalive = now + peer.persistent_keepalive
+            peer.t_send_keepalive = None
+            if peer.t_new_handshake is None:
+                peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            kp = peer.current
+            if kp is not None and (kp.send_counter > REKEY_AFTER_MESSAGES
+                                   or (kp.initiator and now - kp.created > REKEY_AFTER_TIME)):
+                out.extend(self._send_handshake_initiation(peer, now, wall, False))
+        return out
 
     def _seal(self, kp: Keypair, packet: bytes | bytearray | memoryview, n: int) -> bytes:
         counter = kp.send_counter

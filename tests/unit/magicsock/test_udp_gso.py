@@ -110,3 +110,30 @@ def test_without_gso_the_run_is_resent_one_by_one_and_gso_stays_off() -> None:
     assert fake.refused == 1, "GSO is tried once, then left off"
     assert conn.stats["send.udp"] == 16
     assert conn.stats.get("send.udp_EIO", 0) == 0
+
+
+class FixedPath:
+    """A path chooser that always names one UDP address (and no DERP)."""
+
+    wake = False
+
+    def __init__(self, addr: tuple[str, int]) -> None:
+        self.addr = addr
+
+    def paths_for_send(self, node_key: bytes, now: float) -> tuple[tuple[str, int], int]:
+        return self.addr, 0
+
+
+def test_a_burst_to_one_peer_uses_its_path_once_and_one_write_when_corked() -> None:
+    conn = make_conn()
+    a = receiver()
+    conn.paths = FixedPath(a.getsockname())  # type: ignore[assignment]
+    burst = [datagram(i, 1312) for i in range(40)]
+    conn.cork()
+    conn.send_wireguard_many(b"peer", burst)
+    conn.uncork()
+    assert drain(a, len(burst)) == burst
+    assert conn.stats["send.udp_gso"] == 1
+    conn.send_wireguard_many(b"peer", burst[:3])  # not corked: out at once
+    assert drain(a, 3) == burst[:3]
+    assert conn.stats["send.udp_gso"] == 2

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.unit.wg.sim import A_IP, B_IP, WALL0, Sim, ip4, pair
+from tests.unit.wg.sim import A_IP, B_IP, WALL0, Sim, ip4, kind, pair
 from trionet.errors import LocalProtocolError
 from trionet.wg import WgDevice, classify, receiver_index
 from trionet.wg.constants import MSG_COOKIE_REPLY, MSG_INITIATION, MSG_RESPONSE, MSG_TRANSPORT
@@ -271,3 +271,21 @@ def test_peer_heard_resends_an_unanswered_initiation_once_it_is_worth_it() -> No
     assert done.transmits, "the staged packet goes out once the session exists"
     assert a.peer_heard(b.public, 1.0, WALL0 + 1) == []  # a session exists: nothing to resend
     assert a.peer_heard(os.urandom(32), 1.0, WALL0 + 1) == []  # unknown peer
+
+
+def test_a_burst_is_sent_in_order_with_one_rekey_initiation() -> None:
+    from trionet.wg.constants import REKEY_AFTER_MESSAGES
+
+    a, b, sim = established()
+    burst = [ip4(A_IP, B_IP, bytes([i]) * (40 + i)) for i in range(20)]
+    burst.insert(5, b"\x45short")  # bad packets in a burst are dropped alone
+    txs = a.send_ip_many(burst, sim.now, WALL0)
+    assert [kind(t) for t in txs] == ["data"] * 20
+    got = [b.receive(t.data, sim.now, WALL0).packets for t in txs]
+    assert [p for ((_, p),) in got] == [p for p in burst if len(p) > 20]
+    assert a.drops["send_short"] == 1
+    # past REKEY_AFTER_MESSAGES, a burst asks for one new handshake, not one per packet
+    a.peers[b.public].current.send_counter = REKEY_AFTER_MESSAGES + 1  # type: ignore[union-attr]
+    sim.now += 10  # past REKEY_TIMEOUT since the last initiation
+    txs = a.send_ip_many(burst[:4], sim.now, WALL0)
+    assert [kind(t) for t in txs] == ["data"] * 4 + ["initiation"]

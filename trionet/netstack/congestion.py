@@ -1,13 +1,19 @@
-"""Congestion control: one small pluggable class (RFC 5681 / RFC 6582 NewReno)."""
+"""Congestion control: one small pluggable class (RFC 5681 NewReno growth, RFC 6937
+Proportional Rate Reduction while in loss recovery)."""
 
 from __future__ import annotations
 
 
 class NewReno:
-    """Slow start, congestion avoidance, and the NewReno recovery window.
+    """Slow start, congestion avoidance, and the window during loss recovery.
 
     The connection tells it what happened; it owns ``cwnd`` and ``ssthresh``.
-    Another algorithm implements the same five methods.
+    During fast recovery the connection reports, per ACK, how many bytes left the
+    network (``delivered``: newly cumulatively ACKed plus newly SACKed) and how many
+    it thinks are still in it (``pipe``, RFC 6675); PRR then sets ``cwnd`` to
+    ``pipe`` plus what may be sent now, so the flight shrinks smoothly to
+    ``ssthresh`` instead of stopping for half a round trip. Another algorithm
+    implements the same methods.
     """
 
     def __init__(self, mss: int, initial_window: int = 10) -> None:
@@ -15,6 +21,9 @@ class NewReno:
         self.cwnd = initial_window * mss
         self.ssthresh = 1 << 30
         self._acc = 0
+        self._recover_fs = 1
+        self._prr_delivered = 0
+        self._prr_out = 0
 
     def on_ack(self, acked: int, in_recovery: bool) -> None:
         if in_recovery:
@@ -28,19 +37,39 @@ class NewReno:
                 self.cwnd += self.mss
 
     def on_enter_recovery(self, flight: int) -> None:
-        self.ssthresh = max(flight // 2, 2 * self.mss)
-        self.cwnd = self.ssthresh + 3 * self.mss
+        """A loss was detected. Out of slow start the window doubled in the last
+        round trip, so half of it is what the path held (RFC 5681); in congestion
+        avoidance it grew by one segment, and it shrinks to 0.7 of the flight, the
+        multiplicative decrease of CUBIC (RFC 9438) and Linux: with random loss of
+        a few percent, halving kept the window at a handful of segments."""
+        beta = 5 if self.cwnd < self.ssthresh else 7
+        self.ssthresh = max(flight * beta // 10, 2 * self.mss)
+        self._recover_fs = max(flight, 1)
+        self._prr_delivered = 0
+        self._prr_out = 0
 
-    def on_dupack_in_recovery(self) -> None:
-        self.cwnd += self.mss
+    def on_recovery_ack(self, delivered: int, pipe: int) -> None:
+        """RFC 6937 PRR-SSRB: the window for what may be sent in answer to this ACK."""
+        self._prr_delivered += delivered
+        ss = self.ssthresh
+        if pipe > ss:
+            # proportional: ceil(prr_delivered * ssthresh / RecoverFS) - prr_out
+            sndcnt = -(-self._prr_delivered * ss // self._recover_fs) - self._prr_out
+        else:
+            sndcnt = min(ss - pipe, max(self._prr_delivered - self._prr_out, delivered) + self.mss)
+        if self._prr_out == 0 and sndcnt < self.mss:
+            sndcnt = self.mss  # the fast retransmit itself always goes out
+        self.cwnd = pipe + max(sndcnt, 0)
 
-    def on_exit_recovery(self, flight: int) -> None:
-        self.cwnd = min(self.ssthresh, max(flight, self.mss) + self.mss)
+    def on_recovery_sent(self, nbytes: int) -> None:
+        self._prr_out += nbytes
 
-    def on_partial_ack(self, acked: int) -> None:
-        self.cwnd = max(self.cwnd - acked + self.mss, self.mss)
+    def on_exit_recovery(self) -> None:
+        self.cwnd = self.ssthresh
+        self._acc = 0
 
-    def on_rto(self, flight: int) -> None:
-        self.ssthresh = max(flight // 2, 2 * self.mss)
+    def on_rto(self, flight: int, repeated: bool = False) -> None:
+        if not repeated:  # a backed-off retransmission says nothing new (RFC 5681 eq. 4)
+            self.ssthresh = max(flight // 2, 2 * self.mss)
         self.cwnd = self.mss
         self._acc = 0

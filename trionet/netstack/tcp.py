@@ -162,7 +162,8 @@ class TcpConnection:
         self.fin_received = False
         self._ooo: dict[int, bytes] = {}
         self._ooo_starts: list[int] = []
-        self._last_ooo = 0
+        self._ooo_blocks: list[list[int]] = []  # merged [left, right) of _ooo, sorted
+        self._ooo_recent: list[int] = []  # starts of the latest out-of-order arrivals, newest first
         self._rcv_adv_edge = 0
         # options
         self.ts_ok = False
@@ -175,6 +176,7 @@ class TcpConnection:
         self.rto = config.initial_rto
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
+        self._ts_floor = 0  # our TSval at the last RTO: older echoes are no RTT sample
         self.retries = 0
         self.rto_at: float | None = None
         self.delack_at: float | None = None
@@ -186,16 +188,37 @@ class TcpConnection:
         # congestion
         self.cc = NewReno(self.snd_mss)
         self.dupacks = 0
+        # Loss recovery (RFC 6675 with RFC 6937 PRR; after an RTO, RFC 6675 5.1: the
+        # scoreboard is kept and only what was not SACKed is resent). ``in_recovery``
+        # covers both; ``_rto_recovery`` says it began with a timeout (cwnd then grows
+        # in slow start instead of following PRR).
         self.in_recovery = False
+        self._rto_recovery = False
         self.recover = 0
         self._sacked: list[tuple[int, int]] = []  # SACK scoreboard, merged, > snd_una
-        self._rexmit_high = 0
+        self._sacked_bytes = 0
+        #: every byte below this that is not SACKed is lost (RFC 6675 IsLost, the
+        #: reordering timer, a tail loss probe's answer or an RTO moved it up)
+        self._lost_high = 0
+        #: retransmissions still in flight in this recovery: [start, end, snd_max when
+        #: sent]; SACKs of data sent after one of them say whether it was lost in turn
+        self._rtx: list[list[int]] = []
+        self._rtx_high = 0  # holes below were all retransmitted (a search hint)
+        self._relost_round = 0
+        # RACK-lite (RFC 8985): a hole below SACKed data is lost once a reordering
+        # window has passed since the SACK showed it
+        self.reo_at: float | None = None
+        self._reo_mark = 0
+        # tail loss probe (RFC 8985 7): no ACK for 2 RTTs -> resend the last segment
+        self.tlp_at: float | None = None
+        self._tlp_high = 0  # snd_max when the outstanding probe went out (0: none)
         self._lt_extra = 0  # RFC 3042 limited transmit allowance
         # acks
         self._ack_pending = 0
         self._ack_now = False
         self.stats = {"segments_in": 0, "segments_out": 0, "retransmits": 0,
-                      "fast_retransmits": 0, "rto_timeouts": 0, "dupacks": 0}
+                      "fast_retransmits": 0, "rto_timeouts": 0, "dupacks": 0,
+                      "sack_retransmits": 0, "tlp_probes": 0, "lost_retransmits": 0}
 
     # ------------------------------------------------------------ state table
     def _transition(self, event: Event) -> None:
@@ -331,10 +354,11 @@ class TcpConnection:
 
     def _closed(self) -> None:
         self.rto_at = self.delack_at = self.persist_at = None
-        self.keepalive_at = self.timewait_at = None
+        self.keepalive_at = self.timewait_at = self.tlp_at = self.reo_at = None
         self.sbuf = bytearray()
         self._ooo.clear()
         self._ooo_starts.clear()
+        self._ooo_blocks.clear()
         self.host.tcp_closed(self)
 
     # ------------------------------------------------------------- receiving
@@ -438,7 +462,7 @@ class TcpConnection:
                 if self.app_closed:
                     self.abort(now, "data after close")
                     return
-                self._on_data(seq, payload)
+                self._on_data(seq, payload, now)
             else:
                 self._ack_now = True
         if flags & FIN and seq + plen == self.rcv_nxt and not self.fin_received:
@@ -502,8 +526,20 @@ class TcpConnection:
     def _rtt_sample(self, ack: int, now: float) -> None:
         if self._rtt_seq is None or ack < self._rtt_seq:
             return
-        r = now - self._rtt_time
         self._rtt_seq = None
+        self._rtt_update(now - self._rtt_time)
+
+    def _ts_rtt_sample(self, ecr: int, now: float) -> None:
+        """RFC 7323 RTTM: the echoed timestamp times every ACK that advances SND.UNA,
+        retransmitted or not, so a backed-off RTO comes back down at the first ACK."""
+        tsn = self._ts_now(now)
+        if (ecr - self._ts_floor) & 0x80000000:
+            return  # echoes a segment sent before the last timeout (Karn, RFC 6298 5)
+        d = (tsn - ecr) & MASK
+        if d < 600_000:  # ms; anything else is not an echo of ours
+            self._rtt_update(d / 1000)
+
+    def _rtt_update(self, r: float) -> None:
         if self.srtt is None:
             self.srtt = r
             self.rttvar = r / 2
@@ -516,6 +552,8 @@ class TcpConnection:
     def _process_ack(self, seq: int, ack: int, wnd: int, plen: int, flags: int,
                      opts: TcpOptions, now: float) -> None:
         una = self.snd_una
+        sacked_before = self._sacked_bytes
+        after_probe = self._tlp_high != 0
         if opts.sack and self.sack_ok:
             self._note_sack(opts.sack, ack)
         if ack > una:
@@ -528,26 +566,39 @@ class TcpConnection:
                 del self.sbuf[:drop]
                 self.sbuf_seq += drop
             self.retries = 0
-            self._rtt_sample(ack, now)
-            if self.in_recovery:
-                if ack >= self.recover:
-                    self.in_recovery = False
-                    self.cc.on_exit_recovery(self.snd_max - ack)
-                else:
-                    self.cc.on_partial_ack(acked)
-                    if self._rexmit_high <= ack:
-                        self._retransmit_first(now)
-                    self._sack_retransmit(now)
+            if self.ts_ok and opts.ts_ecr:
+                self._ts_rtt_sample(opts.ts_ecr, now)
             else:
-                self.cc.on_ack(acked, False)
+                self._rtt_sample(ack, now)
+            sb = self._sacked
+            if sb and sb[0][0] <= ack:
+                if any(left <= ack < right for left, right in sb):
+                    # the peer ACKs up to data it had SACKed: it dropped what it held
+                    # out of order (RFC 2018 reneging); the scoreboard is not to be trusted
+                    self._sacked = []
+                    self.stats["sack_reneging"] = self.stats.get("sack_reneging", 0) + 1
+                else:
+                    self._sacked = [b for b in sb if b[0] > ack]
+                self._sacked_bytes = sum(r - left for left, r in self._sacked)
+            delivered = acked + self._sacked_bytes - sacked_before
+            if self._rtx:
+                self._trim_rtx()
             self.dupacks = 0
             self._lt_extra = 0
-            if self._sacked and self._sacked[0][0] < ack:
-                self._sacked = [(max(a, ack), b) for a, b in self._sacked if b > ack]
-            self.rto_at = None if ack >= self.snd_max else now + self.rto
+            if self.in_recovery and not self._rto_recovery:
+                if ack >= self.recover:
+                    self._exit_recovery()
+            else:
+                self.cc.on_ack(acked, False)  # after an RTO: slow start
+                if self.in_recovery and ack >= self.recover:
+                    self._exit_recovery()
+            self._tlp_high = 0
+            if ack >= self.snd_max:
+                self.rto_at = self.tlp_at = self.reo_at = None
+            else:
+                self.rto_at = now + self.rto
+                self._arm_tlp(now)
             self._persist_backoff = 0
-            if self.waker is not None or self.user is not None:
-                pass
             if self.fin_queued and ack == self._fin_seq() + 1:
                 st = self.state
                 if st in (S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK):
@@ -561,23 +612,14 @@ class TcpConnection:
               and (wnd == self.snd_wnd or opts.sack)):
             self.dupacks += 1
             self.stats["dupacks"] += 1
-            if self.in_recovery:
-                self.cc.on_dupack_in_recovery()
-                self._sack_retransmit(now)
-            elif self.dupacks < 3:
+            delivered = self._sacked_bytes - sacked_before if self.sack_ok else self.snd_mss
+            if not self.in_recovery and self.dupacks < 3:
                 self._lt_extra = self.dupacks * self.snd_mss  # limited transmit
-            if self.in_recovery:
-                pass
-            elif self.dupacks == 3 and (una >= self.recover or self._sacked):
-                self.in_recovery = True
-                self.recover = self.snd_max
-                self.cc.on_enter_recovery(self.snd_max - una)
-                self.stats["fast_retransmits"] += 1
-                self._lt_extra = 0
-                self._rexmit_high = 0
-                self._retransmit_first(now)
-                self._rexmit_high = min(una + self.snd_mss, self.snd_max)
-                self._sack_retransmit(now)
+        else:
+            delivered = self._sacked_bytes - sacked_before
+        if self.snd_max > self.snd_una and (self._sacked or self.dupacks >= 3
+                                             or self.in_recovery):
+            self._detect_loss(now, delivered, after_probe, ack > una)
         # window update (RFC 9293 SND.WL1/WL2 rule)
         if self.snd_wl1 < seq or (self.snd_wl1 == seq and self.snd_wl2 <= ack):
             self.snd_wnd = wnd
@@ -589,65 +631,256 @@ class TcpConnection:
     def _note_sack(self, blocks: tuple[tuple[int, int], ...], ack: int) -> None:
         base = self.snd_una
         sb = self._sacked
+        added = False
         for lw, rw in blocks:
             d = (lw - base) & MASK
             left = base + (d - (1 << 32) if d & 0x80000000 else d)
             right = left + ((rw - lw) & MASK)
             if right <= max(ack, base) or right > self.snd_max or left >= right:
-                continue
+                continue  # D-SACK, stale or bogus
             sb.append((left, right))
-        if not sb:
+            added = True
+        if not added:
             return
         sb.sort()
         merged: list[tuple[int, int]] = []
+        total = 0
         for left, right in sb:
-            if right <= ack:
-                continue
             if merged and left <= merged[-1][1]:
                 if right > merged[-1][1]:
+                    total += right - merged[-1][1]
                     merged[-1] = (merged[-1][0], right)
             else:
                 merged.append((left, right))
+                total += right - left
         self._sacked = merged
+        self._sacked_bytes = total
+        if self._rtx:
+            self._trim_rtx()
 
-    def _sack_retransmit(self, now: float, budget: int = 2) -> None:
-        """RFC 6675-style: resend the holes below the highest SACKed byte."""
-        sb = self._sacked
-        if not sb:
-            return
-        h = max(self._rexmit_high, self.snd_una)
-        data_end = self.sbuf_seq + len(self.sbuf)
-        for left, right in sb:
-            if budget <= 0:
-                break
-            while h < left and budget > 0:
-                n = min(self.snd_mss, left - h, data_end - h)
-                if n <= 0:
-                    break
-                off = h - self.sbuf_seq
-                self._emit_data(h, memoryview(self.sbuf)[off:off + n], now)
-                self.stats["retransmits"] += 1
-                self.stats["sack_retransmits"] = self.stats.get("sack_retransmits", 0) + 1
-                h += n
-                budget -= 1
-            if h < right:
-                h = right
-        self._rexmit_high = h
-        self._rtt_seq = None
-
-    def _retransmit_first(self, now: float) -> None:
+    # ------------------------------------------------------------ loss recovery
+    def _detect_loss(self, now: float, delivered: int, after_probe: bool,
+                     advanced: bool) -> None:
+        """Mark holes lost (RFC 6675 IsLost, RFC 8985 RACK-TLP in a simple form),
+        enter recovery, and let PRR size the window for this ACK."""
         una = self.snd_una
-        self._rtt_seq = None  # Karn
-        self.stats["retransmits"] += 1
-        n = min(self.snd_mss, self.sbuf_seq + len(self.sbuf) - una)
-        if n > 0:
-            off = una - self.sbuf_seq
-            self._emit_data(una, memoryview(self.sbuf)[off:off + n], now)
-        elif self.fin_queued:
-            self._emit(FIN | ACK, una, self.rcv_nxt, self._wnd_field(), self._ts_opt(now), b"")
-        self.rto_at = now + self.rto
+        mss = self.snd_mss
+        lost = self._lost_high
+        sb = self._sacked
+        if sb:
+            # RFC 6675 IsLost: more than (DupThresh - 1) * SMSS bytes SACKed above
+            acc = 0
+            edge = 0
+            for left, right in reversed(sb):
+                acc += right - left
+                if acc > 2 * mss:
+                    edge = left
+                    break
+            if after_probe:
+                # the answer to a tail loss probe: every hole below the SACKed data
+                # was sent a probe timeout (two RTTs) ago or more
+                edge = max(edge, sb[-1][0])
+            if edge > lost:
+                lost = edge
+            if edge and self._rtx:
+                self._relost(edge + 1)
+            top = sb[-1][1]
+            if self.reo_at is None and (
+                    sb[-1][0] > max(lost, una)
+                    or any(e[2] < top for e in self._rtx)):
+                self.reo_at = now + self._reo_wnd()
+                self._reo_mark = top
+        if self.dupacks >= 3 or (advanced and self.in_recovery and not self.sack_ok):
+            # three duplicate ACKs, or a NewReno partial ACK: the next segment is lost
+            lost = max(lost, min(una + mss, self.snd_max))
+        self._lost_high = lost
+        if not self.in_recovery and lost > una:
+            self._enter_recovery()
+        if self.in_recovery and not self._rto_recovery:
+            self.cc.on_recovery_ack(max(delivered, 0), self._pipe())
 
-    def _on_data(self, seq: int, payload: memoryview) -> None:
+    def _reo_wnd(self) -> float:
+        srtt = self.srtt if self.srtt is not None else self.rto
+        return max(srtt / 4, 0.001)
+
+    def _relost(self, limit: int) -> None:
+        """Retransmissions sent before data that has since been SACKed (their snd_max
+        mark below ``limit``) are lost too: send them again."""
+        keep = []
+        lost = False
+        for e in self._rtx:
+            if e[2] < limit:
+                self.stats["lost_retransmits"] += 1
+                lost = True
+                if e[0] < self._rtx_high:
+                    self._rtx_high = e[0]
+            else:
+                keep.append(e)
+        self._rtx = keep
+        if lost and self.in_recovery and not self._rto_recovery \
+                and self.snd_una >= self._relost_round:
+            # a retransmission lost too: the window we recover into is still more
+            # than the path holds; reduce again, at most once a round trip
+            self._relost_round = self.snd_max
+            self.cc.on_enter_recovery(min(self._pipe(), self.cc.ssthresh))
+
+    def _trim_rtx(self) -> None:
+        """Forget retransmissions that were ACKed or SACKed whole (both lists are
+        sorted and disjoint: one pass over each)."""
+        una = self.snd_una
+        sb = self._sacked
+        nb = len(sb)
+        j = 0
+        keep = []
+        for e in self._rtx:
+            if e[1] <= una:
+                continue
+            if e[0] < una:
+                e[0] = una
+            while j < nb and sb[j][1] <= e[0]:
+                j += 1
+            if j < nb and sb[j][0] <= e[0] and e[1] <= sb[j][1]:
+                continue
+            keep.append(e)
+        self._rtx = keep
+
+    def _enter_recovery(self) -> None:
+        self.in_recovery = True
+        self._rto_recovery = False
+        self.recover = self.snd_max
+        self.cc.on_enter_recovery(self.snd_max - self.snd_una)
+        self.stats["fast_retransmits"] += 1
+        self._lt_extra = 0
+        self._rtx_high = self.snd_una
+        self.tlp_at = None
+        self._tlp_high = 0
+
+    def _exit_recovery(self) -> None:
+        self.in_recovery = False
+        if not self._rto_recovery:
+            self.cc.on_exit_recovery()
+        self._rto_recovery = False
+
+    def _pipe(self) -> int:
+        """RFC 6675 pipe: bytes thought to be in the network."""
+        una = self.snd_una
+        out = self.snd_max - una
+        sb = self._sacked
+        sacked = self._sacked_bytes if self.sack_ok else min(self.dupacks * self.snd_mss, out)
+        lost = 0
+        lh = self._lost_high
+        if lh > una:
+            below = 0
+            for left, right in sb:
+                if left >= lh:
+                    break
+                below += min(right, lh) - left
+            lost = lh - una - below
+        # retransmitted bytes not SACKed since (one pass over both sorted lists)
+        rtx = 0
+        j = 0
+        nb = len(sb)
+        for e in self._rtx:
+            a, b = e[0], e[1]
+            rtx += b - a
+            while j < nb and sb[j][1] <= a:
+                j += 1
+            k = j
+            while k < nb and sb[k][0] < b:
+                rtx -= min(b, sb[k][1]) - max(a, sb[k][0])
+                k += 1
+        return max(out - sacked - lost + rtx, 0)
+
+    def _next_hole(self) -> tuple[int, int] | None:
+        """The first lost byte range not SACKed and not yet retransmitted, up to an MSS."""
+        x = max(self._rtx_high, self.snd_una)
+        lim = min(self._lost_high, self.snd_max)
+        sb = self._sacked
+        rtx = self._rtx
+        while x < lim:
+            moved = False
+            for left, right in sb:
+                if left > x:
+                    break
+                if x < right:
+                    x = right
+                    moved = True
+                    break
+            for e in rtx:
+                if e[0] > x:
+                    break
+                if x < e[1]:
+                    x = e[1]
+                    moved = True
+                    break
+            if not moved:
+                break
+        if x >= lim:
+            return None
+        end = min(x + self.snd_mss, lim)
+        for left, _right in sb:
+            if left > x:
+                end = min(end, left)
+                break
+        for e in rtx:
+            if e[0] > x:
+                end = min(end, e[0])
+                break
+        return x, end
+
+    def _retransmit(self, start: int, end: int, now: float) -> int:
+        """Send [start, end) again (the FIN if that is what it covers); its length."""
+        data_end = self.sbuf_seq + len(self.sbuf)
+        n = min(end, data_end) - start
+        if n > 0:
+            off = start - self.sbuf_seq
+            self._emit_data(start, memoryview(self.sbuf)[off:off + n], now)
+        elif self.fin_queued and start == data_end and self.snd_max > data_end:
+            self._emit(FIN | ACK, start, self.rcv_nxt, self._wnd_field(), self._ts_opt(now),
+                       b"")
+            self._ack_pending = 0
+            self._ack_now = False
+            n = 1
+        else:
+            return 0
+        self.stats["retransmits"] += 1
+        if self._rtt_seq is not None and start < self._rtt_seq:
+            self._rtt_seq = None  # Karn
+        return n
+
+    def _recovery_output(self, now: float) -> int:
+        """Resend lost holes while pipe < cwnd; returns the window left for new data."""
+        pipe = self._pipe()
+        cwnd = self.cc.cwnd
+        sent = 0
+        while pipe < cwnd:
+            hole = self._next_hole()
+            if hole is None:
+                break
+            start, end = hole
+            n = self._retransmit(start, end, now)
+            if n <= 0:
+                break
+            rtx = self._rtx
+            i = bisect.bisect_left(rtx, [start])
+            if i and rtx[i - 1][1] == start:  # extends a run of retransmissions
+                rtx[i - 1][1] = start + n
+                rtx[i - 1][2] = self.snd_max
+            else:
+                rtx.insert(i, [start, start + n, self.snd_max])
+            self._rtx_high = start + n
+            if self.sack_ok:
+                self.stats["sack_retransmits"] += 1
+            pipe += n
+            sent += n
+        if sent:
+            if not self._rto_recovery:
+                self.cc.on_recovery_sent(sent)
+            if self.rto_at is None:
+                self.rto_at = now + self.rto
+        return min(self.snd_nxt - self.snd_una + max(cwnd - pipe, 0), self.snd_wnd)
+
+    def _on_data(self, seq: int, payload: memoryview, now: float) -> None:
         rn = self.rcv_nxt
         if seq < rn:
             payload = payload[rn - seq:]
@@ -668,7 +901,7 @@ class TcpConnection:
             self.rcv_nxt = end
             if self._ooo_starts:
                 self._drain_ooo()
-                self._ack_now = True
+                self._ack_now = True  # RFC 5681 4.2: a segment that fills a hole
             else:
                 self._ack_pending += 1
         else:
@@ -677,8 +910,30 @@ class TcpConnection:
                 if old is None:
                     bisect.insort(self._ooo_starts, seq)
                 self._ooo[seq] = bytes(payload)
-            self._last_ooo = seq
-            self._ack_now = True
+                self._add_ooo_block(seq, end)
+            recent = self._ooo_recent
+            recent.insert(0, seq)
+            del recent[8:]
+            # RFC 5681 4.2: every out-of-order segment is ACKed at once, not once per
+            # batch: the sender counts these duplicate ACKs, and each one carries the
+            # block of the segment that caused it first (RFC 2018)
+            self._send_ack(now)
+
+    def _add_ooo_block(self, left: int, right: int) -> None:
+        blocks = self._ooo_blocks
+        i = bisect.bisect_left(blocks, [left])
+        if i > 0 and blocks[i - 1][1] >= left:
+            i -= 1
+            b = blocks[i]
+            if right > b[1]:
+                b[1] = right
+        else:
+            b = [left, right]
+            blocks.insert(i, b)
+        while i + 1 < len(blocks) and blocks[i + 1][0] <= b[1]:
+            if blocks[i + 1][1] > b[1]:
+                b[1] = blocks[i + 1][1]
+            del blocks[i + 1]
 
     def _drain_ooo(self) -> None:
         starts = self._ooo_starts
@@ -693,18 +948,34 @@ class TcpConnection:
                 self.rcv_nxt = end
             i += 1
         del starts[:i]
+        blocks = self._ooo_blocks
+        j = 0
+        while j < len(blocks) and blocks[j][0] <= self.rcv_nxt:
+            j += 1
+        del blocks[:j]
 
     def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
-        blocks: list[list[int]] = []
-        for s in self._ooo_starts:
-            e = s + len(self._ooo[s])
-            if blocks and s <= blocks[-1][1]:
-                blocks[-1][1] = max(blocks[-1][1], e)
-            else:
-                blocks.append([s, e])
-        blocks.sort(key=lambda b: not (b[0] <= self._last_ooo < b[1]))
+        """Up to 4 blocks (3 beside timestamps): the one holding the latest
+        out-of-order segment first, then those of the arrivals before it (RFC 2018),
+        then the highest others."""
+        blocks = self._ooo_blocks
         limit = 3 if self.ts_ok else 4
-        return tuple((b[0], b[1]) for b in blocks[:limit])
+        out: list[tuple[int, int]] = []
+        for s in self._ooo_recent:
+            i = bisect.bisect_right(blocks, [s, 1 << 62]) - 1
+            if i >= 0 and blocks[i][1] > s:
+                b = (blocks[i][0], blocks[i][1])
+                if b not in out:
+                    out.append(b)
+                    if len(out) == limit:
+                        return tuple(out)
+        for blk in reversed(blocks):
+            b = (blk[0], blk[1])
+            if b not in out:
+                out.append(b)
+                if len(out) == limit:
+                    break
+        return tuple(out)
 
     # --------------------------------------------------------------- sending
     def _ts_now(self, now: float) -> int:
@@ -739,7 +1010,11 @@ class TcpConnection:
         st = self.state
         if st in _SEND_STATES:
             mss = self.snd_mss
-            win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
+            if self.in_recovery:
+                win = self._recovery_output(now)
+            else:
+                win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
+            nxt0 = self.snd_nxt
             data_end = self.sbuf_seq + len(self.sbuf)
             mv = memoryview(self.sbuf)
             sent = False
@@ -772,8 +1047,12 @@ class TcpConnection:
                     sent = True
                 break
             mv.release()
-            if sent and self.rto_at is None:
-                self.rto_at = now + self.rto
+            if sent:
+                if self.rto_at is None:
+                    self.rto_at = now + self.rto
+                    self._arm_tlp(now)
+                if self.in_recovery and not self._rto_recovery:
+                    self.cc.on_recovery_sent(self.snd_nxt - nxt0)
             if (self.snd_wnd == 0 and data_end > self.snd_nxt and self.snd_nxt == self.snd_una
                     and self.persist_at is None):
                 self.persist_at = now + self._persist_interval()
@@ -802,7 +1081,7 @@ class TcpConnection:
     def next_deadline(self) -> float | None:
         best: float | None = None
         for t in (self.rto_at, self.delack_at, self.persist_at, self.keepalive_at,
-                  self.timewait_at):
+                  self.timewait_at, self.tlp_at, self.reo_at):
             if t is not None and (best is None or t < best):
                 best = t
         return best
@@ -817,6 +1096,10 @@ class TcpConnection:
             self._on_rto(now)
             if self.state is S.CLOSED:
                 return
+        if self.tlp_at is not None and now >= self.tlp_at:
+            self._on_tlp(now)
+        if self.reo_at is not None and now >= self.reo_at:
+            self._on_reo(now)
         if self.persist_at is not None and now >= self.persist_at:
             self.persist_at = None
             if self.snd_wnd == 0 and self.sbuf_seq + len(self.sbuf) > self.snd_nxt:
@@ -853,25 +1136,88 @@ class TcpConnection:
             self.abort(now, "connection timed out")
             return
         self.stats["rto_timeouts"] += 1
-        self.stats["retransmits"] += 1
         self._rtt_seq = None  # Karn's rule
+        self._ts_floor = self._ts_now(now) & MASK
         self.rto = min(self.rto * 2, self.config.max_rto)
         if st in (S.SYN_SENT, S.SYN_RECEIVED):
+            self.stats["retransmits"] += 1
             self.stats["syn_retransmits"] = self.stats.get("syn_retransmits", 0) + 1
             self._send_syn(now)
             self.rto_at = now + self.rto
             return
-        self.cc.on_rto(self.snd_max - self.snd_una)
-        self.in_recovery = False
+        self.cc.on_rto(self.snd_max - self.snd_una, repeated=self.retries > 1)
+        # RFC 6675 5.1: everything not SACKed is lost; resend it in order, from a
+        # window of one segment, skipping what the peer holds. A scoreboard whose
+        # first block starts at SND.UNA means the peer reneged: forget it.
+        if self._sacked and self._sacked[0][0] <= self.snd_una:
+            self._sacked = []
+            self._sacked_bytes = 0
+        self.in_recovery = True
+        self._rto_recovery = True
         self.recover = self.snd_max
         self.dupacks = 0
-        self._sacked = []
-        self._rexmit_high = 0
-        self.snd_nxt = self.snd_una  # go back N
+        self._lost_high = self.snd_max
+        self._rtx = []
+        self._rtx_high = self.snd_una
+        self.tlp_at = self.reo_at = None
+        self._tlp_high = 0
+        self._lt_extra = 0
         self.output(now)
-        if self.snd_nxt == self.snd_una:
-            # window closed: force one segment out anyway
-            self._retransmit_first(now)
-            self.snd_nxt = max(self.snd_nxt, min(self.snd_una + self.snd_mss,
-                                                 self._fin_seq() + int(self.fin_queued)))
         self.rto_at = now + self.rto
+
+    def _pto(self) -> float:
+        """RFC 8985 7.2: two RTTs, plus a worst-case delayed ACK for a lone segment."""
+        srtt = self.srtt if self.srtt is not None else self.rto
+        extra = 0.2 if self.snd_max - self.snd_una <= self.snd_mss else 0.002
+        return max(2 * srtt + extra, 0.01)
+
+    def _arm_tlp(self, now: float) -> None:
+        if self.sack_ok and not self.in_recovery and self.srtt is not None:
+            t = now + self._pto()
+            rto_at = self.rto_at
+            self.tlp_at = t if rto_at is None or t < rto_at else None
+
+    def _on_tlp(self, now: float) -> None:
+        """No ACK for a probe timeout: send one segment so that the peer's answer
+        (with SACK) shows a lost tail, instead of waiting for the RTO."""
+        self.tlp_at = None
+        una = self.snd_una
+        if self.in_recovery or una >= self.snd_max or self.state not in _SEND_STATES:
+            return
+        data_end = self.sbuf_seq + len(self.sbuf)
+        nxt = self.snd_nxt
+        n = min(self.snd_mss, data_end - nxt, una + self.snd_wnd - nxt)
+        if n > 0:  # new data, even beyond cwnd
+            self._emit_data(nxt, memoryview(self.sbuf)[nxt - self.sbuf_seq:nxt - self.sbuf_seq + n],
+                            now)
+            self.snd_nxt = nxt + n
+            if self.snd_nxt > self.snd_max:
+                self.snd_max = self.snd_nxt
+        else:  # the last segment again
+            start = max(una, data_end - self.snd_mss)
+            if start >= data_end:
+                start = data_end  # only the FIN is outstanding
+            self._retransmit(start, start + self.snd_mss, now)
+        self._tlp_high = self.snd_max
+        self.stats["tlp_probes"] += 1
+        self.rto_at = now + self.rto
+
+    def _on_reo(self, now: float) -> None:
+        """The reordering window passed: holes below what was SACKed then are lost."""
+        self.reo_at = None
+        sb = self._sacked
+        una = self.snd_una
+        if not sb or una >= self.snd_max:
+            return
+        mark = self._reo_mark
+        if mark > self._lost_high:
+            self._lost_high = mark
+        if self._rtx:
+            self._relost(mark)
+        if not self.in_recovery and self._lost_high > una and self._next_hole() is not None:
+            self._enter_recovery()
+            self.cc.on_recovery_ack(0, self._pipe())
+        top = sb[-1][1]
+        if top > mark:
+            self.reo_at = now + self._reo_wnd()
+            self._reo_mark = top

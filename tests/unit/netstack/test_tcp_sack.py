@@ -68,10 +68,15 @@ def test_limited_transmit_and_sack_retransmit() -> None:
     assert [s.seq - seq for s in h.take()] == [5000]
     h.send(0.01, 80, port, pseq, seq, ACK, options=_sack_opt((seq + 3000, seq + 5000),
                                                              (seq + 1000, seq + 2000)))
-    rx = [s.seq - seq for s in h.take()]
-    # fast retransmit of the first hole, then the SACK hole at 2000
-    assert rx[:2] == [0, 2000]
-    assert conn.in_recovery and conn.stats["sack_retransmits"] >= 1
+    # more than 2 MSS SACKed above the hole at 0 (RFC 6675 IsLost): fast retransmit;
+    # the hole at 2000 has only 2 MSS above it, so it is not lost yet
+    assert [s.seq - seq for s in h.take()] == [0]
+    assert conn.in_recovery and conn.stats["sack_retransmits"] == 1
+    h.send(0.02, 80, port, pseq, seq, ACK, options=_sack_opt((seq + 3000, seq + 6000),
+                                                             (seq + 1000, seq + 2000)))
+    # now it is; PRR lets one new segment follow
+    assert [s.seq - seq for s in h.take()] == [2000, 6000]
+    assert conn.stats["sack_retransmits"] == 2
 
 
 def test_filter_vetoes_new_connections_udp_and_echo() -> None:

@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -275,11 +275,13 @@ class Node:
             i = j
         magic.uncork()
 
-    def _on_wireguard(self, data: bytes | memoryview, derp_src: bytes | None, path: PathTag) -> None:
+    def _on_wireguard(self, datagrams: Sequence[bytes | memoryview], derp_src: bytes | None,
+                      path: PathTag) -> None:
+        """WireGuard datagrams from one source, read together (one, or a GRO batch)."""
         if self.wg is None or self.magic is None:
-            self.stats["drop.no_wireguard"] += 1
+            self.stats["drop.no_wireguard"] += len(datagrams)
             return
-        got = self.wg.receive(data, time.monotonic(), time.time(), src=path)
+        got = self.wg.receive_many(datagrams, time.monotonic(), time.time(), src=path)
         for tx in got.transmits:
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None) or path)
         if not got.packets:

@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -63,9 +64,9 @@ class End:
         assert self.magic.sock is not None
         return "127.0.0.1", int(self.magic.sock.getsockname()[1])
 
-    def _on_wireguard(self, data: bytes, derp_src: bytes | None, path: Any) -> None:
+    def _on_wireguard(self, datagrams: Sequence[bytes | memoryview], derp_src: bytes | None, path: Any) -> None:
         # as Node._on_wireguard, minus the packet filter
-        got = self.wg.receive(data, time.monotonic(), time.time(), src=path)
+        got = self.wg.receive_many(datagrams, time.monotonic(), time.time(), src=path)
         for tx in got.transmits:
             self.magic.send_wireguard(tx.peer, tx.data, tx.path or path)
         for _peer, packet in got.packets:

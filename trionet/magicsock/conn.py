@@ -87,7 +87,7 @@ class MagicConn:
         node_public: bytes,
         disco_private: bytes,
         disco_public: bytes,
-        on_wireguard: Callable[[bytes | memoryview, bytes | None, PathTag], None],
+        on_wireguard: Callable[[Sequence[bytes | memoryview], bytes | None, PathTag], None],
         *,
         login_server: str,
         ca_file: str | None = None,
@@ -385,7 +385,7 @@ class MagicConn:
             self._on_disco(data, ("derp", region), src)
             return
         self.paths.note_derp_region(src, region)
-        self.on_wireguard(data, src, ("derp", region))  # on_batch_end follows once per DERP read
+        self.on_wireguard((data,), src, ("derp", region))  # on_batch_end follows once per DERP read
 
     async def _udp_reader(self) -> None:
         assert self.sock is not None
@@ -420,15 +420,20 @@ class MagicConn:
                 segment = _gro_segment_size(ancillary) if ancillary else 0
                 if segment and segment < len(data):
                     # Several datagrams of one flow, coalesced by the kernel: split them
-                    # without copying (the parsers and the cipher accept memoryviews).
+                    # without copying (the parsers and the cipher accept memoryviews), and
+                    # hand WireGuard's transport datagrams over together.
                     view = memoryview(data)
-                    for offset in range(0, len(data), segment):
-                        count += 1
-                        self._on_udp_datagram(view[offset:offset + segment], path)
+                    batch = [view[offset:offset + segment] for offset in range(0, len(data), segment)]
+                    count += len(batch)
+                    if all(datagram[0] == 4 for datagram in batch):
+                        on_wireguard(batch, None, path)
+                    else:
+                        for datagram in batch:
+                            self._on_udp_datagram(datagram, path)
                     continue
                 count += 1
                 if data[:1] == b"\x04":  # WireGuard transport: STUN starts 0x00/0x01, disco 'T'
-                    on_wireguard(data, None, path)
+                    on_wireguard((data,), None, path)
                 else:
                     self._on_udp_datagram(data, path)
             self.stats["recv.udp"] += count
@@ -437,7 +442,7 @@ class MagicConn:
 
     def _on_udp_datagram(self, data: bytes | memoryview, path: PathTag) -> None:
         if data[:1] == b"\x04":
-            self.on_wireguard(data, None, path)
+            self.on_wireguard((data,), None, path)
             return
         data = bytes(data)
         if stun.is_stun(data):
@@ -445,7 +450,7 @@ class MagicConn:
         elif disco.looks_like_disco(data):
             self._on_disco(data, path, None)
         else:
-            self.on_wireguard(data, None, path)
+            self.on_wireguard((data,), None, path)
 
     # ------------------------------------------------------------------ disco
     def _on_disco(self, data: bytes, path: PathTag, derp_src: bytes | None) -> None:

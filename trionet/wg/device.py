@@ -508,25 +508,32 @@ class WgDevice:
         port)` tuple is best). `backlog` is the driver's count of handshake
         messages waiting: at 128 or more the device is under load for 1 s
         (or set `force_under_load`)."""
+        return self.receive_many((datagram,), now, wall, src, backlog)
+
+    def receive_many(self, datagrams: Iterable[bytes | bytearray | memoryview], now: float, wall: float,
+                     src: Any = None, backlog: int = 0) -> Received:
+        """`receive` for datagrams from one source read together (a GRO batch),
+        in order; what they produce comes back in one Received."""
         got = _tuple_new(Received, ([], []))
-        try:
-            n = len(datagram)
-            if n < 4:
-                self._drop("short", n)
-                return got
-            mtype = _U32.unpack_from(datagram)[0]
-            if mtype == MSG_TRANSPORT:
-                self._on_transport(datagram, n, now, wall, src, got)
-                return got
-            if mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
-                self._on_handshake(mtype, bytes(datagram), now, wall, src, backlog, got)
-            elif mtype == MSG_COOKIE_REPLY:
-                self._on_cookie_reply(bytes(datagram), now)
-            else:
-                self._drop("unknown_type", mtype)
-        except Exception as exc:  # a bug, not bad input: count it, never crash the driver
-            self._drop("internal_error", repr(exc))
-            log.exception("wireguard: internal error on a datagram")
+        on_transport = self._on_transport
+        for datagram in datagrams:
+            try:
+                n = len(datagram)
+                if n < 4:
+                    self._drop("short", n)
+                    continue
+                mtype = _U32.unpack_from(datagram)[0]
+                if mtype == MSG_TRANSPORT:
+                    on_transport(datagram, n, now, wall, src, got)
+                elif mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
+                    self._on_handshake(mtype, bytes(datagram), now, wall, src, backlog, got)
+                elif mtype == MSG_COOKIE_REPLY:
+                    self._on_cookie_reply(bytes(datagram), now)
+                else:
+                    self._drop("unknown_type", mtype)
+            except Exception as exc:  # a bug, not bad input: count it, never crash the driver
+                self._drop("internal_error", repr(exc))
+                log.exception("wireguard: internal error on a datagram")
         return got
 
     def _on_transport(self, data: bytes | bytearray | memoryview, n: int, now: float, wall: float, src: Any,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -18,8 +19,8 @@ UDP_SEGMENT = 103  # linux/udp.h: the sender's GSO segment size
 def make_conn(received: list[tuple[bytes, Any]]) -> MagicConn:
     node, disco = keys.new_private(), keys.new_private()
 
-    def on_wireguard(data: bytes | memoryview, derp_src: bytes | None, path: Any) -> None:
-        received.append((bytes(data), path))
+    def on_wireguard(datagrams: Sequence[bytes | memoryview], derp_src: bytes | None, path: Any) -> None:
+        received.extend((bytes(data), path) for data in datagrams)
 
     conn = MagicConn(node, keys.public_of(node), disco, keys.public_of(disco), on_wireguard,
                      login_server="https://hs.test", udp_bind="127.0.0.1")

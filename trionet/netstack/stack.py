@@ -26,7 +26,7 @@ from .wire import ipv4 as wip4
 from .wire import ipv6 as wip6
 from .wire import tcp as wtcp
 from .wire import udp as wudp
-from .wire.tcp import ACK, RST, SYN
+from .wire.tcp import ACK, PSH, RST, SYN
 
 logger = logging.getLogger(__name__)
 
@@ -373,37 +373,59 @@ class StackCore:
     # TcpHost
     def tcp_emit(self, conn: TcpConnection, flags: int, seq: int, ack: int, window: int,
                  options: bytes, payload: bytes | memoryview) -> None:
+        self.tcp_emit_run(conn, flags, seq, ack, window, options, memoryview(payload), len(payload) or 1, False)
+
+    def tcp_emit_run(self, conn: TcpConnection, flags: int, seq: int, ack: int, window: int,
+                     options: bytes, data: memoryview, mss: int, push_last: bool) -> int:
         rip, rport, lip, lport = conn.key
         pb = self._pseudo_base(lip, rip, 6)
-        if len(lip) == 4:
-            # Both headers in one pack, both checksums summed from the field values:
-            # every segment of a bulk send comes through here.
-            hlen = 20 + len(options)
-            plen = len(payload)
-            seq &= 0xFFFFFFFF
-            ack &= 0xFFFFFFFF
-            off_flags = (hlen << 10) | flags
-            total = pb + hlen + plen + lport + rport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) \
-                + (ack & 0xFFFF) + off_flags + window
-            if options:
-                total += ones_sum(options)
+        size = len(data)
+        count = 0
+        stats = self.stats
+        if len(lip) != 4:
+            for off in range(0, size or 1, mss):
+                piece = data[off:off + mss]
+                last = flags | PSH if push_last and off + mss >= size else flags
+                hdr = wtcp.build(lport, rport, seq + off, ack, last, window, options, piece, pb)
+                stats["tcp_out"] += 1
+                self._ip_out(lip, rip, 6, hdr, piece)
+                count += 1
+            return count
+        # IPv4: both headers in one pack, both checksums summed from the field values.
+        # What every segment of the run shares is summed once.
+        hlen = 20 + len(options)
+        ack &= 0xFFFFFFFF
+        off_flags = (hlen << 10) | flags
+        shared = pb + hlen + lport + rport + (ack >> 16) + (ack & 0xFFFF) + off_flags + window
+        if options:
+            shared += ones_sum(options)
+        # the IPv4 header's words: pseudo-header sum minus the protocol, plus
+        # 0x4500 (version, IHL), 0x4000 (DF), 0x4006 (TTL 64, TCP); then length, ident
+        ip_shared = pb + 0xC500 + 20 + hlen
+        output = self.output
+        pack = _IP4_TCP.pack
+        ident = self._ident
+        for off in range(0, size or 1, mss):
+            piece = data[off:off + mss]
+            plen = len(piece)
+            sq = (seq + off) & 0xFFFFFFFF
+            total = shared + plen + (sq >> 16) + (sq & 0xFFFF)
+            fl = off_flags
+            if push_last and off + mss >= size:
+                fl |= PSH
+                total += fl - off_flags
             if plen:
-                total += ones_sum(payload)
-            ident = self._ident = (self._ident + 1) & 0xFFFF
+                total += ones_sum(piece)
+            ident = (ident + 1) & 0xFFFF
             ip_len = 20 + hlen + plen
-            # the IPv4 header's words: pseudo-header sum minus the protocol, plus
-            # 0x4500 (version, IHL), 0x4000 (DF), 0x4006 (TTL 64, TCP), length, ident
-            ip_ck = ~((pb + 0xC500 + ip_len + ident) % 0xFFFF) & 0xFFFF
-            hdr = _IP4_TCP.pack(0x45, 0, ip_len, ident, 0x4000, 64, 6, ip_ck, lip, rip, lport, rport, seq,
-                                ack, off_flags, window, ~(total % 0xFFFF) & 0xFFFF, 0)
-            stats = self.stats
-            stats["tcp_out"] += 1
-            stats["ip_out"] += 1
-            self.output(b"".join((hdr, options, payload)) if options or plen else hdr)
-            return
-        hdr = wtcp.build(lport, rport, seq, ack, flags, window, options, payload, pb)
-        self.stats["tcp_out"] += 1
-        self._ip_out(lip, rip, 6, hdr, payload)
+            hdr = pack(0x45, 0, ip_len, ident, 0x4000, 64, 6, ~((ip_shared + plen + ident) % 0xFFFF) & 0xFFFF,
+                       lip, rip, lport, rport, sq, ack, fl, window, ~(total % 0xFFFF) & 0xFFFF, 0)
+            output(b"".join((hdr, options, piece)) if options or plen else hdr)
+            count += 1
+        self._ident = ident
+        stats["tcp_out"] += count
+        stats["ip_out"] += count
+        return count
 
     def tcp_established(self, conn: TcpConnection) -> None:
         lst = conn.listener

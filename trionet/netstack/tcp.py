@@ -114,6 +114,12 @@ class TcpHost(Protocol):
     def tcp_emit(self, conn: TcpConnection, flags: int, seq: int, ack: int, window: int,
                  options: bytes, payload: bytes | memoryview) -> None: ...
 
+    def tcp_emit_run(self, conn: TcpConnection, flags: int, seq: int, ack: int, window: int,
+                     options: bytes, data: memoryview, mss: int, push_last: bool) -> int:
+        """``data`` as segments of up to ``mss`` bytes from ``seq``; PSH on the last one
+        if ``push_last``. Returns how many segments went out."""
+        ...
+
     def tcp_established(self, conn: TcpConnection) -> None: ...
 
     def tcp_closed(self, conn: TcpConnection) -> None: ...
@@ -1023,17 +1029,29 @@ class TcpConnection:
                 avail = data_end - nxt
                 usable = self.snd_una + win - nxt
                 if avail > 0 and usable > 0:
-                    n = min(avail, usable, mss)
-                    if n < mss and n < avail and nxt > self.snd_una:
-                        break  # sender SWS avoidance: wait for a bigger window
+                    n = min(avail, usable)
+                    if n < avail:  # the window ends this run: full segments only
+                        if n >= mss:
+                            n -= n % mss
+                        elif nxt > self.snd_una:
+                            break  # sender SWS avoidance: wait for a bigger window
                     off = nxt - self.sbuf_seq
-                    self._emit_data(nxt, mv[off:off + n], now)
-                    if self._rtt_seq is None and nxt + n > self.snd_max:
-                        self._rtt_seq = nxt + n
+                    end = nxt + n
+                    # the whole run in one call: MSS-sized segments, PSH on the last if it
+                    # empties the buffer
+                    self.stats["segments_out"] += self.host.tcp_emit_run(
+                        self, ACK, nxt, self.rcv_nxt, self._wnd_field(), self._ts_opt(now),
+                        mv[off:end - self.sbuf_seq], mss, end == data_end)
+                    self._ack_pending = 0
+                    self._ack_now = False
+                    self.delack_at = None
+                    if self._rtt_seq is None and end > self.snd_max:
+                        # time the first segment that carries new data
+                        self._rtt_seq = min(end, nxt + (max(0, self.snd_max - nxt) // mss + 1) * mss)
                         self._rtt_time = now
-                    self.snd_nxt = nxt + n
-                    if self.snd_nxt > self.snd_max:
-                        self.snd_max = self.snd_nxt
+                    self.snd_nxt = end
+                    if end > self.snd_max:
+                        self.snd_max = end
                     sent = True
                     continue
                 if self.fin_queued and avail == 0:

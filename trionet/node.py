@@ -265,15 +265,17 @@ class Node:
         txs = self.wg.send_ip_many(batch, time.monotonic(), time.time())
         magic = self.magic
         magic.cork()
-        i, n = 0, len(txs)
-        while i < n:
-            first = txs[i]
-            j = i + 1
-            while j < n and txs[j].peer == first.peer and txs[j].path == first.path:
-                j += 1
-            magic.send_wireguard_many(first.peer, [tx.data for tx in txs[i:j]], first.path)
-            i = j
-        magic.uncork()
+        try:
+            i, n = 0, len(txs)
+            while i < n:
+                first = txs[i]
+                j = i + 1
+                while j < n and txs[j].peer == first.peer and txs[j].path == first.path:
+                    j += 1
+                magic.send_wireguard_many(first.peer, [tx.data for tx in txs[i:j]], first.path)
+                i = j
+        finally:
+            magic.uncork()
 
     def _on_wireguard(self, datagrams: Sequence[bytes | memoryview], derp_src: bytes | None,
                       path: PathTag) -> None:

@@ -304,7 +304,10 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
         if "derp" in rows:
             stack.block_udp_between_nodes()
             time.sleep(8)  # let both sides notice the direct path is gone
-            both(f"single stream {blob_mb} MB, DERP only (MB/s)", "stream", HTTP_PORT, blob_mb, "mbps")
+            both(f"single stream {blob_mb} MB, DERP only (MB/s)", "stream", HTTP_PORT, blob_mb, "mbps", cpu=True)
+            row = results["rows"][-1]
+            print(f"{'  CPU s/GB over DERP':<44} trionet {row['trionet_cpu_s_per_gb']:10.1f}  "
+                  f"tailscaled {row['tailscaled_cpu_s_per_gb']:10.1f}")
             stack.unblock_udp()
         st = subprocess.run([sys.executable, "-m", "trionet", "status", "--json", "--state-dir", str(state)],
                             capture_output=True, text=True)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from tests.unit.magicsock.fakes import FixedPath
 from tests.unit.netstack.fakepeer import Harness
 from tests.unit.wg.sim import A_IP, B_IP, ip4
 from trionet.magicsock.conn import MagicConn
@@ -37,16 +38,6 @@ from trionet.wg import WgDevice
 MSS = 1240
 WALL = 1.8e9
 DATA = os.urandom(4 << 20)
-
-
-class FixedPath:
-    wake = False
-
-    def __init__(self, addr: tuple[str, int]) -> None:
-        self.addr = addr
-
-    def paths_for_send(self, node_key: bytes, now: float) -> tuple[tuple[str, int], int]:
-        return self.addr, 0
 
 
 def wireguard_pair() -> WgDevice:

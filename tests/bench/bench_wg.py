@@ -7,6 +7,8 @@ Both are measured in this run, in one process, interleaved over R rounds
 is what our framing, routing, replay window, AllowedIPs source check, timers
 and bookkeeping cost on top of the cipher. "bare" is one ChaCha20Poly1305
 encrypt and one decrypt call per packet with a fresh nonce, nothing else.
+A second row sends and receives in bursts of 48 (send_ip_many, receive_many),
+the way Node drives the device from the netstack and from GRO reads.
 """
 
 from __future__ import annotations
@@ -67,6 +69,17 @@ def wireguard(a: WgDevice, b: WgDevice, n: int, now: float) -> float:
     return rate
 
 
+def wireguard_bursts(a: WgDevice, b: WgDevice, n: int, now: float, burst: int = 48) -> float:
+    """As Node calls it: send_ip_many over one netstack step's packets (up to 48),
+    receive_many over one GRO read's datagrams."""
+    pkts = [packet()] * burst
+    send, receive = a.send_ip_many, b.receive_many
+    start = time.perf_counter()
+    for _ in range(n // burst):
+        receive([tx.data for tx in send(pkts, now, WALL)], now, WALL)
+    return n // burst * burst / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=20_000)
@@ -75,19 +88,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = ap.parse_args(argv)
     a, b = pair()
     rx0 = b.statistics()["rx_packets"]
-    bare_pps = wg_pps = 0.0
+    bare_pps = wg_pps = burst_pps = 0.0
     for r in range(args.rounds):
         bare_pps = max(bare_pps, bare(args.packets))
         wg_pps = max(wg_pps, wireguard(a, b, args.packets, 1.0 + r))
+        burst_pps = max(burst_pps, wireguard_bursts(a, b, args.packets, 1.0 + r))
     rx = b.statistics()["rx_packets"] - rx0
-    assert rx == args.packets * args.rounds, (rx, b.drops)
+    assert rx == (args.packets + args.packets // 48 * 48) * args.rounds, (rx, b.drops)
     assert not a.drops and not b.drops
     result = {"packet_bytes": SIZE, "bare_pps": bare_pps, "bare_MBps": bare_pps * SIZE / 1e6, "wg_pps": wg_pps,
-              "wg_MBps": wg_pps * SIZE / 1e6, "ratio": wg_pps / bare_pps}
+              "wg_MBps": wg_pps * SIZE / 1e6, "ratio": wg_pps / bare_pps,
+              "wg_burst_pps": burst_pps, "wg_burst_MBps": burst_pps * SIZE / 1e6, "ratio_burst": burst_pps / bare_pps}
     print(f"{'1280-byte encrypt+decrypt':<34} {'packets/s':>10} {'MB/s':>8}")
     print(f"{'bare ChaCha20-Poly1305 calls':<34} {bare_pps:10.0f} {result['bare_MBps']:8.1f}")
     print(f"{'trionet WgDevice send_ip+receive':<34} {wg_pps:10.0f} {result['wg_MBps']:8.1f}")
-    print(f"ratio {result['ratio']:.2f} (aim: 0.70); best of {args.rounds} rounds of {args.packets} packets")
+    print(f"{'trionet in bursts of 48 (as Node)':<34} {burst_pps:10.0f} {result['wg_burst_MBps']:8.1f}")
+    print(f"ratio {result['ratio']:.2f} one at a time, {result['ratio_burst']:.2f} in bursts (aim: 0.70); "
+          f"best of {args.rounds} rounds of {args.packets} packets")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

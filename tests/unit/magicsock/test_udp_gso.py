@@ -7,6 +7,7 @@ import errno
 import socket
 from typing import Any
 
+from tests.unit.magicsock.fakes import FixedPath
 from trionet import keys
 from trionet.magicsock.conn import GSO_MAX_BYTES, MagicConn
 
@@ -110,18 +111,6 @@ def test_without_gso_the_run_is_resent_one_by_one_and_gso_stays_off() -> None:
     assert fake.refused == 1, "GSO is tried once, then left off"
     assert conn.stats["send.udp"] == 16
     assert conn.stats.get("send.udp_EIO", 0) == 0
-
-
-class FixedPath:
-    """A path chooser that always names one UDP address (and no DERP)."""
-
-    wake = False
-
-    def __init__(self, addr: tuple[str, int]) -> None:
-        self.addr = addr
-
-    def paths_for_send(self, node_key: bytes, now: float) -> tuple[tuple[str, int], int]:
-        return self.addr, 0
 
 
 def test_a_burst_to_one_peer_uses_its_path_once_and_one_write_when_corked() -> None:

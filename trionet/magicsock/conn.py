@@ -252,40 +252,21 @@ class MagicConn:
         if addr is None and not region and reply_path is None:
             self.stats["send.no_path"] += len(datagrams)
 
+    def _send_udp(self, data: bytes, addr: Addr) -> None:
+        self._send_udp_many((data,), addr)
+
     def _send_udp_many(self, datagrams: Sequence[bytes], addr: Addr) -> None:
-        if len(datagrams) == 1:
-            self._send_udp(datagrams[0], addr)
-            return
+        """Out at once, or held while corked (written when the queue fills or on uncork)."""
         if self.sock is None:
             self.stats["send.udp_no_socket"] += len(datagrams)
             return
         target: Any = addr
         if self._dual_stack and ":" not in addr[0]:
             target = ("::ffff:" + addr[0], addr[1])
-        self._udp_queue.extend([(target, data) for data in datagrams])
-        if not self._corked or len(self._udp_queue) >= GSO_MAX_SEGMENTS:
+        queue = self._udp_queue
+        queue.extend([(target, data) for data in datagrams])
+        if not self._corked or len(queue) >= GSO_MAX_SEGMENTS:
             self._send_udp_queue()
-
-    def _send_udp(self, data: bytes, addr: Addr) -> None:
-        if self.sock is None:
-            self.stats["send.udp_no_socket"] += 1
-            return
-        target: Any = addr
-        if self._dual_stack and ":" not in addr[0]:
-            target = ("::ffff:" + addr[0], addr[1])
-        if self._corked:
-            queue = self._udp_queue
-            queue.append((target, data))
-            if len(queue) >= GSO_MAX_SEGMENTS:
-                self._send_udp_queue()
-            return
-        try:
-            self.sock.sendto(data, target)
-            self.stats["send.udp"] += 1
-        except BlockingIOError:
-            self.stats["send.udp_full"] += 1
-        except OSError as exc:
-            self._count_send_error(exc, 1)
 
     def cork(self) -> None:
         """Hold UDP datagrams until `uncork`, to send same-sized runs to one address as
@@ -339,11 +320,8 @@ class MagicConn:
                     self._udp_queue = queue[i:] + self._udp_queue
                     self._send_udp_queue()
                     return
-                self._count_send_error(exc, count)
+                self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += count
             i = j
-
-    def _count_send_error(self, exc: OSError, count: int) -> None:
-        self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += count
 
     def _send_derp(self, region: int, node_key: bytes, data: bytes) -> None:
         conn = self._ensure_derp(region)

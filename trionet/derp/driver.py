@@ -156,9 +156,27 @@ class _Link(Protocol):
 class _StreamLink:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        # The TLS object under trio's SSLStream (a private attribute, hence the getattr):
+        # the DERP server sends about one TLS record per packet, and SSLStream returns
+        # one record per call, so records already buffered are taken without a call each.
+        self._tls: ssl.SSLObject | None = getattr(stream, "_ssl_object", None) \
+            if isinstance(stream, trio.SSLStream) else None
 
     async def receive_some(self) -> bytes:
-        return bytes(await self.stream.receive_some(READ_SIZE))
+        data = await self.stream.receive_some(READ_SIZE)
+        tls = self._tls
+        if tls is None or not data:
+            return bytes(data)
+        chunks = [data]
+        while True:
+            try:
+                more = tls.read(READ_SIZE)
+            except ssl.SSLError:  # nothing whole buffered; a real error surfaces on the next call
+                break
+            if not more:
+                break
+            chunks.append(more)
+        return b"".join(chunks)
 
     async def send_all(self, data: bytes) -> None:
         await self.stream.send_all(data)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 PathTag = tuple[str, Any]
 DERP_MAGIC_IP = "127.3.3.40"  # tailcfg.DerpMagicIP: a DERP region as a pseudo-address
-UDP_BATCH = 256
+UDP_BATCH = 256  # datagrams per netstack batch (a GRO read counts all it carries)
 STUN_RETRY = 0.5
 ENDPOINT_REFRESH = 25.0  # tailscaled re-STUNs about this often (endpointsFreshEnoughDuration 27 s)
 
@@ -377,7 +377,9 @@ class MagicConn:
         while True:
             await trio.lowlevel.wait_readable(sock)
             count = 0
-            for _ in range(UDP_BATCH):
+            for _ in range(UDP_BATCH):  # reads, errors included
+                if count >= UDP_BATCH:
+                    break
                 try:
                     if gro:
                         data, ancillary, _flags, addr = recvmsg(65535, cmsg_space)

@@ -182,7 +182,7 @@ class TcpConnection:
         self.rto = config.initial_rto
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
-        self._ts_floor = 0  # our TSval at the last RTO: older echoes are no RTT sample
+        self._ts_floor: int | None = None  # our TSval at the last RTO: older echoes are no RTT sample
         self.retries = 0
         self.rto_at: float | None = None
         self.delack_at: float | None = None
@@ -539,8 +539,11 @@ class TcpConnection:
         """RFC 7323 RTTM: the echoed timestamp times every ACK that advances SND.UNA,
         retransmitted or not, so a backed-off RTO comes back down at the first ACK."""
         tsn = self._ts_now(now)
-        if (ecr - self._ts_floor) & 0x80000000:
-            return  # echoes a segment sent before the last timeout (Karn, RFC 6298 5)
+        floor = self._ts_floor
+        if floor is not None:
+            if (ecr - floor) & 0x80000000:
+                return  # echoes a segment sent before the last timeout (Karn, RFC 6298 5)
+            self._ts_floor = None  # echoes are past the timeout now: no wraparound in 24.8 days
         d = (tsn - ecr) & MASK
         if d < 600_000:  # ms; anything else is not an echo of ours
             self._rtt_update(d / 1000)
@@ -559,9 +562,13 @@ class TcpConnection:
                      opts: TcpOptions, now: float) -> None:
         una = self.snd_una
         sacked_before = self._sacked_bytes
-        after_probe = self._tlp_high != 0
+        probe_high = self._tlp_high
         if opts.sack and self.sack_ok:
             self._note_sack(opts.sack, ack)
+        # the answer to the probe itself, not any ACK that arrives while it is out (a late
+        # one after a stall carries reordering, not news of a lost tail)
+        after_probe = probe_high != 0 and (ack >= probe_high or (
+            bool(self._sacked) and self._sacked[-1][1] >= probe_high))
         if ack > una:
             acked = ack - una
             self.snd_una = ack

@@ -1,0 +1,58 @@
+"""Tail loss probe: only the probe's own answer marks every hole below it lost."""
+
+from __future__ import annotations
+
+from trionet.netstack.wire import tcp as wtcp
+from trionet.netstack.wire.tcp import ACK
+
+from .fakepeer import Harness
+
+
+def _sack(*blocks: tuple[int, int]) -> bytes:
+    return wtcp.build_options(sack=blocks)
+
+
+def test_a_late_ack_during_a_probe_is_not_its_answer() -> None:
+    h = Harness()
+    port, seq, pseq = h.connect(mss=1000, peer_window=65535)
+    conn = h.conn
+    conn.sack_ok = True
+    conn.cc.cwnd = 10 * 1000
+    conn.send(b"x" * 8000, 0.0)
+    assert len(h.take()) == 8
+    assert conn.tlp_at is not None
+    t = conn.tlp_at
+    h.stack.on_timer(t)
+    (probe,) = h.take()
+    assert probe.seq - seq == 7000 and conn.stats["tlp_probes"] == 1
+    retransmits = conn.stats["retransmits"]  # the probe is one
+    # a duplicate ACK delayed by a stall: segment 3 arrived, nothing about the probe
+    h.send(t + 0.001, 80, port, pseq, seq, ACK, options=_sack((seq + 3000, seq + 4000)))
+    assert h.take() == [], "a late ACK must not mark every hole lost"
+    assert conn.stats["retransmits"] == retransmits
+    # the probe's answer: it SACKs the probe, so the holes below are lost after all
+    h.send(t + 0.002, 80, port, pseq, seq, ACK,
+           options=_sack((seq + 7000, seq + 8000), (seq + 3000, seq + 4000)))
+    resent = [s.seq - seq for s in h.take()]
+    assert resent and resent[0] == 0, resent
+    assert conn.in_recovery
+
+
+def test_timestamp_rtt_samples_after_24_days_and_around_an_rto() -> None:
+    h = Harness()
+    h.connect()
+    conn = h.conn
+    now = 25 * 86400.0  # past 2**31 ms of our TSval clock
+    conn.srtt = None
+    conn._ts_rtt_sample((conn._ts_now(now) - 20) & 0xFFFFFFFF, now)
+    assert conn.srtt is not None and abs(conn.srtt - 0.020) < 1e-9
+    # after a timeout, an echo of a segment sent before it is no sample (Karn) ...
+    conn._ts_floor = conn._ts_now(now) & 0xFFFFFFFF
+    conn.srtt = None
+    conn._ts_rtt_sample((conn._ts_now(now) - 500) & 0xFFFFFFFF, now)
+    assert conn.srtt is None
+    # ... and the first echo from after it is, and ends the Karn window
+    later = now + 0.03
+    conn._ts_rtt_sample((conn._ts_now(later) - 30) & 0xFFFFFFFF, later)
+    assert conn.srtt is not None and abs(conn.srtt - 0.030) < 1e-9
+    assert conn._ts_floor is None

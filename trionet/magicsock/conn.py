@@ -53,7 +53,7 @@ _UDP_SEGMENT = 103
 _GSO_SIZE = struct.Struct("=H")
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels
 GSO_MAX_BYTES = 65000  # the whole run must fit one IP packet's 64 KiB
-_GSO_UNSUPPORTED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+_GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE})
 
 
 def _enable_udp_gro(sock: socket.socket) -> bool:
@@ -146,7 +146,8 @@ class MagicConn:
         sock.bind((bind, self.udp_port))
         self.sock = sock
         self._gro = _enable_udp_gro(sock)
-        self._gso = sys.platform == "linux" and os.environ.get("TRIONET_DISABLE_UDP_GSO", "") in ("", "0")
+        # UDP_SEGMENT came in Linux 4.18, before UDP_GRO (5.0): a kernel that took GRO does GSO
+        self._gso = self._gro and os.environ.get("TRIONET_DISABLE_UDP_GSO", "") in ("", "0")
         self._dual_stack = sock.family == socket.AF_INET6  # IPv4 peers go to ::ffff:a.b.c.d
         self.local_endpoints = self._local_addresses(sock.getsockname()[1])
 
@@ -280,8 +281,6 @@ class MagicConn:
 
     def _send_udp_queue(self) -> None:
         queue, self._udp_queue = self._udp_queue, []
-        assert self.sock is not None
-        sock = self.sock
         n = len(queue)
         i = 0
         while i < n:
@@ -300,28 +299,48 @@ class MagicConn:
                     j += 1
                     if length < size:
                         break
-            count = j - i
-            try:
-                if count == 1:
-                    sock.sendto(first, target)
-                else:
-                    sock.sendmsg([data for _, data in queue[i:j]],
-                                 [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, target)
-                    self.stats["send.udp_gso"] += 1
-                self.stats["send.udp"] += count
-            except BlockingIOError:
-                self.stats["send.udp_full"] += count
-            except OSError as exc:
-                if count > 1 and exc.errno in _GSO_UNSUPPORTED:
-                    # No GSO on this path (tailscaled sees EIO without checksum offload):
-                    # send one by one from now on, starting with this run.
+            if j - i == 1:
+                self._sendto(first, target)
+            elif not self._sendmsg_gso(queue[i:j], target, size):
+                for _, data in queue[i:j]:
+                    self._sendto(data, target)
+            i = j
+
+    def _sendto(self, data: bytes, target: Any) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.sendto(data, target)
+            self.stats["send.udp"] += 1
+        except BlockingIOError:
+            self.stats["send.udp_full"] += 1
+        except OSError as exc:
+            self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
+
+    def _sendmsg_gso(self, run: list[tuple[Any, bytes]], target: Any, size: int) -> bool:
+        """One GSO write; False when the kernel refuses the run as a whole, which then
+        goes one datagram at a time."""
+        assert self.sock is not None
+        try:
+            self.sock.sendmsg([data for _, data in run], [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0,
+                               target)
+        except BlockingIOError:
+            self.stats["send.udp_full"] += len(run)
+            return True
+        except OSError as exc:
+            if exc.errno in _GSO_REFUSED:
+                # EINVAL/EMSGSIZE: this run's segments do not fit the route's MTU. EIO: the
+                # device has no checksum offload, so no GSO at all (tailscaled's
+                # ShouldDisableUDPGSO).
+                self.stats["send.udp_gso_refused"] += 1
+                if exc.errno == errno.EIO:
                     log.info("UDP GSO unavailable (%s); sending datagrams one by one", exc)
                     self._gso = False
-                    self._udp_queue = queue[i:] + self._udp_queue
-                    self._send_udp_queue()
-                    return
-                self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += count
-            i = j
+                return False
+            self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += len(run)
+            return True
+        self.stats["send.udp"] += len(run)
+        self.stats["send.udp_gso"] += 1
+        return True
 
     def _send_derp(self, region: int, node_key: bytes, data: bytes) -> None:
         conn = self._ensure_derp(region)
@@ -382,10 +401,10 @@ class MagicConn:
                     break
                 try:
                     if gro:
-                        data, ancillary, _flags, addr = recvmsg(65535, cmsg_space)
+                        data, ancillary, flags, addr = recvmsg(65535, cmsg_space)
                     else:
                         data, addr = recvfrom(65535)
-                        ancillary = None
+                        ancillary, flags = None, 0
                 except BlockingIOError:
                     break
                 except OSError as exc:  # e.g. ICMP unreachable surfaced as ECONNREFUSED
@@ -398,6 +417,11 @@ class MagicConn:
                         sources.clear()
                     path = sources[addr] = ("udp", _norm(addr))
                 segment = _gro_segment_size(ancillary) if ancillary else 0
+                if flags & socket.MSG_TRUNC:  # not expected (a GRO batch fits 64 KiB): keep whole ones
+                    self.stats["recv.udp_truncated"] += 1
+                    if not segment:
+                        continue
+                    data = data[:len(data) - len(data) % segment]
                 if segment and segment < len(data):
                     # Several datagrams of one flow, coalesced by the kernel: split them
                     # without copying (the parsers and the cipher accept memoryviews), and

@@ -4,6 +4,7 @@ and every datagram still arrives, in order, as its own datagram."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
@@ -80,25 +81,26 @@ def test_uncorked_sends_go_at_once() -> None:
     assert conn.stats["send.udp_gso"] == 0
 
 
-class NoGsoSocket:
-    """A socket whose path refuses GSO the way a device without checksum offload does."""
+class RefusingSocket:
+    """A socket whose path refuses GSO writes with one errno."""
 
-    def __init__(self, real: socket.socket) -> None:
+    def __init__(self, real: socket.socket, error: int) -> None:
         self.real = real
+        self.error = error
         self.refused = 0
 
     def sendmsg(self, *args: Any) -> int:
         self.refused += 1
-        raise OSError(errno.EIO, "Input/output error")
+        raise OSError(self.error, os.strerror(self.error))
 
     def sendto(self, data: bytes, addr: Any) -> int:
         return self.real.sendto(data, addr)
 
 
-def test_without_gso_the_run_is_resent_one_by_one_and_gso_stays_off() -> None:
+def send_two_bursts(error: int) -> tuple[MagicConn, RefusingSocket]:
     conn = make_conn()
     assert conn.sock is not None
-    fake = NoGsoSocket(conn.sock)
+    fake = RefusingSocket(conn.sock, error)
     conn.sock = fake  # type: ignore[assignment]
     a = receiver()
     burst = [datagram(i, 1000) for i in range(8)]
@@ -108,9 +110,20 @@ def test_without_gso_the_run_is_resent_one_by_one_and_gso_stays_off() -> None:
             conn._send_udp(d, a.getsockname())
         conn.uncork()
         assert drain(a, len(burst)) == burst
-    assert fake.refused == 1, "GSO is tried once, then left off"
     assert conn.stats["send.udp"] == 16
-    assert conn.stats.get("send.udp_EIO", 0) == 0
+    assert not [k for k in conn.stats if k.startswith("send.udp_E")], conn.stats
+    return conn, fake
+
+
+def test_without_checksum_offload_gso_is_tried_once_then_left_off() -> None:
+    conn, fake = send_two_bursts(errno.EIO)
+    assert fake.refused == 1 and not conn._gso
+
+
+def test_a_run_too_big_for_the_route_goes_one_by_one_and_gso_stays_on() -> None:
+    conn, fake = send_two_bursts(errno.EINVAL)
+    assert fake.refused == 2 and conn._gso
+    assert conn.stats["send.udp_gso_refused"] == 2
 
 
 def test_a_burst_to_one_peer_uses_its_path_once_and_one_write_when_corked() -> None:

@@ -171,8 +171,8 @@ class _StreamLink:
         while True:
             try:
                 more = tls.read(READ_SIZE)
-            except ssl.SSLError:  # nothing whole buffered; a real error surfaces on the next call
-                break
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):  # nothing whole buffered; EOF
+                break  # (a TLS failure propagates: the link ends and the driver redials)
             if not more:
                 break
             chunks.append(more)

@@ -81,11 +81,11 @@ class NetStack:
         if core.timer_hint is not None:
             d = min(d, core.timer_hint)
             core.timer_hint = None
-        if self._output_done is not None:
-            self._output_done()
         cs = self._timer_scope
         if cs is not None and d < cs.deadline:
             cs.deadline = d
+        if self._output_done is not None:
+            self._output_done()
 
     async def run(self) -> None:
         """The timer task: run it in a nursery for the stack's lifetime."""

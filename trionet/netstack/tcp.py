@@ -707,9 +707,14 @@ class TcpConnection:
             # three duplicate ACKs, or a NewReno partial ACK: the next segment is lost
             lost = max(lost, min(una + mss, self.snd_max))
         self._lost_high = lost
+        entered = False
         if not self.in_recovery and lost > una:
             self._enter_recovery()
-        if self.in_recovery and not self._rto_recovery:
+            entered = True
+        # PRR sizes the window on ACKs that deliver data (and the one that starts
+        # recovery); a window update or the peer's own data is no licence to send more
+        # (Linux tcp_cwnd_reduction)
+        if self.in_recovery and not self._rto_recovery and (delivered > 0 or entered):
             self.cc.on_recovery_ack(max(delivered, 0), self._pipe())
 
     def _reo_wnd(self) -> float:

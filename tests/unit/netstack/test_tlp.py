@@ -56,3 +56,23 @@ def test_timestamp_rtt_samples_after_24_days_and_around_an_rto() -> None:
     conn._ts_rtt_sample((conn._ts_now(later) - 30) & 0xFFFFFFFF, later)
     assert conn.srtt is not None and abs(conn.srtt - 0.030) < 1e-9
     assert conn._ts_floor is None
+
+
+def test_in_recovery_an_ack_that_delivers_nothing_sends_nothing() -> None:
+    h = Harness()
+    port, seq, pseq = h.connect(mss=1000, peer_window=65535)
+    conn = h.conn
+    conn.cc.cwnd = 4 * 1000
+    conn.sack_ok = True
+    conn.send(b"x" * 12000, 0.0)
+    assert len(h.take()) == 4
+    blocks = [((seq + 1000, seq + 2000),), ((seq + 3000, seq + 4000), (seq + 1000, seq + 2000)),
+              ((seq + 3000, seq + 5000), (seq + 1000, seq + 2000))]
+    for sack in blocks:  # segments 0 and 2 lost: as in test_tcp_sack, recovery starts
+        h.send(0.01, 80, port, pseq, seq, ACK, options=_sack(*sack))
+    assert conn.in_recovery
+    h.take()
+    conn.cc.ssthresh = 20 * 1000  # pipe below ssthresh: PRR's slow-start bound applies
+    # the same ACK again but with a new window: a window update, no data delivered
+    h.send(0.012, 80, port, pseq, seq, ACK, window=60000, options=_sack(*blocks[-1]))
+    assert h.take() == []

@@ -51,6 +51,7 @@ _UDP_GRO = 104
 # And UDP GSO: one sendmsg with UDP_SEGMENT carries a run of datagrams to one address.
 _UDP_SEGMENT = 103
 _GSO_SIZE = struct.Struct("=H")
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: the enum's __and__ costs microseconds per read
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels
 GSO_MAX_BYTES = 65000  # the whole run must fit one IP packet's 64 KiB
 _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE})
@@ -417,7 +418,7 @@ class MagicConn:
                         sources.clear()
                     path = sources[addr] = ("udp", _norm(addr))
                 segment = _gro_segment_size(ancillary) if ancillary else 0
-                if flags & socket.MSG_TRUNC:  # not expected (a GRO batch fits 64 KiB): keep whole ones
+                if flags & _MSG_TRUNC:  # not expected (a GRO batch fits 64 KiB): keep whole ones
                     self.stats["recv.udp_truncated"] += 1
                     if not segment:
                         continue

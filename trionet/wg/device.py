@@ -396,7 +396,7 @@ class WgDevice:
             peer.tx_bytes += n
             if not touched or touched[-1] is not peer:
                 touched.append(peer)
-        for peer in dict.fromkeys(touched):
+        for peer in touched if len(touched) == 1 else dict.fromkeys(touched):
             # timersDataSent and keepKeyFreshSending, once for the burst
             if peer.persistent_keepalive:
                 peer.t_persistent_keepalive = now + peer.persistent_keepalive

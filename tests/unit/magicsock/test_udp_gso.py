@@ -36,6 +36,15 @@ def datagram(i: int, size: int) -> bytes:
     return i.to_bytes(4, "big") + bytes([i % 251]) * (size - 4)
 
 
+def send_corked(conn: MagicConn, burst: list[bytes], to: socket.socket) -> None:
+    """One corked burst to `to`, then check that each datagram arrived whole, in order."""
+    conn.cork()
+    for d in burst:
+        conn._send_udp(d, to.getsockname())
+    conn.uncork()
+    assert drain(to, len(burst)) == burst
+
+
 def test_a_corked_burst_leaves_in_few_writes_and_arrives_whole() -> None:
     conn = make_conn()
     a, b = receiver(), receiver()
@@ -63,11 +72,7 @@ def test_runs_stop_at_a_longer_datagram_and_at_the_size_limit() -> None:
     size = 1312
     per_write = GSO_MAX_BYTES // size
     burst = [datagram(i, size) for i in range(per_write + 3)] + [datagram(99, 100), datagram(100, size)]
-    conn.cork()
-    for d in burst:
-        conn._send_udp(d, a.getsockname())
-    conn.uncork()
-    assert drain(a, len(burst)) == burst
+    send_corked(conn, burst, a)
     # per_write full ones; then 3 full and the short one; then one alone (plain sendto)
     assert conn.stats["send.udp_gso"] == 2
     assert conn.stats["send.udp"] == len(burst)
@@ -105,11 +110,7 @@ def send_two_bursts(error: int) -> tuple[MagicConn, RefusingSocket]:
     a = receiver()
     burst = [datagram(i, 1000) for i in range(8)]
     for _ in range(2):
-        conn.cork()
-        for d in burst:
-            conn._send_udp(d, a.getsockname())
-        conn.uncork()
-        assert drain(a, len(burst)) == burst
+        send_corked(conn, burst, a)
     assert conn.stats["send.udp"] == 16
     assert not [k for k in conn.stats if k.startswith("send.udp_E")], conn.stats
     return conn, fake

@@ -52,13 +52,20 @@ def test_peer_window_is_scaled() -> None:
     assert conn.snd_wnd == 1000 << 2
 
 
-def test_limited_transmit_and_sack_retransmit() -> None:
+def sack_sender(cwnd_segments: int = 4) -> tuple[Harness, int, int, int]:
+    """A connection with SACK, MSS 1000 and a set window, with 12,000 bytes queued:
+    (harness, our port, our first data seq, the peer's seq)."""
     h = Harness()
     port, seq, pseq = h.connect(mss=1000, peer_window=65535)
+    h.conn.cc.cwnd = cwnd_segments * 1000
+    h.conn.sack_ok = True
+    h.conn.send(b"x" * 12000, 0.0)
+    return h, port, seq, pseq
+
+
+def test_limited_transmit_and_sack_retransmit() -> None:
+    h, port, seq, pseq = sack_sender()
     conn = h.conn
-    conn.cc.cwnd = 4 * 1000
-    conn.sack_ok = True
-    conn.send(b"x" * 12000, 0.0)
     assert [s.seq - seq for s in h.take()] == [0, 1000, 2000, 3000]
     # segments 0 and 2 lost; 1 arrives -> first dupack: one new segment goes out
     h.send(0.01, 80, port, pseq, seq, ACK, options=_sack_opt((seq + 1000, seq + 2000)))

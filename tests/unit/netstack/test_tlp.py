@@ -6,6 +6,7 @@ from trionet.netstack.wire import tcp as wtcp
 from trionet.netstack.wire.tcp import ACK
 
 from .fakepeer import Harness
+from .test_tcp_sack import sack_sender
 
 
 def _sack(*blocks: tuple[int, int]) -> bytes:
@@ -59,12 +60,8 @@ def test_timestamp_rtt_samples_after_24_days_and_around_an_rto() -> None:
 
 
 def test_in_recovery_an_ack_that_delivers_nothing_sends_nothing() -> None:
-    h = Harness()
-    port, seq, pseq = h.connect(mss=1000, peer_window=65535)
+    h, port, seq, pseq = sack_sender()
     conn = h.conn
-    conn.cc.cwnd = 4 * 1000
-    conn.sack_ok = True
-    conn.send(b"x" * 12000, 0.0)
     assert len(h.take()) == 4
     blocks = [((seq + 1000, seq + 2000),), ((seq + 3000, seq + 4000), (seq + 1000, seq + 2000)),
               ((seq + 3000, seq + 5000), (seq + 1000, seq + 2000))]

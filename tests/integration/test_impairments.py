@@ -197,7 +197,8 @@ async def loss_transfer(stack: Stack, tmp: Path, size: int, percent: int = 5) ->
             with trio.fail_after(600):
                 await t.run(node)
             result = {"impairment": f"{percent}% loss each way", "path": path, **t.figures(),
-                      "loss": stack.loss_counters(), "path_after": await wait_path(node, ts1.name, "direct")}
+                      "loss": stack.loss_counters(), "path_after": await wait_path(node, ts1.name, "direct"),
+                      "udp_gso_writes": node.magic.stats["send.udp_gso"] if node.magic else 0}
     finally:
         stack.remove_loss()
     print(f"\nloss: {result}")
@@ -210,6 +211,9 @@ async def loss_transfer(stack: Stack, tmp: Path, size: int, percent: int = 5) ->
     assert loss["in"]["dropped"] > 0 and loss["out"]["dropped"] > 0, result
     assert seen > 1000 and 0.5 * percent / 100 < dropped / seen < 2 * percent / 100, result
     assert result["verified"] and result["reset"] is None, result
+    if os.environ.get("TRIONET_DISABLE_UDP_GSO", "") in ("", "0"):
+        # what we sent went out in GSO writes, and the real peer took it (the echo verified)
+        assert result["udp_gso_writes"] > 0, result
     return result
 
 

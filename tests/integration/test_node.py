@@ -207,6 +207,12 @@ def test_cli_forward_socks5_http_proxy_serve(newest_stack: Stack, services: Peer
         assert status["status"] == "Running"
         ts1 = [p for p in status["peers"] if p["hostname"] == "ts1"][0]
         assert ts1.get("path", "").startswith(path), ts1
+        if path == "direct":
+            # tailscaled sends with UDP GSO: its batches must reach us whole (UDP GRO),
+            # not one datagram per read
+            counters = status["stats"]["magicsock"]["counters"]
+            assert counters.get("recv.udp_gro_reads", 0) > 0, counters
+            assert counters["recv.udp"] > 2 * counters["recv.udp_gro_reads"], counters
 
         # inbound: ts1 reaches our --serve port through its own SOCKS5 proxy
         my_ip = status["self"]["addresses"][0].split("/")[0]

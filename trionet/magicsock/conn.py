@@ -396,7 +396,7 @@ class MagicConn:
         cmsg_space = socket.CMSG_SPACE(4)
         while True:
             await trio.lowlevel.wait_readable(sock)
-            count = 0
+            count = gro_reads = 0
             for _ in range(UDP_BATCH):  # reads, errors included
                 if count >= UDP_BATCH:
                     break
@@ -430,6 +430,7 @@ class MagicConn:
                     view = memoryview(data)
                     batch = [view[offset:offset + segment] for offset in range(0, len(data), segment)]
                     count += len(batch)
+                    gro_reads += 1
                     if all(datagram[0] == 4 for datagram in batch):
                         on_wireguard(batch, None, path)
                     else:
@@ -442,6 +443,8 @@ class MagicConn:
                 else:
                     self._on_udp_datagram(data, path)
             self.stats["recv.udp"] += count
+            if gro_reads:
+                self.stats["recv.udp_gro_reads"] += gro_reads  # reads that carried several datagrams
             if self.on_batch_end is not None:
                 self.on_batch_end()
 

@@ -160,19 +160,31 @@ class PacketFilter:
             self._local_raw = self._raw_locals()
 
     def note_outbound(self, packet: bytes | memoryview) -> None:
-        if len(packet) < 20 or packet[0] >> 4 not in (4, 6):
-            return
-        proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
-        if proto not in (UDP, SCTP):
-            return
-        info = parse_packet(packet)
-        if info is None:
-            return
-        key = (info.proto, info.dst, info.dst_port, info.src, info.src_port)  # the reply's tuple
-        self.udp_flows[key] = None
-        self.udp_flows.move_to_end(key)
-        while len(self.udp_flows) > UDP_FLOW_CACHE:
-            self.udp_flows.popitem(last=False)
+        self.note_outbound_many((packet,))
+
+    def note_outbound_many(self, packets: Iterable[bytes | memoryview]) -> None:
+        """Outbound UDP/SCTP flows, so their replies pass; everything else returns at
+        once (a burst of TCP costs one check per packet, not a call)."""
+        for packet in packets:
+            if len(packet) < 20:
+                continue
+            version = packet[0] >> 4
+            if version == 4:
+                proto = packet[9]
+            elif version == 6:
+                proto = packet[6]
+            else:
+                continue
+            if proto not in (UDP, SCTP):
+                continue
+            info = parse_packet(packet)
+            if info is None:
+                continue
+            key = (info.proto, info.dst, info.dst_port, info.src, info.src_port)  # the reply's tuple
+            self.udp_flows[key] = None
+            self.udp_flows.move_to_end(key)
+            while len(self.udp_flows) > UDP_FLOW_CACHE:
+                self.udp_flows.popitem(last=False)
 
     def _match(self, info: PacketInfo, ports: bool) -> bool:
         for m in self.matches:

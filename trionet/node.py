@@ -258,10 +258,7 @@ class Node:
             return
         batch, self._outbound = self._outbound, []
         assert self.wg is not None and self.magic is not None
-        note = self.filter.note_outbound
-        for packet in batch:
-            if packet[9] != 6 or packet[0] != 0x45:  # IPv4 TCP needs no flow note; the rest may
-                note(packet)
+        self.filter.note_outbound_many(batch)
         txs = self.wg.send_ip_many(batch, time.monotonic(), time.time())
         magic = self.magic
         magic.cork()

@@ -20,7 +20,7 @@ import logging
 import random
 import struct
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -70,12 +70,18 @@ __all__ = [
 ]
 
 _U32 = struct.Struct("<I")
-_RECV_HEAD = struct.Struct("<IQ")  # receiver, counter at offset 4
 _HEADER = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")
 _PAD = bytes(16)
 _tuple_new = tuple.__new__
 _IP4_TOTAL = struct.Struct("!H")
+
+
+_NO_REPLAY = ReplayWindow()  # placeholders until a run starts; never used
+
+
+def _no_decrypt(*args: Any) -> bytes:
+    raise AssertionError("no session")
 
 
 class Transmit(NamedTuple):
@@ -513,65 +519,134 @@ class WgDevice:
     def receive_many(self, datagrams: Iterable[bytes | bytearray | memoryview], now: float, wall: float,
                      src: Any = None, backlog: int = 0) -> Received:
         """`receive` for datagrams from one source read together (a GRO batch),
-        in order; what they produce comes back in one Received."""
+        in order; what they produce comes back in one Received.
+
+        Transport messages for one session arrive in runs. The session lookup,
+        the expiry check and the timer hooks of receive.go run once per run
+        (`now` is the same for all of them, so once is what per message would
+        do); each message still gets its own replay check, decryption and
+        inner-packet checks."""
         got = _tuple_new(Received, ([], []))
-        on_transport = self._on_transport
+        packets = got.packets
+        drop = self._drop
+        run_index = -1  # the receiver index of the current run; -1: none
+        peer: Peer | None = None
+        kp: Keypair | None = None
+        replay = _NO_REPLAY
+        decrypt: Callable[..., bytes] = _no_decrypt
+        public = b""
+        last = 0
+        fresh = False  # the run's first authentic message still owes receive.go's hooks
+        run_src = b""  # an inner source address already checked against the peer's AllowedIPs
+        data_packets = rx_bytes = keepalives = run_start = 0
         for datagram in datagrams:
             try:
                 n = len(datagram)
-                if n < 4:
-                    self._drop("short", n)
-                    continue
-                mtype = _U32.unpack_from(datagram)[0]
-                if mtype == MSG_TRANSPORT:
-                    on_transport(datagram, n, now, wall, src, got)
-                elif mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
-                    self._on_handshake(mtype, bytes(datagram), now, wall, src, backlog, got)
-                elif mtype == MSG_COOKIE_REPLY:
-                    self._on_cookie_reply(bytes(datagram), now)
+                if n >= TRANSPORT_MIN_SIZE:
+                    mtype, receiver, counter = _HEADER.unpack_from(datagram)
+                elif n >= 4:
+                    mtype, receiver = _U32.unpack_from(datagram)[0], -2  # -2: never a run's index
                 else:
-                    self._drop("unknown_type", mtype)
+                    drop("short", n)
+                    continue
+                if mtype != MSG_TRANSPORT or receiver != run_index:
+                    if peer is not None:  # a handshake may retire the run's keypair: end the run here
+                        self._end_receive_run(peer, now, data_packets, len(packets) - run_start, rx_bytes,
+                                              keepalives)
+                        peer, run_index, data_packets, rx_bytes, keepalives = None, -1, 0, 0, 0
+                    if mtype != MSG_TRANSPORT:
+                        self._on_other(mtype, datagram, n, now, wall, src, backlog, got)
+                        continue
+                    if n < TRANSPORT_MIN_SIZE:
+                        drop("short", n)
+                        continue
+                    session = self._transport_session(receiver, now)
+                    if session is None:
+                        continue
+                    peer, kp = session
+                    run_index, replay, decrypt, public = receiver, kp.replay, kp.recv.decrypt, peer.public
+                    last, fresh, run_src, run_start = replay.last, True, b"", len(packets)
+                if n > MAX_SEGMENT_SIZE:
+                    drop("oversized", n)
+                    continue
+                if counter <= last and not replay.check(counter):
+                    drop("replayed", counter)
+                    continue
+                try:
+                    plain = decrypt(_NONCE.pack(counter), memoryview(datagram)[16:], None)
+                except InvalidTag:
+                    drop("decrypt_failed")
+                    continue
+                if last < counter < REJECT_AFTER_MESSAGES and counter >> 6 == last >> 6:
+                    replay.ring[(counter >> 6) & 127] |= 1 << (counter & 63)  # in order, same block: the common case
+                    replay.last = last = counter
+                elif replay.validate(counter):
+                    last = replay.last
+                else:
+                    drop("replayed", counter)
+                    continue
+                if fresh:
+                    fresh = False
+                    assert peer is not None and kp is not None
+                    self._authenticated(peer, kp, now, wall, src, got)
+                if not plain:
+                    keepalives += 1
+                    continue
+                data_packets += 1
+                version = plain[0] >> 4
+                if version == 4 and len(plain) >= 20:
+                    length = _IP4_TOTAL.unpack_from(plain, 2)[0]
+                    raw_src = plain[12:16]
+                elif version == 6 and len(plain) >= 40:
+                    length = 40 + _IP4_TOTAL.unpack_from(plain, 4)[0]
+                    raw_src = plain[8:24]
+                else:
+                    drop("inner_not_ip", version)
+                    continue
+                if length > len(plain) or length < 20:
+                    drop("inner_bad_length", length)
+                    continue
+                if raw_src != run_src:
+                    owner = self._route_cache.get(raw_src)
+                    if owner is None:
+                        owner = self._allowed.lookup_raw(raw_src)
+                    if owner is not peer:
+                        drop("inner_src_not_allowed", raw_src.hex())
+                        continue
+                    run_src = raw_src
+                rx_bytes += length
+                packets.append((public, plain if length == len(plain) else plain[:length]))
             except Exception as exc:  # a bug, not bad input: count it, never crash the driver
-                self._drop("internal_error", repr(exc))
+                drop("internal_error", repr(exc))
                 log.exception("wireguard: internal error on a datagram")
+        if peer is not None:
+            self._end_receive_run(peer, now, data_packets, len(packets) - run_start, rx_bytes, keepalives)
         return got
 
-    def _on_transport(self, data: bytes | bytearray | memoryview, n: int, now: float, wall: float, src: Any,
-                      got: Received) -> None:
-        if n < TRANSPORT_MIN_SIZE:
-            self._drop("short", n)
-            return
-        if n > MAX_SEGMENT_SIZE:
-            self._drop("oversized", n)
-            return
-        receiver, counter = _RECV_HEAD.unpack_from(data, 4)
+    def _on_other(self, mtype: int, datagram: bytes | bytearray | memoryview, n: int, now: float, wall: float,
+                  src: Any, backlog: int, got: Received) -> None:
+        if mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
+            self._on_handshake(mtype, bytes(datagram), now, wall, src, backlog, got)
+        elif mtype == MSG_COOKIE_REPLY:
+            self._on_cookie_reply(bytes(datagram), now)
+        else:
+            self._drop("unknown_type", mtype)
+
+    def _transport_session(self, receiver: int, now: float) -> tuple[Peer, Keypair] | None:
+        """The live session a transport message's receiver index names, or None (counted)."""
         entry = self._index.get(receiver)
-        if entry is None:
+        kp = None if entry is None else entry[1]
+        if not isinstance(kp, Keypair):
             self._drop("unknown_index", receiver)
-            return
-        peer, kp = entry
-        if type(kp) is not Keypair:
-            self._drop("unknown_index", receiver)
-            return
+            return None
+        peer = entry[0]  # type: ignore[index]
         if now - kp.created >= REJECT_AFTER_TIME:
             self._drop("expired_keypair")
-            return
-        replay = kp.replay
-        last = replay.last
-        if counter <= last and not replay.check(counter):
-            self._drop("replayed", counter)
-            return
-        try:
-            plain = kp.recv.decrypt(_NONCE.pack(counter), memoryview(data)[16:], None)
-        except InvalidTag:
-            self._drop("decrypt_failed")
-            return
-        if counter > last and counter >> 6 == last >> 6:
-            replay.ring[(counter >> 6) & 127] |= 1 << (counter & 63)  # in order, same block: the common case
-            replay.last = counter
-        elif not replay.validate(counter):
-            self._drop("replayed", counter)
-            return
+            return None
+        return peer, kp
+
+    def _authenticated(self, peer: Peer, kp: Keypair, now: float, wall: float, src: Any, got: Received) -> None:
+        """receive.go's hooks for an authentic transport message (once per run)."""
         if kp is peer.next:  # ReceivedWithKeypair: the initiator confirmed our response
             self._delete_keypair(peer.previous)
             peer.previous, peer.current, peer.next = peer.current, kp, None
@@ -586,35 +661,18 @@ class WgDevice:
             peer.t_persistent_keepalive = now + peer.persistent_keepalive
         peer.t_new_handshake = None
         peer.path = src
-        if not plain:
-            self.counters["keepalives_received"] += 1
-            return
-        if peer.t_send_keepalive is None:
-            peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
-        else:
-            peer.need_another_keepalive = True
-        version = plain[0] >> 4
-        if version == 4 and len(plain) >= 20:
-            length = _IP4_TOTAL.unpack_from(plain, 2)[0]
-            raw_src = plain[12:16]
-        elif version == 6 and len(plain) >= 40:
-            length = 40 + _IP4_TOTAL.unpack_from(plain, 4)[0]
-            raw_src = plain[8:24]
-        else:
-            self._drop("inner_not_ip", version)
-            return
-        if length > len(plain) or length < 20:
-            self._drop("inner_bad_length", length)
-            return
-        owner = self._route_cache.get(raw_src)
-        if owner is None:
-            owner = self._allowed.lookup_raw(raw_src)
-        if owner is not peer:
-            self._drop("inner_src_not_allowed", raw_src.hex())
-            return
-        peer.rx_packets += 1
-        peer.rx_bytes += length
-        got.packets.append((peer.public, plain if length == len(plain) else plain[:length]))
+
+    def _end_receive_run(self, peer: Peer, now: float, data_packets: int, delivered: int, rx_bytes: int,
+                         keepalives: int) -> None:
+        """The per-message counters and timersDataReceived of a run, applied once."""
+        if keepalives:
+            self.counters["keepalives_received"] += keepalives
+        if data_packets:
+            peer.rx_packets += delivered
+            peer.rx_bytes += rx_bytes
+            self._timers_data_received(peer, now)
+            if data_packets > 1:  # what the second call of the hook would do
+                peer.need_another_keepalive = True
 
     def under_load(self, now: float, backlog: int = 0) -> bool:
         if self.force_under_load or backlog >= UNDER_LOAD_BACKLOG:

@@ -289,3 +289,67 @@ def test_a_burst_is_sent_in_order_with_one_rekey_initiation() -> None:
     sim.now += 10  # past REKEY_TIMEOUT since the last initiation
     txs = a.send_ip_many(burst[:4], sim.now, WALL0)
     assert [kind(t) for t in txs] == ["data"] * 4 + ["initiation"]
+
+
+def _third_peer(b: WgDevice, ip: str) -> WgDevice:
+    """A new device with a live session to ``b`` (address ``ip``)."""
+    c = WgDevice(os.urandom(32))
+    b.set_peer(c.public, [ip + "/32"])
+    c.set_peer(b.public, [B_IP + "/32"])
+    init = c.send_ip(ip4(ip, B_IP), 0.0, WALL0)[0].data
+    staged = c.receive(b.receive(init, 0.0, WALL0).transmits[0].data, 0.0, WALL0).transmits
+    assert [p for t in staged for _, p in b.receive(t.data, 0.0, WALL0).packets] == [ip4(ip, B_IP)]
+    return c
+
+
+def test_a_batch_of_runs_from_two_peers_is_checked_message_by_message() -> None:
+    from trionet.wg.constants import KEEPALIVE_TIMEOUT
+
+    a, b, _sim = established()
+    c = _third_peer(b, "10.0.0.3")
+    peer_a, peer_c = b.peers[a.public], b.peers[c.public]
+    before_a, before_c = peer_a.rx_packets, peer_c.rx_packets
+    peer_a.t_send_keepalive = None
+    now = 1.0
+    pa = [ip4(A_IP, B_IP, bytes([i]) * (50 + i)) for i in range(4)]
+    a1, a2, a3, a4 = (t.data for t in a.send_ip_many(pa, now, WALL0))
+    spoof = a.send_ip(ip4("10.9.9.9", B_IP), now, WALL0)[0].data
+    keepalive = a._send_keepalive(a.peers[b.public], now, WALL0, None)[0].data
+    pc = ip4("10.0.0.3", B_IP, b"c" * 70)
+    c1 = c.send_ip(pc, now, WALL0)[0].data
+    a5 = a.send_ip(ip4(A_IP, B_IP, b"late"), now, WALL0)[0].data
+    bad = bytearray(a3)
+    bad[-1] ^= 1
+    batch = [a1, a2, a2, c1, bytes(bad), spoof, keepalive, a4, a3, a4[:20], a5]
+    got = b.receive_many(batch, now, WALL0, src=("198.51.100.7", 41641))
+    assert got.packets == [(a.public, pa[0]), (a.public, pa[1]), (c.public, pc), (a.public, pa[3]),
+                           (a.public, pa[2]), (a.public, ip4(A_IP, B_IP, b"late"))]
+    assert dict(b.drops) == {"replayed": 1, "decrypt_failed": 1, "inner_src_not_allowed": 1, "short": 1}
+    assert b.counters["keepalives_received"] == 1
+    assert peer_a.rx_packets - before_a == 5 and peer_c.rx_packets - before_c == 1
+    assert peer_a.t_send_keepalive == now + KEEPALIVE_TIMEOUT and peer_a.need_another_keepalive
+    assert peer_a.path == peer_c.path == ("198.51.100.7", 41641)
+    assert not got.transmits
+    # the same messages again, in any grouping: every one is a replay now
+    again = b.receive_many([a1, c1, a3, a5], now, WALL0)
+    assert not again.packets and b.drops["replayed"] == 5
+
+
+def test_a_handshake_inside_a_batch_ends_the_run_and_the_old_session_carries_on() -> None:
+    from trionet.wg.constants import REKEY_AFTER_MESSAGES
+
+    a, b, sim = established()
+    a.peers[b.public].current.send_counter = REKEY_AFTER_MESSAGES + 1  # type: ignore[union-attr]
+    sim.now += 10
+    first = a.send_ip_many([ip4(A_IP, B_IP, b"one")], sim.now, WALL0 + sim.now)
+    assert [kind(t) for t in first] == ["data", "initiation"]
+    second = a.send_ip(ip4(A_IP, B_IP, b"two"), sim.now, WALL0 + sim.now)  # still the old session
+    got = b.receive_many([first[0].data, first[1].data, second[0].data], sim.now, WALL0 + sim.now)
+    assert [p for _, p in got.packets] == [ip4(A_IP, B_IP, b"one"), ip4(A_IP, B_IP, b"two")]
+    assert [kind(t) for t in got.transmits] == ["response"]
+    assert not b.drops
+    # the response completes a's handshake; its next message confirms the new session to b
+    a.receive(got.transmits[0].data, sim.now, WALL0 + sim.now)
+    third = a.send_ip(ip4(A_IP, B_IP, b"three"), sim.now, WALL0 + sim.now)
+    assert [p for _, p in b.receive(third[0].data, sim.now, WALL0 + sim.now).packets] == [ip4(A_IP, B_IP, b"three")]
+    assert b.counters["handshakes_completed"] == 2

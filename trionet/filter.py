@@ -103,7 +103,7 @@ def compile_rules(rules: Iterable[Any]) -> list[Match]:
     return out
 
 
-def parse_packet(packet: bytes | memoryview) -> PacketInfo | None:
+def parse_packet(packet: bytes | bytearray | memoryview) -> PacketInfo | None:
     """The fields the filter needs, or None for a packet too short to judge."""
     if len(packet) < 20:
         return None
@@ -203,7 +203,7 @@ class PacketFilter:
             and any(_in(info.dst, d.nets) and d.first == 0 and d.last == 65535 for d in m.dsts)
             for m in self.matches)
 
-    def check_inbound(self, packet: bytes | memoryview) -> tuple[bool, str]:
+    def check_inbound(self, packet: bytes | bytearray | memoryview) -> tuple[bool, str]:
         info = parse_packet(packet)
         if info is None:
             return False, "unparseable"
@@ -228,7 +228,7 @@ class PacketFilter:
             return True, "other ok"
         return False, f"protocol {info.proto}"
 
-    def allow_inbound(self, packet: bytes | memoryview) -> bool:
+    def allow_inbound(self, packet: bytes | bytearray | memoryview) -> bool:
         # Fast path for the bulk of traffic: IPv4 TCP without SYN to one of our
         # addresses passes (runIn4 "tcp non-syn") without building any objects.
         if (len(packet) >= 40 and packet[0] == 0x45 and packet[9] == TCP and not packet[33] & 0x02

@@ -93,7 +93,7 @@ class Node:
         self._key_by_peer_id: dict[int, bytes] = {}
         self._stack_ready = trio.Event()
         self._cm: Any = None
-        self._inbound: list[bytes] = []  # decrypted packets of the current UDP read batch
+        self._inbound: list[bytes] = []  # decrypted packets of the current UDP read batch, not yet filtered
         self._outbound: list[bytes] = []  # the current netstack step's packets, sent at its end
 
     # --------------------------------------------------------------- lifecycle
@@ -288,12 +288,7 @@ class Node:
         if self.stack is None:
             self.stats["drop.no_stack"] += len(got.packets)
             return
-        allow = self.filter.allow_inbound
-        for _peer, packet in got.packets:
-            if allow(packet):
-                self._inbound.append(packet)
-            else:
-                self.stats["drop.filtered"] += 1
+        self._inbound += [packet for _peer, packet in got.packets]
 
     def _on_peer_heard(self, node_key: bytes) -> None:
         if self.wg is None or self.magic is None:
@@ -302,10 +297,19 @@ class Node:
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
 
     def _flush_inbound(self) -> None:
-        """One netstack batch per socket read: ACKs and wake-ups once, not per packet."""
+        """One netstack batch per socket read: ACKs and wake-ups once, not per packet.
+
+        The packet filter sees every packet but the segments of established
+        connections' fast path (which it would pass: they are not SYNs)."""
         if self._inbound and self.stack is not None:
             batch, self._inbound = self._inbound, []
-            self.stack.deliver_many(batch)
+            self.stack.deliver_many(batch, self._admit_inbound)
+
+    def _admit_inbound(self, packet: bytes | bytearray | memoryview) -> bool:
+        if self.filter.allow_inbound(packet):
+            return True
+        self.stats["drop.filtered"] += 1
+        return False
 
     async def _wg_timer(self) -> None:
         assert self.wg is not None and self.magic is not None

@@ -49,9 +49,11 @@ class NetStack:
         self.core.deliver(packet, trio.current_time())
         self._after()
 
-    def deliver_many(self, packets: Iterable[bytes | bytearray | memoryview]) -> None:
-        """Process a batch; ACKs go out once at the end of it."""
-        self.core.deliver_many(packets, trio.current_time())
+    def deliver_many(self, packets: Iterable[bytes | bytearray | memoryview],
+                     admit: Callable[[bytes | bytearray | memoryview], bool] | None = None) -> None:
+        """Process a batch; ACKs go out once at the end of it. ``admit``: see
+        ``StackCore.deliver_many``."""
+        self.core.deliver_many(packets, trio.current_time(), admit)
         self._after()
 
     def _after(self, conn: TcpConnection | None = None) -> None:

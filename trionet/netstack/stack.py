@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from ..errors import LocalProtocolError
-from .tcp import State, TcpConfig, TcpConnection
+from .tcp import MASK, NOT_FAST, State, TcpConfig, TcpConnection
 from .wire import WireError, ones_sum
 from .wire import icmp as wicmp
 from .wire import ipv4 as wip4
@@ -122,6 +122,9 @@ class StackCore:
         self._pseudo: dict[tuple[bytes, bytes, int], int] = {}
         self._ident = 0
         self._batch: set[TcpConnection] = set()
+        #: the receive fast path (``deliver_many``); off only to test it against the slow path
+        self.header_prediction = True
+        self.fast_segments = 0  # segments it took
         #: the earliest deadline a call gave a connection it did not put in ``touched``
         #: (a half-open one's SYN-ACK retransmission); the driver takes and clears it
         self.timer_hint: float | None = None
@@ -176,58 +179,107 @@ class StackCore:
         """Process one inbound IP packet and flush what it caused."""
         self.deliver_many((packet,), now)
 
-    def deliver_many(self, packets: Iterable[bytes | bytearray | memoryview],
-                     now: float) -> None:
+    def deliver_many(self, packets: Iterable[bytes | bytearray | memoryview], now: float,
+                     admit: Callable[[bytes | bytearray | memoryview], bool] | None = None) -> None:
         """Process a batch; ACKs and window updates go out once, at the end.
 
-        The next in-order data segment of an established IPv4 connection takes a fast
-        path (one header unpack, ``TcpConnection.rcv_fast``); everything else, and
-        anything the fast path is unsure of, goes through ``_input``."""
+        Runs of in-order data segments of an established IPv4 connection take a fast
+        path: one header unpack each, checked against the connection's header
+        prediction (``TcpConnection.rcv_prediction``), and one ``rcv_fast_run`` per
+        run. Everything else, and anything the fast path is unsure of, goes through
+        ``on_segment`` or ``_input``.
+
+        ``admit`` (optional) is asked about every packet that does not take the fast
+        path; False drops it. The fast path only carries non-SYN segments of
+        connections that already exist, which a packet filter admits anyway
+        (Tailscale's filter lets every non-SYN TCP segment to a local address in)."""
         self._now = now
         conns = self.conns
         local = self._local
         verify = self.verify_checksums
         batch = self._batch
         unpack = _FAST4.unpack_from
-        fast = 0
+        run: TcpConnection | None = None  # the connection whose run is being gathered
+        payloads: list[memoryview] = []
+        exp_seq = exp_ack = space = nbytes = last_seq = last_wnd = any_wnd = 0
+        last_ts: int | None = None
         for p in packets:
-            if len(p) < 40:
-                self._input(p, now)
-                continue
-            vihl, total, ff, proto, src, dst, sport, dport, seq, ack, off, flags, wnd = unpack(p)
-            if vihl != 0x45 or proto != 6 or total != len(p) or ff & 0x3FFF or dst not in local:
-                self._input(p, now)
-                continue
-            conn = conns.get((src, sport, dst, dport))
-            hlen = (off >> 4) * 4
-            if conn is None or (hlen != 20 and (hlen != 32 or total < 52)):
-                self._input(p, now)
-                continue
-            ts_val: int | None = None
-            if hlen == 32:
-                kind, ts_val, ts_ecr = _TS_WORDS.unpack_from(p, 40)
-                if kind != _TS_KIND:
-                    self._input(p, now)
+            conn = None
+            if len(p) >= 40:
+                vihl, total, ff, proto, src, dst, sport, dport, seq, ack, off, flags, wnd = unpack(p)
+                if vihl == 0x45 and proto == 6 and total == len(p) and not ff & 0x3FFF and dst in local:
+                    conn = conns.get((src, sport, dst, dport))
+                    hlen = (off >> 4) * 4
+                    ts_val: int | None = None
+                    if conn is None or hlen == 20:
+                        pass
+                    elif hlen == 32 and total >= 52:
+                        kind, ts_val, ts_ecr = _TS_WORDS.unpack_from(p, 40)
+                        if kind != _TS_KIND:
+                            conn = None
+                    else:
+                        conn = None
+                    if conn is not None and verify and (ones_sum(memoryview(p)[:20]) != 0 or (
+                            self._pseudo_base(src, dst, 6) + total - 20 + ones_sum(memoryview(p)[20:])) % 0xFFFF):
+                        conn = None  # _input counts the drop
+            if conn is not None:
+                plen = total - 20 - hlen
+                if conn is run:
+                    if (seq == exp_seq and ack == exp_ack and flags & NOT_FAST == ACK
+                            and 0 < plen <= space):
+                        payloads.append(memoryview(p)[20 + hlen:])
+                        nbytes += plen
+                        space -= plen
+                        last_seq = seq
+                        exp_seq = (seq + plen) & MASK
+                        last_wnd = wnd
+                        any_wnd |= wnd
+                        if ts_val is not None:
+                            last_ts = ts_val
+                        continue
+                if run is not None:
+                    self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
+                    run, payloads = None, []
+                prediction = conn.rcv_prediction() if self.header_prediction else None
+                if prediction is not None:
+                    exp_seq, exp_ack, space = prediction
+                    if (seq == exp_seq and ack == exp_ack and flags & NOT_FAST == ACK
+                            and 0 < plen <= space):
+                        run = conn
+                        batch.add(conn)
+                        payloads.append(memoryview(p)[20 + hlen:])
+                        nbytes = plen
+                        space -= plen
+                        last_seq = seq
+                        exp_seq = (seq + plen) & MASK
+                        last_wnd = any_wnd = wnd
+                        last_ts = ts_val
+                        continue
+                if admit is not None and not admit(p):
                     continue
-            buf = memoryview(p)
-            if verify and (ones_sum(buf[:20]) != 0 or (
-                    self._pseudo_base(src, dst, 6) + total - 20 + ones_sum(buf[20:])) % 0xFFFF):
-                self._input(p, now)  # counts the drop
-                continue
-            if conn.rcv_fast(seq, ack, flags, wnd, ts_val, buf[20 + hlen:]):
-                fast += 1
+                opts = wtcp.NO_OPTIONS if ts_val is None else wtcp.TcpOptions(ts_val=ts_val, ts_ecr=ts_ecr)
+                self.stats["ip_in"] += 1
+                self.stats["tcp_in"] += 1
+                conn.on_segment(seq, ack, flags, wnd, opts, memoryview(p)[20 + hlen:], now)
                 batch.add(conn)
                 continue
-            opts = wtcp.NO_OPTIONS if ts_val is None else wtcp.TcpOptions(ts_val=ts_val,
-                                                                           ts_ecr=ts_ecr)
-            self.stats["ip_in"] += 1
-            self.stats["tcp_in"] += 1
-            conn.on_segment(seq, ack, flags, wnd, opts, buf[20 + hlen:], now)
-            batch.add(conn)
-        if fast:
-            self.stats["ip_in"] += fast
-            self.stats["tcp_in"] += fast
+            if run is not None:
+                self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
+                run, payloads = None, []
+            if admit is None or admit(p):
+                self._input(p, now)
+        if run is not None:
+            self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
         self._flush(now)
+
+    def _end_run(self, conn: TcpConnection, payloads: list[memoryview], nbytes: int, last_seq: int,
+                 last_wnd: int, any_wnd: int, last_ts: int | None) -> None:
+        conn.rcv_fast_run(payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
+        count = len(payloads)
+        self.fast_segments += count
+        stats = self.stats
+        stats["ip_in"] += count
+        stats["tcp_in"] += count
 
     def _flush(self, now: float) -> None:
         batch = self._batch

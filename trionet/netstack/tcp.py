@@ -78,7 +78,7 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 }
 
 #: flags that take a segment off the fast path (PSH, ECE and CWR do not)
-_NOT_FAST = SYN | FIN | RST | ACK | URG
+NOT_FAST = SYN | FIN | RST | ACK | URG  # flags & NOT_FAST == ACK: a header-predicted segment's flags
 _SEND_STATES = frozenset((S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK))
 _RECV_STATES = frozenset((S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2))
 
@@ -371,36 +371,47 @@ class TcpConnection:
     def _rcv_space(self) -> int:
         return self.config.recv_buffer - len(self.rbuf)
 
-    def rcv_fast(self, seq_w: int, ack_w: int, flags: int, window: int, ts_val: int | None,
-                 payload: memoryview) -> bool:
-        """Header prediction (RFC 9293 3.10.7.4, Jacobson's fast path): the next in-order
-        data segment of an established connection, acknowledging nothing new. Takes it
-        and returns True, exactly as ``on_segment`` would; returns False, having
-        changed nothing, for any other segment."""
-        rn = self.rcv_nxt
-        plen = len(payload)
+    def rcv_prediction(self) -> tuple[int, int, int] | None:
+        """Header prediction (RFC 9293 3.10.7.4, Jacobson's fast path), for a run of segments.
+
+        None when this connection cannot take the fast path now. Otherwise what
+        every segment of a run must match: its sequence number is the wrapped
+        RCV.NXT (then the end of the previous segment), its ACK field the wrapped
+        SND.UNA (it acknowledges nothing new), its flags ACK (PSH allowed), and its
+        payload is not empty and fits the remaining receive space (the third
+        number, shrinking by each payload). Such a run is handed to
+        ``rcv_fast_run``."""
         cfg = self.config
-        if (self.state is not S.ESTABLISHED or flags & _NOT_FAST != ACK or seq_w != rn & MASK
-                or ack_w != self.snd_una & MASK or not plen or self._ooo_starts
-                or self.app_closed or cfg.keepalive_idle is not None
-                or plen > cfg.recv_buffer - len(self.rbuf)):
-            return False
-        self.stats["segments_in"] += 1
+        rn = self.rcv_nxt
+        wl1 = self.snd_wl1
+        if (self.state is not S.ESTABLISHED or self._ooo_starts or self.app_closed
+                or cfg.keepalive_idle is not None
+                or wl1 > rn or (wl1 == rn and self.snd_wl2 > self.snd_una)):
+            return None  # (the last two: the run's first segment would not update the window)
+        return rn & MASK, self.snd_una & MASK, cfg.recv_buffer - len(self.rbuf)
+
+    def rcv_fast_run(self, payloads: list[memoryview], nbytes: int, last_seq_w: int, last_wnd: int,
+                     any_wnd: int, ts_val: int | None) -> None:
+        """Take a run of segments that matched ``rcv_prediction``, leaving the connection
+        exactly as ``on_segment`` on each in turn would: their payloads (``nbytes`` in
+        all) appended; the window of the last one (sequence number ``last_seq_w``)
+        in force, as each updated it in turn; the persist timer stopped if any window
+        (``any_wnd``: all of them OR-ed) was open; TS.Recent from the last timestamp."""
+        rn = self.rcv_nxt
+        count = len(payloads)
+        self.stats["segments_in"] += count
         if ts_val is not None and self.ts_ok:
             self.ts_recent = ts_val
-        # window update (the SND.WL1/WL2 rule of _process_ack, with seq == RCV.NXT)
-        wl1 = self.snd_wl1
-        if wl1 < rn or (wl1 == rn and self.snd_wl2 <= self.snd_una):
-            wnd = window << self.snd_wscale
-            self.snd_wnd = wnd
-            self.snd_wl1 = rn
-            self.snd_wl2 = self.snd_una
-            if wnd > 0:
-                self.persist_at = None
-        self.rbuf += payload
-        self.rcv_nxt = rn + plen
-        self._ack_pending += 1
-        return True
+        self.snd_wnd = last_wnd << self.snd_wscale
+        self.snd_wl1 = rn + ((last_seq_w - rn) & MASK)
+        self.snd_wl2 = self.snd_una
+        if any_wnd:
+            self.persist_at = None
+        rbuf = self.rbuf
+        for payload in payloads:
+            rbuf += payload
+        self.rcv_nxt = rn + nbytes
+        self._ack_pending += count
 
     def on_segment(self, seq_w: int, ack_w: int, flags: int, window: int,
                    opts: TcpOptions, payload: memoryview, now: float) -> None:

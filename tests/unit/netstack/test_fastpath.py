@@ -1,6 +1,6 @@
 """The receive fast path and the driver's timer bookkeeping (issue 8).
 
-* ``TcpConnection.rcv_fast`` (header prediction) must leave a connection exactly
+* Header prediction (``rcv_prediction``, runs taken by ``rcv_fast_run``) must leave a connection exactly
   as ``on_segment`` would: the same script is played to two stacks, one with the
   fast path switched off, and every packet out and every piece of state compared.
 * The driver no longer scans every connection after each packet batch and each
@@ -40,11 +40,12 @@ class _Side:
     def __init__(self, fast: bool, config: TcpConfig | None = None) -> None:
         self.out: list[bytes] = []
         self.stack = StackCore([US], self.out.append, tcp_config=config, seed=5)
-        self.fast_taken = 0
-        self.conn: TcpConnection | None = None
+        self.conn: TcpConnection | None = None  # the newest
+        self.conns: list[TcpConnection] = []
         self._fast = fast
 
     def open(self) -> tuple[int, int]:
+        """A new connection, established; its local port and our next sequence number."""
         conn = self.stack.tcp_connect(PEER, 80, 0.0)
         syn = parse_out(self.out.pop())
         self.stack.deliver(make_segment(80, syn.sport, 7000, syn.seq + 1, SYN | ACK, 65535,
@@ -52,25 +53,38 @@ class _Side:
                                                                    sack_perm=True, ts=(50, 1))),
                            0.001)
         self.out.clear()
-        real = conn.rcv_fast
-
-        def counted(*a: object) -> bool:
-            if not self._fast:
-                return False
-            took = real(*a)  # type: ignore[arg-type]
-            self.fast_taken += took
-            return took
-
-        conn.rcv_fast = counted  # type: ignore[method-assign]
+        self.stack.header_prediction = self._fast
         self.conn = conn
+        self.conns.append(conn)
         return syn.sport, syn.seq + 1
 
-    def state(self) -> dict[str, object]:
-        assert self.conn is not None
-        s = {k: getattr(self.conn, k) for k in STATE}
-        s["rbuf"] = bytes(self.conn.rbuf)
-        s["stats"] = dict(self.conn.stats)
-        return s
+    def state(self) -> list[dict[str, object]]:
+        states = []
+        for conn in self.conns:
+            s = {k: getattr(conn, k) for k in STATE}
+            s["rbuf"] = bytes(conn.rbuf)
+            s["stats"] = dict(conn.stats)
+            states.append(s)
+        return states
+
+
+def _play(sides: list[_Side], script: list[tuple[float, list[bytes]]],
+          before: Callable[[_Side, float], None] | None = None) -> None:
+    """Each batch to both sides (``before`` first); what goes out and every piece of
+    connection state must be the same after each."""
+    for now, packets in script:
+        outs = []
+        for side in sides:
+            if before is not None:
+                before(side, now)
+            side.stack.deliver_many(packets, now)
+            if not packets:
+                side.stack.on_timer(now)
+            outs.append(sorted((parse_out(p) for p in side.out), key=lambda seg: seg.sport))  # stable per port
+            side.out.clear()
+        assert outs[0] == outs[1], f"at {now}"
+        assert sides[0].state() == sides[1].state(), f"at {now}"
+        assert sides[0].stack.statistics() == sides[1].stack.statistics()
 
 
 def test_fast_path_changes_exactly_what_the_slow_path_does() -> None:
@@ -108,31 +122,95 @@ def test_fast_path_changes_exactly_what_the_slow_path_does() -> None:
     pseq += 11
     script.append((0.8, [data(pseq, 10, ack=our_seq + 400)]))  # data after FIN: not taken
 
-    for now, packets in script:
-        outs = []
-        for side in sides:
-            if now == 0.5:
-                assert side.conn is not None
-                side.conn.send(b"q" * 900, now)
-            side.stack.deliver_many(packets, now)
-            if not packets:
-                side.stack.on_timer(now)
-            outs.append([parse_out(p) for p in side.out])
-            side.out.clear()
-        assert outs[0] == outs[1], f"at {now}"
-        assert sides[0].state() == sides[1].state(), f"at {now}"
-        assert sides[0].stack.statistics() == sides[1].stack.statistics()
-    assert sides[0].fast_taken == 7 and sides[1].fast_taken == 0
+    def send_first(side: _Side, now: float) -> None:
+        if now == 0.5:
+            assert side.conn is not None
+            side.conn.send(b"q" * 900, now)
+
+    _play(sides, script, send_first)
+    assert sides[0].stack.fast_segments == 7 and sides[1].stack.fast_segments == 0
     conn = sides[0].conn
     assert conn is not None and conn.fin_received and bytes(conn.rbuf).count(b"b") == 1000
     assert len(conn.rbuf) == 2500 + 1100 + 2000 + 1000 + 700 + 600 + 10
+
+
+def test_runs_in_a_batch_change_exactly_what_the_slow_path_does() -> None:
+    """Runs broken by another connection, a gap, a new ACK, a full receive buffer;
+    windows that close and open inside a run."""
+    config = TcpConfig(recv_buffer=6000)
+    sides = [_Side(fast=True, config=config), _Side(fast=False, config=config)]
+    ports = [sides[0].open(), sides[0].open()]
+    assert [sides[1].open(), sides[1].open()] == ports
+    (p1, our1), (p2, our2) = ports
+    seqs = {p1: 7001, p2: 7001}
+
+    def data(port: int, n: int, wnd: int = 4000, ack: int | None = None, skip: int = 0,
+             opts: bytes | None = None) -> bytes:
+        seq = seqs[port] + skip
+        if not skip:
+            seqs[port] += n
+        return make_segment(80, port, seq, (our1 if port == p1 else our2) if ack is None else ack, ACK,
+                            wnd, bytes([port & 0x7F]) * n, _ts(200 + seq % 1000, 1) if opts is None else opts)
+
+    script: list[tuple[float, list[bytes]]] = [
+        (0.01, [data(p1, 500, wnd=4000), data(p1, 500, wnd=0), data(p2, 300), data(p1, 500, wnd=0),
+                data(p1, 500, wnd=0), data(p2, 300, opts=b""), data(p2, 300)]),
+        (0.02, [data(p1, 400, wnd=0), data(p1, 400, wnd=0)]),  # a run whose windows are all closed
+        (0.03, [data(p1, 1000), data(p1, 1000, skip=1000), data(p1, 1000), data(p1, 1000)]),
+        (0.04, [data(p2, 2000), data(p2, 2000), data(p2, 1500), data(p2, 900)]),  # fills the buffer
+        (0.3, []),
+    ]
+    _play(sides, script)
+    # 7 + 2, then 1 (a gap stops the rest), then 2 (the third does not fit)
+    assert sides[0].stack.fast_segments == 12 and sides[1].stack.fast_segments == 0
+    # the application reads; the peer sends on, then acknowledges what we sent meanwhile
+    for side in sides:
+        for conn in side.conns:
+            conn.read(1 << 20, 0.5)
+        side.conns[0].send(b"r" * 300, 0.5)
+        side.out.clear()
+    _play(sides, [(0.6, [data(p1, 700), data(p1, 700, ack=our1 + 300), data(p1, 700, ack=our1 + 300)])])
+    assert sides[0].stack.fast_segments == 12 + 2  # the one acknowledging new data is not
+    assert sides[0].conns[0].snd_una == our1 + 300
+    # the peer's window closes while we have data queued (the persist timer runs); a run
+    # opens it and closes it again: the timer stops and starts over, as one by one
+    acked = our1 + 300
+    _play(sides, [(0.7, [data(p1, 100, wnd=0, ack=acked)]), (0.75, [])],
+          lambda side, now: side.conns[0].send(b"s" * 200, now) if now == 0.75 else None)
+    assert sides[0].conns[0].persist_at is not None
+    _play(sides, [(0.9, [data(p1, 100, wnd=0, ack=acked), data(p1, 100, wnd=4000, ack=acked),
+                         data(p1, 100, wnd=0, ack=acked)])])
+    assert sides[0].stack.fast_segments == 14 + 4
+
+
+def test_admit_is_asked_about_every_packet_but_the_fast_path() -> None:
+    side = _Side(fast=True)
+    port, our_seq = side.open()
+    asked: list[int] = []
+
+    def admit(packet: bytes | bytearray | memoryview) -> bool:
+        flags = packet[33]
+        asked.append(flags)
+        return not flags & SYN
+
+    segs = [make_segment(80, port, 7001, our_seq, ACK, 4000, b"x" * 100),
+            make_segment(80, port, 7101, our_seq, ACK, 4000, b"y" * 100),
+            make_segment(80, port, 7201, our_seq, SYN, 4000),  # refused: no challenge ACK either
+            make_segment(80, port, 7201, our_seq, ACK | FIN, 4000, b"z")]
+    side.stack.deliver_many(segs, 0.1, admit)
+    assert asked == [SYN, ACK | FIN]
+    assert side.conn is not None and bytes(side.conn.rbuf) == b"x" * 100 + b"y" * 100 + b"z"
+    assert side.conn.fin_received and side.stack.fast_segments == 2
+    other = make_segment(81, 5555, 1, 0, SYN, 4000)  # no connection: the slow path asks too
+    side.stack.deliver_many([other], 0.2, lambda p: False)
+    assert side.stack.statistics().get("tcp_in", 0) == 5 - 1
 
 
 def test_keepalive_connections_take_the_slow_path() -> None:
     side = _Side(fast=True, config=TcpConfig(keepalive_idle=10.0))
     port, our_seq = side.open()
     side.stack.deliver(make_segment(80, port, 7001, our_seq, ACK, 4000, b"x" * 100), 1.0)
-    assert side.fast_taken == 0
+    assert side.stack.fast_segments == 0
     assert side.conn is not None and side.conn.keepalive_at == pytest.approx(11.0)
 
 

@@ -184,9 +184,15 @@ def free_port() -> int:
         return port
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def rss_mb(pid: int) -> float:
@@ -263,14 +269,17 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
                 warm = {"rr": 8, "stream": 10, "upload": 10, "concurrent": 20}[mode]
                 try:
                     run_client(ns, mode, ts1_ip, port, proxy_port, warm)  # warm up
-                    c0 = cpu_seconds(pid)
+                    u0, s0 = cpu_split(pid)
                     r = run_client(ns, mode, ts1_ip, port, proxy_port, arg)
                 except RuntimeError as exc:
                     raise RuntimeError(f"{label}, {name}: {exc}") from None
                 row[name] = r[key]
                 row[name + "_detail"] = r
                 if cpu:
-                    row[name + "_cpu_s_per_gb"] = (cpu_seconds(pid) - c0) / (r["bytes"] / 1e9)
+                    u1, s1 = cpu_split(pid)
+                    gb = r["bytes"] / 1e9
+                    row[name + "_cpu_s_per_gb"] = (u1 - u0 + s1 - s0) / gb
+                    row[name + "_sys_s_per_gb"] = (s1 - s0) / gb
                     row[name + "_rss_mb"] = rss_mb(pid)
             row["ratio"] = row["trionet"] / row["tailscaled"] if row["tailscaled"] else None
             row["higher_is_better"] = higher_better
@@ -320,8 +329,9 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
         print(f"RSS idle MB: {idle_rss}; after load: {results['rss_after_mb']}")
         if "stream" in rows:
             row0 = results["rows"][0]
-            print(f"CPU s/GB (direct stream): trionet {row0['trionet_cpu_s_per_gb']:.1f}, "
-                  f"tailscaled {row0['tailscaled_cpu_s_per_gb']:.1f}")
+            print(f"CPU s/GB (direct stream): trionet {row0['trionet_cpu_s_per_gb']:.1f} "
+                  f"({row0['trionet_sys_s_per_gb']:.1f} in the kernel), "
+                  f"tailscaled {row0['tailscaled_cpu_s_per_gb']:.1f} ({row0['tailscaled_sys_s_per_gb']:.1f})")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from ..errors import LocalProtocolError
 from .congestion import NewReno
+from .rbuf import RecvBuffer
 from .wire import tcp as wtcp
 from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpOptions
 
@@ -164,7 +165,7 @@ class TcpConnection:
         # receive side
         self.irs = 0
         self.rcv_nxt = 0
-        self.rbuf = bytearray()
+        self.rbuf = RecvBuffer()
         self.fin_received = False
         self._ooo: dict[int, bytes] = {}
         self._ooo_starts: list[int] = []
@@ -315,9 +316,7 @@ class TcpConnection:
         rbuf = self.rbuf
         if not rbuf:
             return b""
-        with memoryview(rbuf) as mv:  # one copy, not a bytearray slice and then bytes()
-            data = bytes(mv[:max_bytes])
-        del rbuf[:max_bytes]
+        data = rbuf.read(max_bytes)
         if self.state in _RECV_STATES:
             edge = self.rcv_nxt + self._rcv_space()
             inc = edge - self._rcv_adv_edge
@@ -407,9 +406,7 @@ class TcpConnection:
         self.snd_wl2 = self.snd_una
         if any_wnd:
             self.persist_at = None
-        rbuf = self.rbuf
-        for payload in payloads:
-            rbuf += payload
+        self.rbuf.extend(payloads, nbytes)
         self.rcv_nxt = rn + nbytes
         self._ack_pending += count
 
@@ -926,7 +923,7 @@ class TcpConnection:
                 self._ack_now = True
                 return
         if seq == rn:
-            self.rbuf += payload
+            self.rbuf.append(payload)
             self.rcv_nxt = end
             if self._ooo_starts:
                 self._drain_ooo()
@@ -973,7 +970,7 @@ class TcpConnection:
             d = ooo.pop(s)
             end = s + len(d)
             if end > self.rcv_nxt:
-                self.rbuf += memoryview(d)[self.rcv_nxt - s:]
+                self.rbuf.append(memoryview(d)[self.rcv_nxt - s:])
                 self.rcv_nxt = end
             i += 1
         del starts[:i]

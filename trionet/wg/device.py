@@ -74,7 +74,8 @@ _HEADER = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")
 _PAD = bytes(16)
 _tuple_new = tuple.__new__
-_IP4_TOTAL = struct.Struct("!H")
+_IP4_LENGTH_SRC = struct.Struct("!H8x4s")  # from offset 2: total length, source address
+_IP6_LENGTH_SRC = struct.Struct("!H2x16s")  # from offset 4: payload length, source address
 
 
 _NO_REPLAY = ReplayWindow()  # placeholders until a run starts; never used
@@ -535,7 +536,8 @@ class WgDevice:
         replay = _NO_REPLAY
         decrypt: Callable[..., bytes] = _no_decrypt
         public = b""
-        last = 0
+        last = block_max = slot = 0  # the replay window's newest counter, its block's last, its ring slot
+        ring = replay.ring
         fresh = False  # the run's first authentic message still owes receive.go's hooks
         run_src = b""  # an inner source address already checked against the peer's AllowedIPs
         data_packets = rx_bytes = keepalives = run_start = 0
@@ -566,6 +568,7 @@ class WgDevice:
                     peer, kp = session
                     run_index, replay, decrypt, public = receiver, kp.replay, kp.recv.decrypt, peer.public
                     last, fresh, run_src, run_start = replay.last, True, b"", len(packets)
+                    ring, block_max, slot = replay.ring, min(last | 63, REJECT_AFTER_MESSAGES - 1), (last >> 6) & 127
                 if n > MAX_SEGMENT_SIZE:
                     drop("oversized", n)
                     continue
@@ -577,11 +580,12 @@ class WgDevice:
                 except InvalidTag:
                     drop("decrypt_failed")
                     continue
-                if last < counter < REJECT_AFTER_MESSAGES and counter >> 6 == last >> 6:
-                    replay.ring[(counter >> 6) & 127] |= 1 << (counter & 63)  # in order, same block: the common case
+                if last < counter <= block_max:  # in order, in the newest block: the common case
+                    ring[slot] |= 1 << (counter & 63)
                     replay.last = last = counter
                 elif replay.validate(counter):
                     last = replay.last
+                    block_max, slot = min(last | 63, REJECT_AFTER_MESSAGES - 1), (last >> 6) & 127
                 else:
                     drop("replayed", counter)
                     continue
@@ -593,17 +597,17 @@ class WgDevice:
                     keepalives += 1
                     continue
                 data_packets += 1
+                size = len(plain)
                 version = plain[0] >> 4
-                if version == 4 and len(plain) >= 20:
-                    length = _IP4_TOTAL.unpack_from(plain, 2)[0]
-                    raw_src = plain[12:16]
-                elif version == 6 and len(plain) >= 40:
-                    length = 40 + _IP4_TOTAL.unpack_from(plain, 4)[0]
-                    raw_src = plain[8:24]
+                if version == 4 and size >= 20:
+                    length, raw_src = _IP4_LENGTH_SRC.unpack_from(plain, 2)
+                elif version == 6 and size >= 40:
+                    length, raw_src = _IP6_LENGTH_SRC.unpack_from(plain, 4)
+                    length += 40
                 else:
                     drop("inner_not_ip", version)
                     continue
-                if length > len(plain) or length < 20:
+                if length > size or length < 20:
                     drop("inner_bad_length", length)
                     continue
                 if raw_src != run_src:
@@ -615,7 +619,7 @@ class WgDevice:
                         continue
                     run_src = raw_src
                 rx_bytes += length
-                packets.append((public, plain if length == len(plain) else plain[:length]))
+                packets.append((public, plain if length == size else plain[:length]))
             except Exception as exc:  # a bug, not bad input: count it, never crash the driver
                 drop("internal_error", repr(exc))
                 log.exception("wireguard: internal error on a datagram")

@@ -353,3 +353,38 @@ def test_a_handshake_inside_a_batch_ends_the_run_and_the_old_session_carries_on(
     third = a.send_ip(ip4(A_IP, B_IP, b"three"), sim.now, WALL0 + sim.now)
     assert [p for _, p in b.receive(third[0].data, sim.now, WALL0 + sim.now).packets] == [ip4(A_IP, B_IP, b"three")]
     assert b.counters["handshakes_completed"] == 2
+
+
+def test_a_reordered_batch_with_duplicates_delivers_each_message_once() -> None:
+    import random
+
+    a, b, sim = established()
+    packets = [ip4(A_IP, B_IP, i.to_bytes(2, "big") * 30) for i in range(300)]
+    datagrams = [t.data for t in a.send_ip_many(packets, sim.now, WALL0)]
+    rng = random.Random(3)
+    order = list(range(300))
+    for i in range(0, 300, 7):  # local reordering across 64-counter blocks, and duplicates
+        j = min(299, i + rng.randrange(1, 90))
+        order[i], order[j] = order[j], order[i]
+    order += rng.sample(range(300), 40)
+    got = b.receive_many([datagrams[i] for i in order], sim.now, WALL0)
+    assert sorted(p for _, p in got.packets) == sorted(packets)
+    assert b.drops["replayed"] == 40
+
+
+def test_a_counter_at_reject_after_messages_is_refused_even_in_order() -> None:
+    import struct as st
+
+    from trionet.wg.constants import REJECT_AFTER_MESSAGES
+
+    a, b, sim = established()
+    kp = a.peers[b.public].current
+    assert kp is not None
+
+    def sealed(counter: int) -> bytes:
+        return (st.pack("<IIQ", 4, kp.remote_index, counter)
+                + kp.send.encrypt(st.pack("<4xQ", counter), ip4(A_IP, B_IP), None))
+
+    got = b.receive_many([sealed(REJECT_AFTER_MESSAGES - 2), sealed(REJECT_AFTER_MESSAGES - 1),
+                          sealed(REJECT_AFTER_MESSAGES)], sim.now, WALL0)
+    assert len(got.packets) == 2 and b.drops["replayed"] == 1

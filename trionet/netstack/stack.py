@@ -37,9 +37,16 @@ _TS_FAST = b"\x01\x01\x08\x0a"
 _IP4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")  # IPv4 without options, then TCP without options
 _II = struct.Struct("!II")
 #: IPv4 header without options + the fixed part of a TCP header, for the fast path:
-#: version/IHL, total length, flags/fragment offset, protocol, src, dst; ports, seq,
-#: ack, data offset, flags, window.
-_FAST4 = struct.Struct("!BxH2xHxB2x4s4sHHIIBBH")
+#: version/IHL, total length, flags/fragment offset, protocol, the flow (src, dst,
+#: ports); seq, ack, data offset, flags, window.
+_FAST4 = struct.Struct("!BxH2xHxB2x12sIIBBH")
+_PORTS = struct.Struct("!HH")
+
+
+def _flow4(key: tuple[bytes, int, bytes, int]) -> bytes:
+    """An IPv4 connection's key as its packets spell it (see ``StackCore._flows4``)."""
+    remote, rport, local, lport = key
+    return remote + local + _PORTS.pack(rport, lport)
 _TS_WORDS = struct.Struct("!III")  # NOP NOP TS 10, TSval, TSecr
 _TS_KIND = 0x0101080A
 
@@ -113,6 +120,9 @@ class StackCore:
         self.verify_checksums = verify_checksums
         self._rng = random.Random(seed)
         self.conns: dict[tuple[bytes, int, bytes, int], TcpConnection] = {}
+        #: the IPv4 ones again, by the 12 bytes that name them in a packet (offsets 12-23:
+        #: source, destination, ports): the receive fast path finds them without a tuple
+        self._flows4: dict[bytes, TcpConnection] = {}
         self.listeners: dict[int, ListenerCore] = {}
         self.udp: dict[int, UdpSocketCore] = {}
         self.echo: dict[tuple[bytes, int, int], EchoWaiter] = {}
@@ -194,8 +204,7 @@ class StackCore:
         connections that already exist, which a packet filter admits anyway
         (Tailscale's filter lets every non-SYN TCP segment to a local address in)."""
         self._now = now
-        conns = self.conns
-        local = self._local
+        flows = self._flows4
         verify = self.verify_checksums
         batch = self._batch
         unpack = _FAST4.unpack_from
@@ -206,9 +215,9 @@ class StackCore:
         for p in packets:
             conn = None
             if len(p) >= 40:
-                vihl, total, ff, proto, src, dst, sport, dport, seq, ack, off, flags, wnd = unpack(p)
-                if vihl == 0x45 and proto == 6 and total == len(p) and not ff & 0x3FFF and dst in local:
-                    conn = conns.get((src, sport, dst, dport))
+                vihl, total, ff, proto, flow, seq, ack, off, flags, wnd = unpack(p)
+                if vihl == 0x45 and proto == 6 and total == len(p) and not ff & 0x3FFF:
+                    conn = flows.get(flow)  # (a connection's local address is one of ours)
                     hlen = (off >> 4) * 4
                     ts_val: int | None = None
                     if conn is None or hlen == 20:
@@ -220,7 +229,8 @@ class StackCore:
                     else:
                         conn = None
                     if conn is not None and verify and (ones_sum(memoryview(p)[:20]) != 0 or (
-                            self._pseudo_base(src, dst, 6) + total - 20 + ones_sum(memoryview(p)[20:])) % 0xFFFF):
+                            self._pseudo_base(flow[:4], flow[4:8], 6) + total - 20
+                            + ones_sum(memoryview(p)[20:])) % 0xFFFF):
                         conn = None  # _input counts the drop
             if conn is not None:
                 plen = total - 20 - hlen
@@ -404,6 +414,7 @@ class StackCore:
             old_key = next(iter(lst.half_open))
             old = lst.half_open.pop(old_key)
             self.conns.pop(old_key, None)
+            self._flows4.pop(_flow4(old_key), None)
             old.state = State.CLOSED
             self.stats["tcp_syn_backlog_evicted"] += 1
         conn = self._new_conn(key, now)
@@ -420,6 +431,8 @@ class StackCore:
         conn = TcpConnection(self, key, self.mtu - overhead, self._rng.randrange(1 << 32),
                              self.tcp_config, now)
         self.conns[key] = conn
+        if len(key[0]) == 4:
+            self._flows4[_flow4(key)] = conn
         return conn
 
     # TcpHost
@@ -494,6 +507,7 @@ class StackCore:
     def tcp_closed(self, conn: TcpConnection) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+            self._flows4.pop(_flow4(conn.key), None)
             stats = self.stats
             for k, v in conn.stats.items():
                 if v and k not in ("segments_in", "segments_out"):

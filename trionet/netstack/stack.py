@@ -40,6 +40,7 @@ _II = struct.Struct("!II")
 #: version/IHL, total length, flags/fragment offset, protocol, the flow (src, dst,
 #: ports); seq, ack, data offset, flags, window.
 _FAST4 = struct.Struct("!BxH2xHxB2x12sIIBBH")
+_FAST4_TS = struct.Struct("!BxH2xHxB2x12sIIBBH4xIII")  # and NOP NOP TS 10, TSval, TSecr at 40
 _PORTS = struct.Struct("!HH")
 
 
@@ -47,7 +48,6 @@ def _flow4(key: tuple[bytes, int, bytes, int]) -> bytes:
     """An IPv4 connection's key as its packets spell it (see ``StackCore._flows4``)."""
     remote, rport, local, lport = key
     return remote + local + _PORTS.pack(rport, lport)
-_TS_WORDS = struct.Struct("!III")  # NOP NOP TS 10, TSval, TSecr
 _TS_KIND = 0x0101080A
 
 
@@ -208,6 +208,7 @@ class StackCore:
         verify = self.verify_checksums
         batch = self._batch
         unpack = _FAST4.unpack_from
+        unpack_ts = _FAST4_TS.unpack_from
         run: TcpConnection | None = None  # the connection whose run is being gathered
         payloads: list[memoryview] = []
         exp_seq = exp_ack = space = nbytes = last_seq = last_wnd = any_wnd = 0
@@ -215,18 +216,18 @@ class StackCore:
         for p in packets:
             conn = None
             if len(p) >= 40:
-                vihl, total, ff, proto, flow, seq, ack, off, flags, wnd = unpack(p)
+                if len(p) >= 52:  # the timestamp option too, if it is there (else payload bytes)
+                    vihl, total, ff, proto, flow, seq, ack, off, flags, wnd, kind, ts_word, ts_ecr = unpack_ts(p)
+                else:
+                    vihl, total, ff, proto, flow, seq, ack, off, flags, wnd = unpack(p)
+                    kind = 0
                 if vihl == 0x45 and proto == 6 and total == len(p) and not ff & 0x3FFF:
                     conn = flows.get(flow)  # (a connection's local address is one of ours)
                     hlen = (off >> 4) * 4
                     ts_val: int | None = None
-                    if conn is None or hlen == 20:
-                        pass
-                    elif hlen == 32 and total >= 52:
-                        kind, ts_val, ts_ecr = _TS_WORDS.unpack_from(p, 40)
-                        if kind != _TS_KIND:
-                            conn = None
-                    else:
+                    if hlen == 32 and kind == _TS_KIND:
+                        ts_val = ts_word
+                    elif hlen != 20:
                         conn = None
                     if conn is not None and verify and (ones_sum(memoryview(p)[:20]) != 0 or (
                             self._pseudo_base(flow[:4], flow[4:8], 6) + total - 20

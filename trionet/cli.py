@@ -7,6 +7,7 @@ line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -126,7 +127,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from trionet.daemon.run import run_daemon
 
+    _tune_gc()
     return trio.run(run_daemon, config, args.json)
+
+
+def _tune_gc() -> None:
+    """The daemon's data path makes and drops short-lived containers (header tuples,
+    memory views) at hundreds of thousands a second, nearly all freed by reference
+    counting. At the default threshold of 700 the cyclic collector ran thousands of
+    times a second and took 3% of a download's CPU (perf). Everything imported by now
+    lives as long as the process: frozen, no full collection walks it again."""
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
 
 
 def _ipc(args: argparse.Namespace, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

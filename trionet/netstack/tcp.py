@@ -595,8 +595,13 @@ class TcpConnection:
             if sb and sb[0][0] <= ack:
                 if any(left <= ack < right for left, right in sb):
                     # the peer ACKs up to data it had SACKed: it dropped what it held
-                    # out of order (RFC 2018 reneging); the scoreboard is not to be trusted
+                    # out of order (RFC 2018 reneging). Only this ACK's blocks still hold,
+                    # and what it held may be a hole again: search for holes from here.
                     self._sacked = []
+                    self._sacked_bytes = 0
+                    if opts.sack and self.sack_ok:
+                        self._note_sack(opts.sack, ack)
+                    self._rtx_high = ack
                     self.stats["sack_reneging"] = self.stats.get("sack_reneging", 0) + 1
                 else:
                     self._sacked = [b for b in sb if b[0] > ack]
@@ -860,7 +865,11 @@ class TcpConnection:
         n = min(end, data_end) - start
         if n > 0:
             off = start - self.sbuf_seq
-            self._emit_data(start, memoryview(self.sbuf)[off:off + n], now)
+            # a range that runs past the data covers the FIN, if it was sent: carry it
+            # along, as the segment that first went out with it may be what was lost
+            fin = end > data_end and self.fin_queued and self.snd_max > data_end
+            self._emit_data(start, memoryview(self.sbuf)[off:off + n], now, fin)
+            n += fin
         elif self.fin_queued and start == data_end and self.snd_max > data_end:
             self._emit(FIN | ACK, start, self.rcv_nxt, self._wnd_field(), self._ts_opt(now),
                        b"")
@@ -1022,8 +1031,8 @@ class TcpConnection:
         self.stats["segments_out"] += 1
         self.host.tcp_emit(self, flags, seq, ack, window, options, payload)
 
-    def _emit_data(self, seq: int, payload: memoryview, now: float) -> None:
-        flags = ACK
+    def _emit_data(self, seq: int, payload: memoryview, now: float, fin: bool = False) -> None:
+        flags = ACK | FIN if fin else ACK
         if seq + len(payload) == self.sbuf_seq + len(self.sbuf):
             flags |= PSH
         self._emit(flags, seq, self.rcv_nxt, self._wnd_field(), self._ts_opt(now), payload)
@@ -1235,7 +1244,7 @@ class TcpConnection:
             start = max(una, data_end - self.snd_mss)
             if start >= data_end:
                 start = data_end  # only the FIN is outstanding
-            self._retransmit(start, start + self.snd_mss, now)
+            self._retransmit(start, self.snd_max, now)  # at most an MSS of data, and the FIN if sent
         self._tlp_high = self.snd_max
         self.stats["tlp_probes"] += 1
         self.rto_at = now + self.rto

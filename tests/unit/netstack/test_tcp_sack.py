@@ -107,3 +107,25 @@ def test_closed_port_answers_rst() -> None:
     (r,) = h.take()
     assert r.flags == RST | ACK and r.ack == 78
     assert parse_out  # imported for helpers
+
+
+def test_reneged_sack_blocks_are_retransmitted_without_waiting_for_the_rto() -> None:
+    h, port, seq, pseq = sack_sender()
+    conn = h.conn
+    h.take()  # 0..3000; 0 and 2000 lost
+    h.send(0.01, 80, port, pseq, seq, ACK, options=_sack_opt((seq + 1000, seq + 2000)))
+    h.send(0.01, 80, port, pseq, seq, ACK, options=_sack_opt((seq + 3000, seq + 4000),
+                                                             (seq + 1000, seq + 2000)))
+    h.send(0.01, 80, port, pseq, seq, ACK, options=_sack_opt((seq + 3000, seq + 5000),
+                                                             (seq + 1000, seq + 2000)))
+    h.send(0.02, 80, port, pseq, seq, ACK, options=_sack_opt((seq + 3000, seq + 6000),
+                                                             (seq + 1000, seq + 2000)))
+    assert [s.seq - seq for s in h.take() if s.payload][:3] == [4000, 5000, 0]
+    assert conn.in_recovery
+    # the retransmitted 0 arrives, but the peer dropped the 1000..2000 it had SACKed:
+    # it acknowledges 1000 only (RFC 2018 reneging)
+    h.send(0.03, 80, port, pseq, seq + 1000, ACK, options=_sack_opt((seq + 3000, seq + 6000)))
+    assert conn.stats["sack_reneging"] == 1
+    resent = [s.seq - seq for s in h.take() if s.payload]
+    assert 1000 in resent, resent
+    assert conn.rto_at is not None and conn.stats["rto_timeouts"] == 0

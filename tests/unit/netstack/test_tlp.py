@@ -73,3 +73,27 @@ def test_in_recovery_an_ack_that_delivers_nothing_sends_nothing() -> None:
     # the same ACK again but with a new window: a window update, no data delivered
     h.send(0.012, 80, port, pseq, seq, ACK, window=60000, options=_sack(*blocks[-1]))
     assert h.take() == []
+
+
+def test_the_probe_for_a_lost_tail_carries_the_fin_it_went_out_with() -> None:
+    from trionet.netstack.wire.tcp import FIN
+
+    h = Harness()
+    port, seq, pseq = h.connect(mss=1000, peer_window=65535)
+    conn = h.conn
+    conn.sack_ok = True
+    conn.cc.cwnd = 10 * 1000
+    conn.send(b"x" * 3000, 0.0)
+    conn.close(0.0)
+    sent = h.take()
+    assert [(s.seq - seq, bool(s.flags & FIN)) for s in sent][-1] in ((2000, True), (3000, True))
+    # the first two arrive; the last segment and the FIN are lost
+    h.send(0.02, 80, port, pseq, seq + 2000, ACK)
+    h.take()
+    assert conn.tlp_at is not None
+    h.stack.on_timer(conn.tlp_at)
+    (probe,) = h.take()
+    assert probe.seq - seq == 2000 and len(probe.payload) == 1000 and probe.flags & FIN
+    # its answer acknowledges everything, the FIN included: nothing is left to time out
+    h.send(conn.tlp_at or 0.1, 80, port, pseq, seq + 3001, ACK)
+    assert conn.snd_una == conn.snd_max and conn.rto_at is None

@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 # Outbound packets are encrypted and written in bursts of this many: one GSO write
 # of full-size datagrams (48 x 1312 bytes fits magicsock's 65,000-byte limit).
 OUTBOUND_BURST = 48
+_PEER_AND_PATH = itemgetter(0, 2)  # a wg Transmit's peer and path
 
 MAGIC_DNS_IP = "100.100.100.100"
 
@@ -263,14 +266,8 @@ class Node:
         magic = self.magic
         magic.cork()
         try:
-            i, n = 0, len(txs)
-            while i < n:
-                first = txs[i]
-                j = i + 1
-                while j < n and txs[j].peer == first.peer and txs[j].path == first.path:
-                    j += 1
-                magic.send_wireguard_many(first.peer, [tx.data for tx in txs[i:j]], first.path)
-                i = j
+            for (peer, path), run in groupby(txs, _PEER_AND_PATH):
+                magic.send_wireguard_many(peer, [tx[1] for tx in run], path)
         finally:
             magic.uncork()
 

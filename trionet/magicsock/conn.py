@@ -130,7 +130,8 @@ class MagicConn:
         self._gro = False  # the kernel may hand us several datagrams of one flow per read
         self._gso = False  # and take several of ours in one write (see cork)
         self._corked = False
-        self._udp_queue: list[tuple[Any, bytes]] = []
+        self._udp_queue: list[tuple[Any, Sequence[bytes]]] = []  # (target, datagrams) while corked
+        self._udp_queued = 0
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -265,9 +266,9 @@ class MagicConn:
         target: Any = addr
         if self._dual_stack and ":" not in addr[0]:
             target = ("::ffff:" + addr[0], addr[1])
-        queue = self._udp_queue
-        queue.extend([(target, data) for data in datagrams])
-        if not self._corked or len(queue) >= GSO_MAX_SEGMENTS:
+        self._udp_queue.append((target, datagrams))
+        self._udp_queued += len(datagrams)
+        if not self._corked or self._udp_queued >= GSO_MAX_SEGMENTS:
             self._send_udp_queue()
 
     def cork(self) -> None:
@@ -281,31 +282,40 @@ class MagicConn:
             self._send_udp_queue()
 
     def _send_udp_queue(self) -> None:
-        queue, self._udp_queue = self._udp_queue, []
-        n = len(queue)
-        i = 0
-        while i < n:
-            target, first = queue[i]
-            size = len(first)
-            j = i + 1
-            total = size
-            if self._gso:
-                # A GSO run: one address, equal sizes, except that the last may be shorter.
-                while j < n and j - i < GSO_MAX_SEGMENTS:
-                    next_target, data = queue[j]
-                    length = len(data)
-                    if next_target != target or length > size or total + length > GSO_MAX_BYTES:
-                        break
-                    total += length
-                    j += 1
-                    if length < size:
-                        break
-            if j - i == 1:
-                self._sendto(first, target)
-            elif not self._sendmsg_gso(queue[i:j], target, size):
-                for _, data in queue[i:j]:
-                    self._sendto(data, target)
-            i = j
+        pending, self._udp_queue = self._udp_queue, []
+        self._udp_queued = 0
+        queue: Sequence[tuple[Any, Sequence[bytes]]] = pending
+        if len(queue) > 1:  # neighbouring groups for one address form one sequence
+            merged: list[tuple[Any, list[bytes]]] = []
+            for target, datagrams in queue:
+                if merged and merged[-1][0] == target:
+                    merged[-1][1].extend(datagrams)
+                else:
+                    merged.append((target, list(datagrams)))
+            queue = merged
+        gso = self._gso
+        for target, datagrams in queue:
+            n = len(datagrams)
+            i = 0
+            while i < n:
+                size = len(datagrams[i])
+                m = 1  # the run's length
+                if gso:
+                    # A GSO run: equal sizes, except that the last may be shorter.
+                    lengths = list(map(len, datagrams[i:min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)]))
+                    m = len(lengths)
+                    if lengths.count(size) != m:  # mixed sizes: where do the equal ones end?
+                        m = 1
+                        while lengths[m] == size:
+                            m += 1
+                        if lengths[m] < size:
+                            m += 1
+                if m == 1:
+                    self._sendto(datagrams[i], target)
+                elif not self._sendmsg_gso(datagrams[i:i + m], target, size):
+                    for data in datagrams[i:i + m]:
+                        self._sendto(data, target)
+                i += m
 
     def _sendto(self, data: bytes, target: Any) -> None:
         assert self.sock is not None
@@ -317,12 +327,12 @@ class MagicConn:
         except OSError as exc:
             self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
 
-    def _sendmsg_gso(self, run: list[tuple[Any, bytes]], target: Any, size: int) -> bool:
+    def _sendmsg_gso(self, run: Sequence[bytes], target: Any, size: int) -> bool:
         """One GSO write; False when the kernel refuses the run as a whole, which then
         goes one datagram at a time."""
         assert self.sock is not None
         try:
-            self.sock.sendmsg([data for _, data in run], [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0,
+            self.sock.sendmsg(run, [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0,
                                target)
         except BlockingIOError:
             self.stats["send.udp_full"] += len(run)

@@ -21,7 +21,7 @@ import random
 import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -362,6 +362,14 @@ class WgDevice:
         append = out.append
         route_cache = self._route_cache
         touched: list[Peer] = []
+        # A run: packets to one destination address in a row (a TCP burst). Its peer and
+        # session are looked up and checked once; each packet still checks its counter.
+        run_dst = b""
+        run_peer = cast(Peer, None)  # set whenever run_dst is
+        kp: Keypair | None = None
+        encrypt: Callable[..., bytes] = _no_decrypt
+        public = b""
+        remote_index = 0
         for packet in packets:
             n = len(packet)
             if n < 20:
@@ -378,31 +386,36 @@ class WgDevice:
             if n > MAX_SEGMENT_SIZE - TRANSPORT_MIN_SIZE:
                 self._drop("send_too_big", n)
                 continue
-            if type(raw) is not bytes:
-                raw = bytes(raw)
-            peer = route_cache.get(raw)
-            if peer is None:
-                peer = self._allowed.lookup_raw(raw)
+            if raw != run_dst or kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES:
+                run_dst = b""
+                if type(raw) is not bytes:
+                    raw = bytes(raw)
+                peer = route_cache.get(raw)
                 if peer is None:
-                    self._drop("send_no_route", raw.hex())
+                    peer = self._allowed.lookup_raw(raw)
+                    if peer is None:
+                        self._drop("send_no_route", raw.hex())
+                        continue
+                kp = peer.current
+                if peer.staged or kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES \
+                        or now - kp.created >= REJECT_AFTER_TIME:
+                    self._stage(peer, bytes(packet))
+                    out.extend(self._send_staged(peer, now, wall, None))
+                    kp = None
                     continue
-            kp = peer.current
-            if peer.staged or kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES \
-                    or now - kp.created >= REJECT_AFTER_TIME:
-                self._stage(peer, bytes(packet))
-                out.extend(self._send_staged(peer, now, wall, None))
-                continue
+                run_dst, run_peer, encrypt = raw, peer, kp.send.encrypt
+                public, remote_index = peer.public, kp.remote_index
+                if not touched or touched[-1] is not peer:
+                    touched.append(peer)
             # the common case: the current session (an inlined _seal)
             counter = kp.send_counter
             kp.send_counter = counter + 1
             if n & 15:
                 packet = bytes(packet) + _PAD[:-n & 15]
-            append(_tuple_new(Transmit, (peer.public, _HEADER.pack(MSG_TRANSPORT, kp.remote_index, counter)
-                                         + kp.send.encrypt(_NONCE.pack(counter), packet, None), None)))
-            peer.tx_packets += 1
-            peer.tx_bytes += n
-            if not touched or touched[-1] is not peer:
-                touched.append(peer)
+            append(_tuple_new(Transmit, (public, _HEADER.pack(MSG_TRANSPORT, remote_index, counter)
+                                         + encrypt(_NONCE.pack(counter), packet, None), None)))
+            run_peer.tx_packets += 1
+            run_peer.tx_bytes += n
         for peer in touched if len(touched) == 1 else dict.fromkeys(touched):
             # timersDataSent and keepKeyFreshSending, once for the burst
             if peer.persistent_keepalive:

@@ -388,3 +388,23 @@ def test_a_counter_at_reject_after_messages_is_refused_even_in_order() -> None:
     got = b.receive_many([sealed(REJECT_AFTER_MESSAGES - 2), sealed(REJECT_AFTER_MESSAGES - 1),
                           sealed(REJECT_AFTER_MESSAGES)], sim.now, WALL0)
     assert len(got.packets) == 2 and b.drops["replayed"] == 1
+
+
+def test_a_burst_to_several_peers_goes_to_each_in_order() -> None:
+    a, b, sim = established()
+    c = _third_peer(b, "10.0.0.3")  # b's peer with a session
+    d = WgDevice(os.urandom(32))  # b's peer without one yet
+    b.set_peer(d.public, ["10.0.0.4/32"])
+    to_a = [ip4(B_IP, A_IP, bytes([i]) * 40) for i in range(3)]
+    to_c = [ip4(B_IP, "10.0.0.3", bytes([i]) * 40) for i in range(3)]
+    burst = [to_a[0], to_a[1], to_c[0], ip4(B_IP, "10.9.9.9"), to_c[1], ip4(B_IP, "10.0.0.4"),
+             to_a[2], to_c[2]]
+    txs = b.send_ip_many(burst, sim.now, WALL0)
+    assert [(t.peer, kind(t)) for t in txs] == [
+        (a.public, "data"), (a.public, "data"), (c.public, "data"), (c.public, "data"),
+        (d.public, "initiation"), (a.public, "data"), (c.public, "data")]
+    assert b.drops["send_no_route"] == 1
+    got_a = [p for t in txs if t.peer == a.public for _, p in a.receive(t.data, sim.now, WALL0).packets]
+    got_c = [p for t in txs if t.peer == c.public for _, p in c.receive(t.data, sim.now, WALL0).packets]
+    assert got_a == to_a and got_c == to_c
+    assert b.peers[a.public].tx_packets >= 3 and b.peers[d.public].staged

@@ -277,15 +277,14 @@ class Node:
         if self.wg is None or self.magic is None:
             self.stats["drop.no_wireguard"] += len(datagrams)
             return
-        got = self.wg.receive_many(datagrams, time.monotonic(), time.time(), src=path)
+        inbound = self._inbound
+        before = len(inbound)
+        got = self.wg.receive_many(datagrams, time.monotonic(), time.time(), src=path, into=inbound)
         for tx in got.transmits:
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None) or path)
-        if not got.packets:
-            return
-        if self.stack is None:
-            self.stats["drop.no_stack"] += len(got.packets)
-            return
-        self._inbound += [packet for _peer, packet in got.packets]
+        if self.stack is None and len(inbound) > before:
+            self.stats["drop.no_stack"] += len(inbound) - before
+            del inbound[before:]
 
     def _on_peer_heard(self, node_key: bytes) -> None:
         if self.wg is None or self.magic is None:

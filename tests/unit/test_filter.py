@@ -55,6 +55,17 @@ def test_udp_reply_to_our_flow_passes() -> None:
     assert f.allow_inbound(reply)
 
 
+def test_a_burst_notes_its_udp_flows_among_tcp_and_runts() -> None:
+    f = PacketFilter([], [ME])
+    segment = ip4("100.64.0.5", "100.64.0.2", 6, tcp(40000, 80, 0x10))
+    f.note_outbound_many([segment] * 5)
+    assert not f.udp_flows
+    query = ip4("100.64.0.5", "100.64.0.2", 17, udp(40001, 53))
+    f.note_outbound_many([segment, b"\x45", segment, query, segment])
+    assert f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 17, udp(53, 40001)))
+    assert len(f.udp_flows) == 1
+
+
 def test_icmp_echo_reply_always_passes_request_needs_rule() -> None:
     f = PacketFilter([], [ME])
     assert f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 1, b"\x00\x00\x00\x00\x00\x01\x00\x01"))

@@ -12,11 +12,13 @@ bytearray chunk, so a peer sending tiny segments cannot make the per-chunk overh
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 
 #: Payloads at least this long are kept by reference. What each such chunk costs
 #: beyond its data (the view, and the packet's headers: up to 120 bytes) stays
 #: within a third of the data; full-sized segments (1,200 bytes and more) qualify.
 VIEW_MIN = 1024
+_READ_ONLY = attrgetter("readonly")
 
 
 class RecvBuffer:
@@ -58,6 +60,10 @@ class RecvBuffer:
     def extend(self, payloads: list[memoryview], nbytes: int) -> None:
         """Append views, ``nbytes`` in all (the receive fast path's runs)."""
         chunks = self._chunks
+        if min(map(len, payloads)) >= VIEW_MIN and all(map(_READ_ONLY, payloads)):
+            chunks.extend(payloads)  # full-sized segments of immutable packets: the usual run
+            self._size += nbytes
+            return
         for view in payloads:
             if view.readonly and len(view) >= VIEW_MIN:
                 chunks.append(view)

@@ -21,6 +21,7 @@ import random
 import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any, NamedTuple, cast
 
 from cryptography.exceptions import InvalidTag
@@ -531,9 +532,11 @@ class WgDevice:
         return self.receive_many((datagram,), now, wall, src, backlog)
 
     def receive_many(self, datagrams: Iterable[bytes | bytearray | memoryview], now: float, wall: float,
-                     src: Any = None, backlog: int = 0) -> Received:
+                     src: Any = None, backlog: int = 0, into: list[bytes] | None = None) -> Received:
         """`receive` for datagrams from one source read together (a GRO batch),
-        in order; what they produce comes back in one Received.
+        in order; what they produce comes back in one Received. With `into`, the
+        decrypted packets are appended there instead, without their peers (a
+        netstack does not need them), and `Received.packets` stays empty.
 
         Transport messages for one session arrive in runs. The session lookup,
         the expiry check and the timer hooks of receive.go run once per run
@@ -541,19 +544,20 @@ class WgDevice:
         do); each message still gets its own replay check, decryption and
         inner-packet checks."""
         got = _tuple_new(Received, ([], []))
-        packets = got.packets
+        pairs = got.packets if into is None else None
+        packets = [] if into is None else into
+        run_start = len(packets)
         drop = self._drop
         run_index = -1  # the receiver index of the current run; -1: none
         peer: Peer | None = None
         kp: Keypair | None = None
         replay = _NO_REPLAY
         decrypt: Callable[..., bytes] = _no_decrypt
-        public = b""
         last = block_max = slot = 0  # the replay window's newest counter, its block's last, its ring slot
         ring = replay.ring
         fresh = False  # the run's first authentic message still owes receive.go's hooks
         run_src = b""  # an inner source address already checked against the peer's AllowedIPs
-        data_packets = rx_bytes = keepalives = run_start = 0
+        data_packets = rx_bytes = keepalives = 0
         for datagram in datagrams:
             try:
                 n = len(datagram)
@@ -566,8 +570,8 @@ class WgDevice:
                     continue
                 if mtype != MSG_TRANSPORT or receiver != run_index:
                     if peer is not None:  # a handshake may retire the run's keypair: end the run here
-                        self._end_receive_run(peer, now, data_packets, len(packets) - run_start, rx_bytes,
-                                              keepalives)
+                        self._end_receive_run(peer, now, data_packets, rx_bytes, keepalives, packets, run_start,
+                                              pairs)
                         peer, run_index, data_packets, rx_bytes, keepalives = None, -1, 0, 0, 0
                     if mtype != MSG_TRANSPORT:
                         self._on_other(mtype, datagram, n, now, wall, src, backlog, got)
@@ -579,7 +583,7 @@ class WgDevice:
                     if session is None:
                         continue
                     peer, kp = session
-                    run_index, replay, decrypt, public = receiver, kp.replay, kp.recv.decrypt, peer.public
+                    run_index, replay, decrypt = receiver, kp.replay, kp.recv.decrypt
                     last, fresh, run_src, run_start = replay.last, True, b"", len(packets)
                     ring, block_max, slot = replay.ring, min(last | 63, REJECT_AFTER_MESSAGES - 1), (last >> 6) & 127
                 if n > MAX_SEGMENT_SIZE:
@@ -632,12 +636,12 @@ class WgDevice:
                         continue
                     run_src = raw_src
                 rx_bytes += length
-                packets.append((public, plain if length == size else plain[:length]))
+                packets.append(plain if length == size else plain[:length])
             except Exception as exc:  # a bug, not bad input: count it, never crash the driver
                 drop("internal_error", repr(exc))
                 log.exception("wireguard: internal error on a datagram")
         if peer is not None:
-            self._end_receive_run(peer, now, data_packets, len(packets) - run_start, rx_bytes, keepalives)
+            self._end_receive_run(peer, now, data_packets, rx_bytes, keepalives, packets, run_start, pairs)
         return got
 
     def _on_other(self, mtype: int, datagram: bytes | bytearray | memoryview, n: int, now: float, wall: float,
@@ -679,13 +683,16 @@ class WgDevice:
         peer.t_new_handshake = None
         peer.path = src
 
-    def _end_receive_run(self, peer: Peer, now: float, data_packets: int, delivered: int, rx_bytes: int,
-                         keepalives: int) -> None:
-        """The per-message counters and timersDataReceived of a run, applied once."""
+    def _end_receive_run(self, peer: Peer, now: float, data_packets: int, rx_bytes: int, keepalives: int,
+                         packets: list[bytes], run_start: int, pairs: list[tuple[bytes, bytes]] | None) -> None:
+        """The per-message counters and timersDataReceived of a run, applied once;
+        the run's packets (from `run_start` in `packets`) paired with their peer."""
         if keepalives:
             self.counters["keepalives_received"] += keepalives
+        if pairs is not None and len(packets) > run_start:
+            pairs += zip(repeat(peer.public), packets[run_start:])
         if data_packets:
-            peer.rx_packets += delivered
+            peer.rx_packets += len(packets) - run_start
             peer.rx_bytes += rx_bytes
             self._timers_data_received(peer, now)
             if data_packets > 1:  # what the second call of the hook would do

@@ -408,3 +408,14 @@ def test_a_burst_to_several_peers_goes_to_each_in_order() -> None:
     got_c = [p for t in txs if t.peer == c.public for _, p in c.receive(t.data, sim.now, WALL0).packets]
     assert got_a == to_a and got_c == to_c
     assert b.peers[a.public].tx_packets >= 3 and b.peers[d.public].staged
+
+
+def test_into_collects_the_packets_without_their_peers() -> None:
+    a, b, sim = established()
+    c = _third_peer(b, "10.0.0.3")
+    pa, pc = ip4(A_IP, B_IP, b"to b from a"), ip4("10.0.0.3", B_IP, b"to b from c")
+    batch = [a.send_ip(pa, sim.now, WALL0)[0].data, c.send_ip(pc, sim.now, WALL0)[0].data]
+    inbox: list[bytes] = [b"earlier"]
+    got = b.receive_many(batch, sim.now, WALL0, into=inbox)
+    assert inbox == [b"earlier", pa, pc] and got.packets == []
+    assert b.peers[c.public].rx_packets == 2  # the handshake's staged packet, and this one

@@ -102,3 +102,38 @@ async def test_http_proxy_connect_and_absolute_form(nursery: trio.Nursery) -> No
     client = await trio.open_tcp_stream("127.0.0.1", port)
     await client.send_all(b"CONNECT nope:80 HTTP/1.1\r\n\r\n")
     assert (await client.receive_some(100)).startswith(b"HTTP/1.1 502")
+
+
+async def test_a_burst_of_clients_is_accepted_in_one_wake_up(nursery: trio.Nursery, monkeypatch: object) -> None:
+    import socket
+
+    import pytest
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    echo = await _start_echo(nursery)
+    port = await nursery.start(partial(server.serve_forward, 0, "peer", 80, LoopbackDialer({"peer": echo})))
+    wakes = [0]
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counting(sock: socket.socket) -> None:
+        if isinstance(sock, socket.socket) and sock.getsockname()[1] == port:
+            wakes[0] += 1
+        await real_wait(sock)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting)  # from the listener's next wait on
+    name = "forward 0->peer:80.accepted"
+    before = server.stats[name]
+    clients = []
+    for _ in range(100):  # connected by the kernel, all queued before the listener runs
+        c = socket.socket()
+        c.connect(("127.0.0.1", port))
+        clients.append(c)
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.stats[name] - before == 100
+    assert wakes[0] <= 2  # all 100 taken in a pass or two (a spurious wake-up may add one), not one each
+    for c in clients:
+        c.sendall(b"x")
+    await trio.testing.wait_all_tasks_blocked()
+    assert all(c.recv(1) == b"X" for c in clients)
+    for c in clients:
+        c.close()

@@ -308,6 +308,17 @@ class TcpListener(trio.abc.Listener[TcpStream]):
                     return TcpStream(self._stack, conn)
             await self._lot.park()
 
+    def accept_nowait(self) -> TcpStream | None:
+        """An established connection already queued, or None; never waits. After
+        ``accept`` returns, a server takes the rest of a burst this way, in the same
+        scheduling round."""
+        q = self._core.accept_queue
+        while q and not self._core.closed:
+            conn = q.popleft()
+            if conn.state is not State.CLOSED:
+                return TcpStream(self._stack, conn)
+        return None
+
     async def aclose(self) -> None:
         if not self._core.closed:
             self._stack.core.tcp_unlisten(self._core, trio.current_time())

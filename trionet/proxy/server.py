@@ -157,7 +157,12 @@ async def serve_inbound(listener: trio.abc.Listener[Any], local_host: str, local
         await pipe(stream, local)
 
     task_status.started()
-    await trio.serve_listeners(handle, [listener])
+    take_queued = getattr(listener, "accept_nowait", None)  # the netstack's TcpListener has it
+    async with trio.open_nursery() as nursery, listener:
+        while True:
+            nursery.start_soon(handle, await listener.accept())
+            while take_queued is not None and (stream := take_queued()) is not None:
+                nursery.start_soon(handle, stream)
 
 
 # ----------------------------------------------------------------------- SOCKS5

@@ -137,3 +137,37 @@ async def test_a_burst_of_clients_is_accepted_in_one_wake_up(nursery: trio.Nurse
     assert all(c.recv(1) == b"X" for c in clients)
     for c in clients:
         c.close()
+
+
+async def test_serve_inbound_takes_a_burst_of_tailnet_connections_together(nursery: trio.Nursery) -> None:
+    from tests.unit.netstack.simlink import B4, Pipe, linked_stacks
+
+    echo = await _start_echo(nursery)
+    async with linked_stacks(Pipe(), Pipe()) as (a, b):
+        listener = b.listen_tcp(8080, backlog=64)
+        started: list[int] = []
+        real_nowait = listener.accept_nowait
+
+        def counted() -> object:
+            stream = real_nowait()
+            if stream is not None:
+                started.append(1)
+            return stream
+
+        listener.accept_nowait = counted  # type: ignore[method-assign]
+        async with trio.open_nursery() as inner:
+            await inner.start(server.serve_inbound, listener, "127.0.0.1", echo)
+            streams: list[trio.abc.Stream] = []
+
+            async def dial() -> None:
+                streams.append(await a.open_tcp_stream(B4, 8080))
+
+            async with trio.open_nursery() as dials:
+                for _ in range(20):
+                    dials.start_soon(dial)
+            for s in streams:
+                await s.send_all(b"hi")
+            for s in streams:
+                assert await _recv_exactly(s, 2) == b"HI"
+            assert started, "some connections were taken without a wait of their own"
+            inner.cancel_scope.cancel()

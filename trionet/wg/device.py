@@ -593,7 +593,8 @@ class WgDevice:
                     drop("replayed", counter)
                     continue
                 try:
-                    plain = decrypt(_NONCE.pack(counter), memoryview(datagram)[16:], None)
+                    plain = decrypt(_NONCE.pack(counter),
+                                    (datagram if type(datagram) is memoryview else memoryview(datagram))[16:], None)
                 except InvalidTag:
                     drop("decrypt_failed")
                     continue

@@ -13,7 +13,7 @@ SYSDEPS := wireguard-go wg nft ip curl jq ping
 STRICT  := trionet/keys.py trionet/noise trionet/proto trionet/wg trionet/netstack \
            trionet/derp/frames.py trionet/derp/client.py trionet/magicsock/disco.py trionet/magicsock/stun.py
 
-.PHONY: all venv sysdeps stack-bin stack-up stack-down lint unit integration test demo bench soak fuzz clean
+.PHONY: all venv sysdeps stack-bin stack-up stack-down lint unit integration test demo bench bench-ir soak fuzz clean
 
 all: test
 
@@ -63,6 +63,9 @@ demo: venv sysdeps stack-bin
 
 bench: venv sysdeps stack-bin
 	$(VPY) -m tests.bench.run
+
+bench-ir: venv
+	$(VPY) tests/bench/bench_instructions.py
 
 soak: venv sysdeps stack-bin
 	$(PYTEST) tests -q -m soak -p no:cacheprovider

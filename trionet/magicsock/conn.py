@@ -266,7 +266,7 @@ class MagicConn:
         target: Any = addr
         if self._dual_stack and ":" not in addr[0]:
             target = ("::ffff:" + addr[0], addr[1])
-        self._udp_queue.append((target, datagrams))
+        self._udp_queue.append((target, list(datagrams)))  # the caller may reuse its sequence
         self._udp_queued += len(datagrams)
         if not self._corked or self._udp_queued >= GSO_MAX_SEGMENTS:
             self._send_udp_queue()
@@ -293,14 +293,13 @@ class MagicConn:
                 else:
                     merged.append((target, list(datagrams)))
             queue = merged
-        gso = self._gso
         for target, datagrams in queue:
             n = len(datagrams)
             i = 0
             while i < n:
                 size = len(datagrams[i])
                 m = 1  # the run's length
-                if gso:
+                if self._gso and 0 < size <= GSO_MAX_BYTES // 2:  # (an EIO may have switched it off)
                     # A GSO run: equal sizes, except that the last may be shorter.
                     lengths = list(map(len, datagrams[i:min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)]))
                     m = len(lengths)

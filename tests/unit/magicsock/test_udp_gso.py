@@ -140,3 +140,31 @@ def test_a_burst_to_one_peer_uses_its_path_once_and_one_write_when_corked() -> N
     conn.send_wireguard_many(b"peer", burst[:3])  # not corked: out at once
     assert drain(a, 3) == burst[:3]
     assert conn.stats["send.udp_gso"] == 2
+
+
+def test_an_eio_in_one_flush_stops_gso_for_the_rest_of_it() -> None:
+    conn = make_conn()
+    assert conn.sock is not None
+    fake = RefusingSocket(conn.sock, errno.EIO)
+    conn.sock = fake  # type: ignore[assignment]
+    a, b = receiver(), receiver()
+    conn.cork()
+    for to in (a, b, a):
+        for i in range(4):
+            conn._send_udp(datagram(i, 1000), to.getsockname())
+    conn.uncork()
+    assert fake.refused == 1 and not conn._gso
+    assert len(drain(a, 8)) == 8 and len(drain(b, 4)) == 4
+
+
+def test_datagrams_too_big_for_a_gso_run_go_alone() -> None:
+    conn = make_conn()
+    a = receiver()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    big = [datagram(i, 40000) for i in range(3)]  # two would not fit 65,000 bytes
+    send_corked(conn, big + [datagram(9, 1312)] * 3, a)
+    assert conn.stats["send.udp_gso"] == 1  # only the three small ones
+    conn.cork()
+    conn._send_udp(b"x" * 65600, ("127.0.0.1", 9))  # over any GSO run and IPv4's limit: sendto refuses it
+    conn.uncork()
+    assert conn.stats["send.udp_EMSGSIZE"] == 1

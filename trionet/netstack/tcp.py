@@ -385,6 +385,7 @@ class TcpConnection:
         wl1 = self.snd_wl1
         if (self.state is not S.ESTABLISHED or self._ooo_starts or self.app_closed
                 or cfg.keepalive_idle is not None
+                or self._sacked or self.in_recovery or self.dupacks >= 3  # on_segment would look for losses
                 or wl1 > rn or (wl1 == rn and self.snd_wl2 > self.snd_una)):
             return None  # (the last two: the run's first segment would not update the window)
         return rn & MASK, self.snd_una & MASK, cfg.recv_buffer - len(self.rbuf)
@@ -1240,11 +1241,12 @@ class TcpConnection:
             self.snd_nxt = nxt + n
             if self.snd_nxt > self.snd_max:
                 self.snd_max = self.snd_nxt
-        else:  # the last segment again
-            start = max(una, data_end - self.snd_mss)
+        else:  # the last segment sent, again (queued data past it may not fit the window)
+            start = max(una, min(data_end, self.snd_max) - self.snd_mss)
             if start >= data_end:
                 start = data_end  # only the FIN is outstanding
-            self._retransmit(start, self.snd_max, now)  # at most an MSS of data, and the FIN if sent
+            if not self._retransmit(start, self.snd_max, now):  # an MSS of data at most, and the FIN if sent
+                return
         self._tlp_high = self.snd_max
         self.stats["tlp_probes"] += 1
         self.rto_at = now + self.rto

@@ -29,7 +29,7 @@ from .simlink import B4, Pipe, linked_stacks
 
 STATE = ("state", "rcv_nxt", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "ts_recent",
          "_ack_pending", "_ack_now", "delack_at", "rto_at", "persist_at", "fin_received",
-         "_ooo_starts", "dupacks")
+         "_ooo_starts", "dupacks", "_sacked", "in_recovery", "reo_at", "_lost_high", "tlp_at")
 
 
 def _ts(val: int, ecr: int = 0) -> bytes:

@@ -90,10 +90,29 @@ def test_the_probe_for_a_lost_tail_carries_the_fin_it_went_out_with() -> None:
     # the first two arrive; the last segment and the FIN are lost
     h.send(0.02, 80, port, pseq, seq + 2000, ACK)
     h.take()
-    assert conn.tlp_at is not None
-    h.stack.on_timer(conn.tlp_at)
+    t = conn.tlp_at
+    assert t is not None
+    h.stack.on_timer(t)
     (probe,) = h.take()
     assert probe.seq - seq == 2000 and len(probe.payload) == 1000 and probe.flags & FIN
     # its answer acknowledges everything, the FIN included: nothing is left to time out
-    h.send(conn.tlp_at or 0.1, 80, port, pseq, seq + 3001, ACK)
+    h.send(t + 0.02, 80, port, pseq, seq + 3001, ACK)
     assert conn.snd_una == conn.snd_max and conn.rto_at is None
+
+
+def test_the_probe_resends_the_last_segment_sent_when_the_window_holds_back_the_rest() -> None:
+    h = Harness()
+    port, seq, pseq = h.connect(mss=1000, peer_window=4000)
+    conn = h.conn
+    conn.sack_ok = True
+    conn.cc.cwnd = 10 * 1000
+    conn.send(b"x" * 20000, 0.0)  # 4 segments fit the peer's window; 16,000 bytes wait
+    assert [s.seq - seq for s in h.take()] == [0, 1000, 2000, 3000]
+    h.send(0.02, 80, port, pseq, seq + 1000, ACK, window=3000)  # the window stays full
+    h.take()
+    assert conn.tlp_at is not None
+    rto = conn.rto_at
+    h.stack.on_timer(conn.tlp_at)
+    (probe,) = h.take()
+    assert probe.seq - seq == 3000 and len(probe.payload) == 1000
+    assert conn.stats["tlp_probes"] == 1 and conn.rto_at != rto

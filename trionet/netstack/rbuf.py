@@ -2,7 +2,7 @@
 
 A bytearray receive buffer copies every byte in, then again out, and reallocates as
 it grows and shrinks (a reader that empties it makes it start over small). Here a
-payload of ``VIEW_MIN`` bytes or more is kept as a read-only view of the packet it
+payload of ``VIEW_MIN`` bytes or more is kept as a view of the ``bytes`` packet it
 came in (a decrypted WireGuard packet is a fresh ``bytes`` nobody writes to), so a
 byte is copied once: into what ``read`` returns. Smaller payloads are copied into a
 bytearray chunk, so a peer sending tiny segments cannot make the per-chunk overhead
@@ -18,7 +18,7 @@ from operator import attrgetter
 #: beyond its data (the view, and the packet's headers: up to 120 bytes) stays
 #: within a third of the data; full-sized segments (1,200 bytes and more) qualify.
 VIEW_MIN = 1024
-_READ_ONLY = attrgetter("readonly")
+_OWNER, _BYTES_ONLY = attrgetter("obj"), {bytes}  # views of bytes: memory nobody can write
 
 
 class RecvBuffer:
@@ -47,7 +47,7 @@ class RecvBuffer:
             if type(data) is bytes:
                 chunks.append(data)
                 return
-            if type(data) is memoryview and data.readonly:
+            if type(data) is memoryview and type(data.obj) is bytes:
                 chunks.append(data)
                 return
         if chunks:
@@ -60,12 +60,12 @@ class RecvBuffer:
     def extend(self, payloads: list[memoryview], nbytes: int) -> None:
         """Append views, ``nbytes`` in all (the receive fast path's runs)."""
         chunks = self._chunks
-        if min(map(len, payloads)) >= VIEW_MIN and all(map(_READ_ONLY, payloads)):
+        if min(map(len, payloads)) >= VIEW_MIN and set(map(type, map(_OWNER, payloads))) == _BYTES_ONLY:
             chunks.extend(payloads)  # full-sized segments of immutable packets: the usual run
             self._size += nbytes
             return
         for view in payloads:
-            if view.readonly and len(view) >= VIEW_MIN:
+            if type(view.obj) is bytes and len(view) >= VIEW_MIN:
                 chunks.append(view)
             else:
                 self._size -= len(view)  # append() counts it again

@@ -48,6 +48,8 @@ def _flow4(key: tuple[bytes, int, bytes, int]) -> bytes:
     """An IPv4 connection's key as its packets spell it (see ``StackCore._flows4``)."""
     remote, rport, local, lport = key
     return remote + local + _PORTS.pack(rport, lport)
+
+
 _TS_KIND = 0x0101080A
 
 
@@ -202,7 +204,11 @@ class StackCore:
         ``admit`` (optional) is asked about every packet that does not take the fast
         path; False drops it. The fast path only carries non-SYN segments of
         connections that already exist, which a packet filter admits anyway
-        (Tailscale's filter lets every non-SYN TCP segment to a local address in)."""
+        (Tailscale's filter lets every non-SYN TCP segment to a local address in).
+        That holds while the filter's local addresses include the stack's. Those are
+        fixed when the stack starts: should the control server move a node to new
+        addresses, connections to the old ones keep the fast path until they close,
+        while a new connection to an old address is refused (its SYN meets ``admit``)."""
         self._now = now
         flows = self._flows4
         verify = self.verify_checksums
@@ -235,37 +241,35 @@ class StackCore:
                         conn = None  # _input counts the drop
             if conn is not None:
                 plen = total - 20 - hlen
-                if conn is run:
-                    if (seq == exp_seq and ack == exp_ack and flags & NOT_FAST == ACK
-                            and 0 < plen <= space):
-                        payloads.append(memoryview(p)[20 + hlen:])
-                        nbytes += plen
-                        space -= plen
-                        last_seq = seq
-                        exp_seq = (seq + plen) & MASK
-                        last_wnd = wnd
-                        any_wnd |= wnd
-                        if ts_val is not None:
-                            last_ts = ts_val
-                        continue
-                if run is not None:
-                    self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
-                    run, payloads = None, []
-                prediction = conn.rcv_prediction() if self.header_prediction else None
-                if prediction is not None:
-                    exp_seq, exp_ack, space = prediction
-                    if (seq == exp_seq and ack == exp_ack and flags & NOT_FAST == ACK
-                            and 0 < plen <= space):
+                if conn is not run:  # load this connection's prediction (`run`: the one loaded)
+                    if payloads:
+                        self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
+                        payloads = []
+                    run = None
+                    batch.add(conn)  # a fast or a slow path: output() at the end either way
+                    prediction = conn.rcv_prediction() if self.header_prediction else None
+                    if prediction is not None:
                         run = conn
-                        batch.add(conn)
-                        payloads.append(memoryview(p)[20 + hlen:])
-                        nbytes = plen
-                        space -= plen
-                        last_seq = seq
-                        exp_seq = (seq + plen) & MASK
-                        last_wnd = any_wnd = wnd
+                        exp_seq, exp_ack, space = prediction
+                        nbytes = any_wnd = 0
+                        last_ts = None
+                if conn is run and seq == exp_seq and ack == exp_ack and flags & NOT_FAST == ACK \
+                        and 0 < plen <= space:
+                    payloads.append(memoryview(p)[20 + hlen:])
+                    nbytes += plen
+                    space -= plen
+                    last_seq = seq
+                    exp_seq = (seq + plen) & MASK
+                    last_wnd = wnd
+                    any_wnd |= wnd
+                    if ts_val is not None:
                         last_ts = ts_val
-                        continue
+                    continue
+            if payloads:  # anything else may change the run's connection: take the run first
+                self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
+                payloads = []
+            run = None
+            if conn is not None:
                 if admit is not None and not admit(p):
                     continue
                 opts = wtcp.NO_OPTIONS if ts_val is None else wtcp.TcpOptions(ts_val=ts_val, ts_ecr=ts_ecr)
@@ -273,18 +277,15 @@ class StackCore:
                 self.stats["tcp_in"] += 1
                 conn.on_segment(seq, ack, flags, wnd, opts, memoryview(p)[20 + hlen:], now)
                 batch.add(conn)
-                continue
-            if run is not None:
-                self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
-                run, payloads = None, []
-            if admit is None or admit(p):
+            elif admit is None or admit(p):
                 self._input(p, now)
-        if run is not None:
+        if payloads:
             self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
         self._flush(now)
 
-    def _end_run(self, conn: TcpConnection, payloads: list[memoryview], nbytes: int, last_seq: int,
+    def _end_run(self, conn: TcpConnection | None, payloads: list[memoryview], nbytes: int, last_seq: int,
                  last_wnd: int, any_wnd: int, last_ts: int | None) -> None:
+        assert conn is not None  # payloads come from a run, and a run has its connection
         conn.rcv_fast_run(payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
         count = len(payloads)
         self.fast_segments += count

@@ -29,6 +29,7 @@ COPY_CHUNK = 256 * 1024
 ACCEPT_BATCH = 128  # connections taken per wake-up, so the listener still yields under a flood
 ACCEPT_RETRY = 0.1
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_CLIENT_GONE_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 HANDSHAKE_TIMEOUT = 30.0
 MAX_HTTP_HEADER = 64 * 1024
 
@@ -127,9 +128,11 @@ async def _accept_all(raw: socket.socket, handler: Callable[[trio.SocketStream],
                         log.warning("accept: %s; retrying in %.1f s", exc, ACCEPT_RETRY)
                         await trio.sleep(ACCEPT_RETRY)
                         break
-                    stats["accept.error"] += 1  # the client gave up first (ECONNABORTED, EPROTO)
-                    log.debug("accept: %s", exc)
-                    continue
+                    if exc.errno in _ACCEPT_CLIENT_GONE_ERRNOS:  # the client gave up before its accept
+                        stats["accept.client_gone"] += 1
+                        log.debug("accept: %s", exc)
+                        continue
+                    raise
                 nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
 
 
@@ -154,6 +157,9 @@ async def serve_inbound(listener: trio.abc.Listener[Any], local_host: str, local
             log.info("serve: cannot reach %s:%s: %s", local_host, local_port, exc)
             await trio.aclose_forcefully(stream)
             return
+        except BaseException:  # cancelled while connecting: the tailnet side is ours to close
+            await trio.aclose_forcefully(stream)
+            raise
         await pipe(stream, local)
 
     task_status.started()

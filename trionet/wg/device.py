@@ -82,7 +82,7 @@ _IP6_LENGTH_SRC = struct.Struct("!H2x16s")  # from offset 4: payload length, sou
 _NO_REPLAY = ReplayWindow()  # placeholders until a run starts; never used
 
 
-def _no_decrypt(*args: Any) -> bytes:
+def _no_cipher(*args: Any) -> bytes:
     raise AssertionError("no session")
 
 
@@ -368,7 +368,7 @@ class WgDevice:
         run_dst = b""
         run_peer = cast(Peer, None)  # set whenever run_dst is
         kp: Keypair | None = None
-        encrypt: Callable[..., bytes] = _no_decrypt
+        encrypt: Callable[..., bytes] = _no_cipher
         public = b""
         remote_index = 0
         for packet in packets:
@@ -552,7 +552,7 @@ class WgDevice:
         peer: Peer | None = None
         kp: Keypair | None = None
         replay = _NO_REPLAY
-        decrypt: Callable[..., bytes] = _no_decrypt
+        decrypt: Callable[..., bytes] = _no_cipher
         last = block_max = slot = 0  # the replay window's newest counter, its block's last, its ring slot
         ring = replay.ring
         fresh = False  # the run's first authentic message still owes receive.go's hooks
@@ -570,14 +570,17 @@ class WgDevice:
                     continue
                 if mtype != MSG_TRANSPORT or receiver != run_index:
                     if peer is not None:  # a handshake may retire the run's keypair: end the run here
-                        self._end_receive_run(peer, now, data_packets, rx_bytes, keepalives, packets, run_start,
-                                              pairs)
-                        peer, run_index, data_packets, rx_bytes, keepalives = None, -1, 0, 0, 0
+                        ended, counts = peer, (data_packets, rx_bytes, keepalives)
+                        peer, run_index, data_packets, rx_bytes, keepalives = None, -1, 0, 0, 0  # even if it raises
+                        self._end_receive_run(ended, now, *counts, packets, run_start, pairs)
                     if mtype != MSG_TRANSPORT:
                         self._on_other(mtype, datagram, n, now, wall, src, backlog, got)
                         continue
                     if n < TRANSPORT_MIN_SIZE:
                         drop("short", n)
+                        continue
+                    if n > MAX_SEGMENT_SIZE:
+                        drop("oversized", n)
                         continue
                     session = self._transport_session(receiver, now)
                     if session is None:
@@ -586,7 +589,7 @@ class WgDevice:
                     run_index, replay, decrypt = receiver, kp.replay, kp.recv.decrypt
                     last, fresh, run_src, run_start = replay.last, True, b"", len(packets)
                     ring, block_max, slot = replay.ring, min(last | 63, REJECT_AFTER_MESSAGES - 1), (last >> 6) & 127
-                if n > MAX_SEGMENT_SIZE:
+                elif n > MAX_SEGMENT_SIZE:
                     drop("oversized", n)
                     continue
                 if counter <= last and not replay.check(counter):

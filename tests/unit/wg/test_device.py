@@ -395,6 +395,7 @@ def test_a_burst_to_several_peers_goes_to_each_in_order() -> None:
     c = _third_peer(b, "10.0.0.3")  # b's peer with a session
     d = WgDevice(os.urandom(32))  # b's peer without one yet
     b.set_peer(d.public, ["10.0.0.4/32"])
+    sent_before = b.peers[a.public].tx_packets, b.peers[c.public].tx_packets
     to_a = [ip4(B_IP, A_IP, bytes([i]) * 40) for i in range(3)]
     to_c = [ip4(B_IP, "10.0.0.3", bytes([i]) * 40) for i in range(3)]
     burst = [to_a[0], to_a[1], to_c[0], ip4(B_IP, "10.9.9.9"), to_c[1], ip4(B_IP, "10.0.0.4"),
@@ -407,7 +408,8 @@ def test_a_burst_to_several_peers_goes_to_each_in_order() -> None:
     got_a = [p for t in txs if t.peer == a.public for _, p in a.receive(t.data, sim.now, WALL0).packets]
     got_c = [p for t in txs if t.peer == c.public for _, p in c.receive(t.data, sim.now, WALL0).packets]
     assert got_a == to_a and got_c == to_c
-    assert b.peers[a.public].tx_packets >= 3 and b.peers[d.public].staged
+    assert (b.peers[a.public].tx_packets - sent_before[0], b.peers[c.public].tx_packets - sent_before[1]) == (3, 3)
+    assert list(b.peers[d.public].staged) == [ip4(B_IP, "10.0.0.4")]
 
 
 def test_into_collects_the_packets_without_their_peers() -> None:

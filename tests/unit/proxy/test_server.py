@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
 
@@ -171,3 +174,94 @@ async def test_serve_inbound_takes_a_burst_of_tailnet_connections_together(nurse
                 assert await _recv_exactly(s, 2) == b"HI"
             assert started, "some connections were taken without a wait of their own"
             inner.cancel_scope.cancel()
+
+
+class ScriptedListener:
+    """A listening socket whose accept() follows a script: OSErrors are raised,
+    sockets returned, and an empty script blocks (BlockingIOError). It reads as
+    readable while its script has entries, via a socketpair with a byte queued."""
+
+    def __init__(self, script: list[OSError | socket.socket]) -> None:
+        self.script = script
+        self._wake, self._poke = socket.socketpair()
+        self._poke.send(b"x")
+
+    def fileno(self) -> int:
+        return self._wake.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        assert flag is False
+
+    def __enter__(self) -> ScriptedListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._wake.close()
+        self._poke.close()
+
+    def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        if not self.script:
+            self._wake.recv(1)  # not readable any more: the loop waits
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        step = self.script.pop(0)
+        if isinstance(step, OSError):
+            raise step
+        return step, ("127.0.0.1", 1)
+
+
+async def _run_accept_all(script: list[OSError | socket.socket], settle: float = 0.0) -> list[trio.SocketStream]:
+    handled: list[trio.SocketStream] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        handled.append(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._accept_all, ScriptedListener(script), handler, nursery)
+        await trio.sleep(settle)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    return handled
+
+
+async def test_accept_skips_clients_that_gave_up_and_takes_the_rest_in_one_round() -> None:
+    pairs = [socket.socketpair() for _ in range(3)]
+    gone = OSError(errno.ECONNABORTED, "aborted")
+    before = server.stats["accept.client_gone"]
+    handled = await _run_accept_all([pairs[0][0], gone, pairs[1][0], pairs[2][0]])
+    assert sorted(s.socket.fileno() for s in handled) == sorted(p[0].fileno() for p in pairs)
+    assert server.stats["accept.client_gone"] == before + 1
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+async def test_accept_out_of_descriptors_waits_and_retries(autojump_clock: trio.testing.MockClock) -> None:
+    first, other = socket.socketpair()
+    before = server.stats["accept.capacity"]
+    start = trio.current_time()
+    handled = await _run_accept_all([OSError(errno.EMFILE, "too many open files"), first],
+                                    settle=2 * server.ACCEPT_RETRY)
+    assert [s.socket.fileno() for s in handled] == [first.fileno()]
+    assert server.stats["accept.capacity"] == before + 1
+    assert trio.current_time() - start >= server.ACCEPT_RETRY
+    first.close()
+    other.close()
+
+
+async def test_accept_raises_errors_that_are_not_the_clients() -> None:
+    with pytest.raises(BaseExceptionGroup) as info:
+        await _run_accept_all([OSError(errno.EBADF, "bad descriptor")])
+    raised, _rest = info.value.split(OSError)
+    assert raised is not None
+    assert [e.errno for e in _leaves(raised)] == [errno.EBADF]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[OSError]:
+    out: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out += _leaves(exc)
+        else:
+            assert isinstance(exc, OSError)
+            out.append(exc)
+    return out

@@ -34,6 +34,23 @@ def run_script(name: str) -> dict[str, Any]:
     return result
 
 
+def _lower_is_better(node: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
+    """The figures bench_node prints beside its rows: (label, trionet, tailscaled)."""
+    out: list[tuple[str, float | None, float | None]] = []
+    for row in node.get("rows", []):
+        if row["metric"].startswith("64-byte round trip p50"):
+            out.append(("64-byte round trip p99 (ms)", row.get("trionet_detail", {}).get("p99_ms"),
+                        row.get("tailscaled_detail", {}).get("p99_ms")))
+        if row["metric"] == "single stream 200 MB, direct (MB/s)":
+            out.append(("CPU s per GB, direct download", row.get("trionet_cpu_s_per_gb"),
+                        row.get("tailscaled_cpu_s_per_gb")))
+    for key, label in (("rss_idle_mb", "resident memory idle (MB)"),
+                       ("rss_after_mb", "resident memory after load (MB)")):
+        rss = node.get(key) or {}
+        out.append((label, rss.get("trionet"), rss.get("tailscaled")))
+    return out
+
+
 def chart(node: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -43,10 +60,15 @@ def chart(node: dict[str, Any], path: Path) -> None:
     rows = [r for r in node.get("rows", []) if r.get("ratio")]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.5))
     labels = [r["metric"] for r in rows]
     ratios = [r["ratio"] if r.get("higher_is_better", True) else 1 / r["ratio"] for r in rows]
-    ax.barh(labels, ratios, color=["tab:green" if x >= 0.5 else "tab:orange" for x in ratios])
+    for label, ours, theirs in _lower_is_better(node):  # drawn as theirs / ours, like the rest
+        if ours and theirs:
+            labels.append(label)
+            ratios.append(theirs / ours)
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(labels) + 1.5))
+    bars = ax.barh(labels, ratios, color=["tab:green" if x >= 0.5 else "tab:orange" for x in ratios])
+    ax.bar_label(bars, fmt="%.2f", padding=3)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xlabel("trionet / tailscaled (higher is better for trionet)")
     ax.set_title(f"trionet vs tailscaled, {time.strftime('%Y-%m-%d %H:%M')}")

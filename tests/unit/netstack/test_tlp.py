@@ -13,12 +13,18 @@ def _sack(*blocks: tuple[int, int]) -> bytes:
     return wtcp.build_options(sack=blocks)
 
 
-def test_a_late_ack_during_a_probe_is_not_its_answer() -> None:
+def _sending(peer_window: int) -> tuple[Harness, int, int, int]:
+    """A connection with SACK, 1,000-byte segments and room in cwnd for ten."""
     h = Harness()
-    port, seq, pseq = h.connect(mss=1000, peer_window=65535)
+    port, seq, pseq = h.connect(mss=1000, peer_window=peer_window)
+    h.conn.sack_ok = True
+    h.conn.cc.cwnd = 10 * 1000
+    return h, port, seq, pseq
+
+
+def test_a_late_ack_during_a_probe_is_not_its_answer() -> None:
+    h, port, seq, pseq = _sending(peer_window=65535)
     conn = h.conn
-    conn.sack_ok = True
-    conn.cc.cwnd = 10 * 1000
     conn.send(b"x" * 8000, 0.0)
     assert len(h.take()) == 8
     assert conn.tlp_at is not None
@@ -78,11 +84,8 @@ def test_in_recovery_an_ack_that_delivers_nothing_sends_nothing() -> None:
 def test_the_probe_for_a_lost_tail_carries_the_fin_it_went_out_with() -> None:
     from trionet.netstack.wire.tcp import FIN
 
-    h = Harness()
-    port, seq, pseq = h.connect(mss=1000, peer_window=65535)
+    h, port, seq, pseq = _sending(peer_window=65535)
     conn = h.conn
-    conn.sack_ok = True
-    conn.cc.cwnd = 10 * 1000
     conn.send(b"x" * 3000, 0.0)
     conn.close(0.0)
     sent = h.take()
@@ -101,11 +104,8 @@ def test_the_probe_for_a_lost_tail_carries_the_fin_it_went_out_with() -> None:
 
 
 def test_the_probe_resends_the_last_segment_sent_when_the_window_holds_back_the_rest() -> None:
-    h = Harness()
-    port, seq, pseq = h.connect(mss=1000, peer_window=4000)
+    h, port, seq, pseq = _sending(peer_window=4000)
     conn = h.conn
-    conn.sack_ok = True
-    conn.cc.cwnd = 10 * 1000
     conn.send(b"x" * 20000, 0.0)  # 4 segments fit the peer's window; 16,000 bytes wait
     assert [s.seq - seq for s in h.take()] == [0, 1000, 2000, 3000]
     h.send(0.02, 80, port, pseq, seq + 1000, ACK, window=3000)  # the window stays full

@@ -18,19 +18,29 @@ class NewReno:
 
     def __init__(self, mss: int, initial_window: int = 10) -> None:
         self.mss = mss
-        self.cwnd = initial_window * mss
+        self.initial_window = initial_window * mss
+        self.cwnd = self.initial_window
         self.ssthresh = 1 << 30
         self._acc = 0
         self._recover_fs = 1
         self._prr_delivered = 0
         self._prr_out = 0
 
-    def on_ack(self, acked: int, in_recovery: bool) -> None:
+    def on_ack(self, acked: int, in_recovery: bool, flight_high: int) -> None:
+        """``flight_high``: the most bytes in flight during the round trip this ACK
+        ends. The window grows only while it is what limits the sender (RFC 7661, and
+        Linux's tcp_is_cwnd_limited): an application that sends less, or a peer's
+        smaller window, would otherwise let it grow without bound, to be spent in one
+        burst when the application has more to say."""
         if in_recovery:
             return
         if self.cwnd < self.ssthresh:
+            if self.cwnd >= 2 * flight_high:  # slow start may use up to twice its flight
+                return
             self.cwnd += min(acked, 2 * self.mss) if acked < 8 * self.mss else acked
         else:
+            if flight_high + self.mss <= self.cwnd:  # another full segment would have fitted
+                return
             self._acc += acked
             if self._acc >= self.cwnd:
                 self._acc -= self.cwnd
@@ -66,6 +76,12 @@ class NewReno:
 
     def on_exit_recovery(self) -> None:
         self.cwnd = self.ssthresh
+        self._acc = 0
+
+    def on_idle(self) -> None:
+        """Nothing was sent for longer than the RTO: what the window knew of the path
+        is stale, so it starts again from the initial window (RFC 5681 4.1)."""
+        self.cwnd = min(self.cwnd, self.initial_window)
         self._acc = 0
 
     def on_rto(self, flight: int, repeated: bool = False) -> None:

@@ -195,6 +195,11 @@ class TcpConnection:
         # congestion
         self.cc = NewReno(self.snd_mss)
         self.dupacks = 0
+        # the window's use: the largest flight in the round trip that ends when
+        # snd_una reaches _flight_round_end, and when data last went out
+        self._flight_high = 0
+        self._flight_round_end = 0
+        self._data_sent_at = now
         # Loss recovery (RFC 6675 with RFC 6937 PRR; after an RTO, RFC 6675 5.1: the
         # scoreboard is kept and only what was not SACKed is resent). ``in_recovery``
         # covers both; ``_rto_recovery`` says it began with a timeout (cwnd then grows
@@ -608,6 +613,10 @@ class TcpConnection:
                     self._sacked = [b for b in sb if b[0] > ack]
                 self._sacked_bytes = sum(r - left for left, r in self._sacked)
             delivered = acked + self._sacked_bytes - sacked_before
+            flight_high = self._flight_high
+            if ack >= self._flight_round_end:  # a round trip ended: measure the next one
+                self._flight_round_end = self.snd_nxt
+                self._flight_high = self.snd_nxt - ack
             if self._rtx:
                 self._trim_rtx()
             self.dupacks = 0
@@ -616,7 +625,7 @@ class TcpConnection:
                 if ack >= self.recover:
                     self._exit_recovery()
             else:
-                self.cc.on_ack(acked, False)  # after an RTO: slow start
+                self.cc.on_ack(acked, False, flight_high)  # after an RTO: slow start
                 if self.in_recovery and ack >= self.recover:
                     self._exit_recovery()
             self._tlp_high = 0
@@ -1052,6 +1061,10 @@ class TcpConnection:
                 win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
             nxt0 = self.snd_nxt
             data_end = self.sbuf_seq + len(self.sbuf)
+            if nxt0 == self.snd_una and data_end > nxt0 and now - self._data_sent_at > self.rto \
+                    and not self.in_recovery:
+                self.cc.on_idle()
+                win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
             mv = memoryview(self.sbuf)
             sent = False
             while True:
@@ -1096,6 +1109,9 @@ class TcpConnection:
                 break
             mv.release()
             if sent:
+                self._data_sent_at = now
+                if self.snd_nxt - self.snd_una > self._flight_high:
+                    self._flight_high = self.snd_nxt - self.snd_una
                 if self.rto_at is None:
                     self.rto_at = now + self.rto
                     self._arm_tlp(now)

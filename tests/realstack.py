@@ -237,6 +237,12 @@ class Tailscaled:
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("status", "--json").stdout)
 
+    def cur_addr_of(self, node_key: str) -> str:
+        """The UDP address this tailscaled sends to ``node_key`` on, "" while it
+        relays through DERP: its own choice of path, which ours does not decide."""
+        peer = self.status().get("Peer", {}).get(node_key) or {}
+        return str(peer.get("CurAddr") or "")
+
     def ip4(self) -> str:
         return self.cli("ip", "-4").stdout.strip()
 

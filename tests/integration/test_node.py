@@ -81,12 +81,8 @@ async def test_library_fetches_20mb_direct(newest_stack: Stack, services: PeerSe
                 await trio.sleep(0.2)
         # the peer sees us with a direct address too
         me = node.status()["self"]["node_key"]
-
-        def ts1_sees_direct() -> bool:
-            peer = newest_stack.tailscaleds[0].status()["Peer"].get(me) or {}
-            return bool(peer.get("CurAddr"))
-
-        await trio.to_thread.run_sync(lambda: wait_for(ts1_sees_direct, 10, "ts1 direct path to us"))
+        ts1 = newest_stack.tailscaleds[0]
+        await trio.to_thread.run_sync(lambda: wait_for(lambda: ts1.cur_addr_of(me), 10, "ts1 direct path to us"))
         results = await node.ping("ts1", count=2)
         assert any(r["latency_ms"] is not None and r["path"].startswith("udp") for r in results)
 

@@ -1055,16 +1055,14 @@ class TcpConnection:
         st = self.state
         if st in _SEND_STATES:
             mss = self.snd_mss
+            data_end = self.sbuf_seq + len(self.sbuf)
             if self.in_recovery:
                 win = self._recovery_output(now)
             else:
+                if self.snd_nxt == self.snd_una < data_end and now - self._data_sent_at > self.rto:
+                    self.cc.on_idle()
                 win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
             nxt0 = self.snd_nxt
-            data_end = self.sbuf_seq + len(self.sbuf)
-            if nxt0 == self.snd_una and data_end > nxt0 and now - self._data_sent_at > self.rto \
-                    and not self.in_recovery:
-                self.cc.on_idle()
-                win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
             mv = memoryview(self.sbuf)
             sent = False
             while True:

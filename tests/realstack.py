@@ -38,9 +38,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("TRIONET_REALSTACK_CACHE", Path.home() / ".cache" / "trionet-realstack"))
-HEADSCALE_VERSIONS = ("0.23.0", "0.29.2")
+HEADSCALE_VERSIONS = ("0.23.0", "0.29.3")
 NEWEST_HEADSCALE = HEADSCALE_VERSIONS[-1]
-TAILSCALE_VERSION = "1.102.3"
+TAILSCALE_VERSION = "1.102.5"
 # Features that would reach the internet (or are useless here) are compiled out.
 TS_OMIT_TAGS = ",".join(
     "ts_omit_" + name

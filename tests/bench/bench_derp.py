@@ -1,7 +1,7 @@
 """DERP (and disco/STUN codec) throughput: packets per second, one process.
 
     .venv/bin/python -m tests.bench.bench_derp                 # codec + in-process relay
-    .venv/bin/python -m tests.bench.bench_derp --headscale 0.29.2 --json out.json
+    .venv/bin/python -m tests.bench.bench_derp --headscale 0.29.3 --json out.json
 
 Rows:
 

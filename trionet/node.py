@@ -35,6 +35,7 @@ from trionet.daemon.state import Status, StatusMachine
 from trionet.errors import ConfigError, TransportError, TrionetError
 from trionet.filter import PacketFilter
 from trionet.magicsock.conn import MagicConn, PathTag
+from trionet.rejects import RejectLog
 
 try:  # the data plane: WireGuard and the userspace IP stack
     from trionet.netstack import NetStack
@@ -83,6 +84,7 @@ class Node:
         self.config = config
         self.status_machine = StatusMachine()
         self.stats: Counter[str] = Counter()
+        self.rejects = RejectLog(log, "node", self.stats)
         self.netmap: Any = None
         self.filter = PacketFilter()
         self.wg: Any = None
@@ -311,9 +313,12 @@ class Node:
         assert self.wg is not None and self.magic is not None
         while True:
             now = time.monotonic()
-            for tx in self.wg.tick(now, time.time()):
-                self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
-            self._flush_outbound()  # a backstop: a netstack step that raised never reached output_done
+            try:
+                for tx in self.wg.tick(now, time.time()):
+                    self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
+                self._flush_outbound()  # a backstop: a netstack step that raised never reached output_done
+            except Exception as exc:  # a bug: count it and keep the timers running
+                self.rejects.internal_error("wireguard_timer", exc)
             deadline = self.wg.next_deadline()
             delay = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
             await trio.sleep(delay)

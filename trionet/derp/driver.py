@@ -43,6 +43,7 @@ import trio_websocket
 from trionet.derp import client as dc
 from trionet.derp import frames
 from trionet.errors import ConfigError, RemoteProtocolError, TransportError
+from trionet.rejects import RejectLog
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ class DerpConnection:
         self.server_public: bytes | None = None
         self.health = ""
         self.stats: Counter[str] = Counter()
+        self.rejects = RejectLog(log, "derp", self.stats)
         self._closed_client_stats: Counter[str] = Counter()
         self._wake = trio.Event()
         self._drained = trio.Event()
@@ -578,15 +580,23 @@ class DerpConnection:
             client.check_timers(trio.current_time())  # raises TransportError when dead
 
     def _receive(self, client: dc.DerpClient, data: bytes) -> None:
+        """Bytes from the server: frames parsed, packets delivered. A protocol error
+        ends this link (and the driver redials); nothing here raises anything else."""
         try:
             events = client.receive_data(data, trio.current_time())
         except dc.DerpProtocolError as exc:
             self._deliver(client, exc.events)
             raise
+        except Exception as exc:  # a bug in the frame parser: this stream can't be trusted now
+            self.rejects.internal_error("frames", exc)
+            raise RemoteProtocolError(f"DERP frames from {self.url} broke the parser: {exc!r}") from exc
         if events:
             self._deliver(client, events)
             if self.on_batch_end is not None:
-                self.on_batch_end()
+                try:
+                    self.on_batch_end()
+                except Exception as exc:
+                    self.rejects.internal_error("batch_end", exc)
 
     def _deliver(self, client: dc.DerpClient, events: list[dc.Event]) -> None:
         on_packet = self.on_packet
@@ -595,9 +605,8 @@ class DerpConnection:
                 if on_packet is not None:
                     try:
                         on_packet(ev.src, ev.data)
-                    except Exception:
-                        self.stats["on_packet_errors"] += 1
-                        log.exception("DERP on_packet callback failed")
+                    except Exception as exc:
+                        self.rejects.internal_error("packet", exc)
                 continue
             if isinstance(ev, dc.Connected):
                 self.server_public = ev.server_public
@@ -624,6 +633,5 @@ class DerpConnection:
             return
         try:
             self.on_event(ev)
-        except Exception:
-            self.stats["on_event_errors"] += 1
-            log.exception("DERP on_event callback failed")
+        except Exception as exc:
+            self.rejects.internal_error("event", exc)

@@ -33,6 +33,7 @@ from trionet.derp.driver import DerpConnection, derp_url_for_node
 from trionet.errors import RemoteProtocolError
 from trionet.magicsock import disco, stun
 from trionet.magicsock.paths import Addr, CallMeMaybeAction, PathChooser, PingAction
+from trionet.rejects import RejectLog
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ DERP_MAGIC_IP = "127.3.3.40"  # tailcfg.DerpMagicIP: a DERP region as a pseudo-a
 UDP_BATCH = 256  # datagrams per netstack batch (a GRO read counts all it carries)
 STUN_RETRY = 0.5
 ENDPOINT_REFRESH = 25.0  # tailscaled re-STUNs about this often (endpointsFreshEnoughDuration 27 s)
+STUN_RESOLVE_TIMEOUT = 5.0
 
 
 # Linux UDP GRO (udp(7)): one read returns up to 64 KiB of same-size datagrams from one
@@ -55,6 +57,10 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: the enum's __and__ costs micr
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels
 GSO_MAX_BYTES = 65000  # the whole run must fit one IP packet's 64 KiB
 _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE})
+_WIREGUARD_HANDSHAKE_TYPES = frozenset((b"\x01", b"\x02", b"\x03"))  # initiation, response, cookie
+# A CallMeMaybe lists the sender's endpoints (a handful); each one is pinged at once,
+# so a crafted one with thousands must not turn into thousands of pings.
+MAX_CALL_ME_MAYBE_ENDPOINTS = 32
 
 
 def _enable_udp_gro(sock: socket.socket) -> bool:
@@ -112,13 +118,16 @@ class MagicConn:
         self.on_peer_heard = on_peer_heard  # an authentic disco message: the peer knows our keys now
         self.paths = PathChooser()
         self.stats: Counter[str] = Counter()
+        self.rejects = RejectLog(log, "magicsock", self.stats)  # drops and internal errors, in `stats`
         self.sock: socket.socket | None = None
         self.derp_map: Any = None
         self.home_region = 0
         self.derps: dict[int, DerpConnection] = {}
         self._nursery: trio.Nursery | None = None
-        self._disco_boxes: dict[bytes, Any] = {}  # peer disco pub -> sealer/opener
-        self._disco_to_node: dict[bytes, bytes] = {}
+        # A peer's disco key -> (its node key, the box that seals to and opens from it).
+        # One map, so a disco key and its box are forgotten together when the peer
+        # restarts with a new key or leaves the netmap.
+        self._disco_peers: dict[bytes, tuple[bytes, disco.DiscoBox]] = {}
         self.stun_endpoints: list[Addr] = []
         self.local_endpoints: list[Addr] = []
         self._stun_tx: dict[bytes, float] = {}
@@ -207,23 +216,29 @@ class MagicConn:
             disco_key = None  # a peer that never reported its disco key: DERP only, no disco
         old = self.paths.peers.get(node_key)
         if old is not None and old.disco_key and old.disco_key != disco_key:
-            self._disco_to_node.pop(old.disco_key, None)
+            # It restarted: what it sealed with the old key (late or replayed) no longer opens.
+            self._forget_disco(old.disco_key, node_key)
         self.paths.upsert_peer(node_key, disco_key, home_derp, endpoints)
         if disco_key:
-            self._disco_to_node[disco_key] = node_key
-            if disco_key not in self._disco_boxes:
+            known = self._disco_peers.get(disco_key)
+            if known is None or known[0] != node_key:
                 try:
-                    self._disco_boxes[disco_key] = disco.DiscoBox(self.disco_private, disco_key)
+                    box = disco.DiscoBox(self.disco_private, disco_key)
                 except Exception as exc:  # a low-order or garbage key from the netmap
-                    self.stats["disco.bad_peer_key"] += 1
-                    log.debug("peer %s: unusable disco key: %s", node_key.hex()[:8], exc)
+                    self.rejects.reject("disco.bad_peer_key", f"peer {node_key.hex()[:8]}: {exc}")
+                    return
+                self._disco_peers[disco_key] = (node_key, box)
 
     def remove_peer(self, node_key: bytes) -> None:
         peer = self.paths.peers.get(node_key)
         if peer is not None and peer.disco_key:
-            self._disco_to_node.pop(peer.disco_key, None)
-            self._disco_boxes.pop(peer.disco_key, None)
+            self._forget_disco(peer.disco_key, node_key)
         self.paths.remove_peer(node_key)
+
+    def _forget_disco(self, disco_key: bytes, node_key: bytes) -> None:
+        known = self._disco_peers.get(disco_key)
+        if known is not None and known[0] == node_key:
+            del self._disco_peers[disco_key]
 
     # --------------------------------------------------------------- sending
     def send_wireguard(self, node_key: bytes, data: bytes, reply_path: PathTag | None = None) -> None:
@@ -374,7 +389,7 @@ class MagicConn:
         url, ip = derp_url_for_node(reg.Nodes[0], self.login_server)
         conn = DerpConnection(url, self.node_private, ca_file=self.ca_file, connect_ip=ip,
                               preferred=preferred or region == self.home_region,
-                              on_packet=partial(self._on_derp_packet, region), on_batch_end=self.on_batch_end,
+                              on_packet=partial(self._on_derp_packet, region), on_batch_end=self.end_batch,
                               on_event=partial(self._on_derp_event, region))
         self.derps[region] = conn
         self._nursery.start_soon(conn.run)
@@ -387,12 +402,16 @@ class MagicConn:
             self._derp_ready.set()
 
     def _on_derp_packet(self, region: int, src: bytes, data: bytes) -> None:
+        """One packet a peer sent us through DERP; never raises (the DERP link must live on)."""
         self.stats["recv.derp"] += 1
-        if disco.looks_like_disco(data):
-            self._on_disco(data, ("derp", region), src)
-            return
-        self.paths.note_derp_region(src, region)
-        self.on_wireguard((data,), src, ("derp", region))  # on_batch_end follows once per DERP read
+        try:
+            if disco.looks_like_disco(data):
+                self._on_disco(data, ("derp", region), src)
+                return
+            self.paths.note_derp_region(src, region)
+            self.on_wireguard((data,), src, ("derp", region))  # on_batch_end follows once per DERP read
+        except Exception as exc:
+            self.rejects.internal_error("derp_packet", exc)
 
     async def _udp_reader(self) -> None:
         assert self.sock is not None
@@ -440,22 +459,35 @@ class MagicConn:
                     batch = [view[offset:offset + segment] for offset in range(0, len(data), segment)]
                     count += len(batch)
                     gro_reads += 1
-                    if view[::segment].tobytes().count(4) == len(batch):  # each one's first byte
-                        on_wireguard(batch, None, path)
-                    else:
-                        for datagram in batch:
-                            self._on_udp_datagram(datagram, path)
+                    try:
+                        if view[::segment].tobytes().count(4) == len(batch):  # each one's first byte
+                            on_wireguard(batch, None, path)
+                        else:
+                            for datagram in batch:
+                                self._on_udp_datagram(datagram, path)
+                    except Exception as exc:  # a bug met by this read's datagrams: drop them, read on
+                        self.rejects.internal_error("udp_datagram", exc)
                     continue
                 count += 1
-                if data[:1] == b"\x04":  # WireGuard transport: STUN starts 0x00/0x01, disco 'T'
-                    on_wireguard((data,), None, path)
-                else:
-                    self._on_udp_datagram(data, path)
+                try:
+                    if data[:1] == b"\x04":  # WireGuard transport: STUN starts 0x00/0x01, disco 'T'
+                        on_wireguard((data,), None, path)
+                    else:
+                        self._on_udp_datagram(data, path)
+                except Exception as exc:
+                    self.rejects.internal_error("udp_datagram", exc)
             self.stats["recv.udp"] += count
             if gro_reads:
                 self.stats["recv.udp_gro_reads"] += gro_reads  # reads that carried several datagrams
-            if self.on_batch_end is not None:
+            self.end_batch()
+
+    def end_batch(self) -> None:
+        """The end of a drained read: work batched per read (the netstack's) runs now."""
+        if self.on_batch_end is not None:
+            try:
                 self.on_batch_end()
+            except Exception as exc:
+                self.rejects.internal_error("batch_end", exc)
 
     def _on_udp_datagram(self, data: bytes | memoryview, path: PathTag) -> None:
         if data[:1] == b"\x04":
@@ -466,39 +498,54 @@ class MagicConn:
             self._on_stun(data)
         elif disco.looks_like_disco(data):
             self._on_disco(data, path, None)
-        else:
+        elif data[:1] in _WIREGUARD_HANDSHAKE_TYPES:
             self.on_wireguard((data,), None, path)
+        else:
+            self.rejects.reject("recv.udp_unknown", f"{len(data)} bytes from {path[1]}")
 
     # ------------------------------------------------------------------ disco
     def _on_disco(self, data: bytes, path: PathTag, derp_src: bytes | None) -> None:
+        """A disco message over UDP or DERP. Anyone can send these bytes (or replay a
+        peer's), so it must open with the box of a disco key in the current netmap;
+        what it may then cause is bounded as tailscaled bounds it (magicsock.go
+        handleDiscoMessage, handlePingLocked)."""
         now = time.monotonic()
         try:
             sender_disco = disco.sender_key(data)
-            box = self._disco_boxes.get(sender_disco)
-            if box is None:
-                self.stats["disco.unknown_sender"] += 1
-                return
+        except RemoteProtocolError as exc:
+            self.rejects.reject("disco.bad", exc)
+            return
+        known = self._disco_peers.get(sender_disco)
+        if known is None:  # not a peer's current key: a stranger, or a peer from before its restart
+            self.rejects.reject("disco.unknown_sender", f"from {path}")
+            return
+        node_key, box = known
+        try:
             msg = box.open(data)
         except RemoteProtocolError as exc:
-            self.stats["disco.bad"] += 1
-            log.debug("disco from %s: %s", path, exc)
+            self.rejects.reject("disco.bad", f"from {path}: {exc}")
             return
-        node_key = self._disco_to_node[sender_disco]
-        if self.paths.on_heard(node_key):
-            self._disco_wake.set()
-        if self.on_peer_heard is not None:
-            self.on_peer_heard(node_key)
+        if derp_src is not None and derp_src != node_key:
+            # DERP names the sending node; it must be the node that owns this disco key.
+            self.rejects.reject("disco.derp_sender_mismatch", f"from {derp_src.hex()[:8]} via {path}")
+            return
         if isinstance(msg, disco.Ping):
-            self.stats["disco.ping_in"] += 1
             if path[0] == "udp":
-                self.paths.on_ping(node_key, path[1], now)
+                if self.paths.on_ping(node_key, path[1], msg.tx_id, now):
+                    # The same ping from the same address again: a replay or a duplicate,
+                    # answered once only (endpoint.go addCandidateEndpoint, duplicatePing).
+                    self.rejects.reject("disco.duplicate_ping", f"from {path}")
+                    return
                 src_ip, src_port = path[1]
             else:
                 src_ip, src_port = DERP_MAGIC_IP, int(path[1])
+            self.stats["disco.ping_in"] += 1
+            self._heard(node_key)
             pong = disco.Pong(tx_id=msg.tx_id, src=(src_ip, src_port))
             self._send_disco(node_key, sender_disco, pong, path)
         elif isinstance(msg, disco.Pong):
             self.stats["disco.pong_in"] += 1
+            self._heard(node_key)
             src = path[1] if path[0] == "udp" else None
             waiter = self._user_pings.get(msg.tx_id)
             if waiter is not None:
@@ -507,19 +554,33 @@ class MagicConn:
             if self.paths.on_pong(node_key, msg.tx_id, src, now):
                 log.debug("direct path to %s proven via %s", node_key.hex()[:8], src)
         elif isinstance(msg, disco.CallMeMaybe):
+            if derp_src is None:  # tailscaled takes these only through DERP, from their sender
+                self.rejects.reject("disco.callmemaybe_not_via_derp", f"from {path}")
+                return
             self.stats["disco.callmemaybe_in"] += 1
-            for action in self.paths.on_call_me_maybe(node_key, [_norm(e) for e in msg.endpoints], now):
+            self._heard(node_key)
+            endpoints = [_norm(e) for e in msg.endpoints[:MAX_CALL_ME_MAYBE_ENDPOINTS]]
+            if len(msg.endpoints) > MAX_CALL_ME_MAYBE_ENDPOINTS:
+                self.rejects.reject("disco.callmemaybe_endpoints_cut", len(msg.endpoints))
+            for action in self.paths.on_call_me_maybe(node_key, endpoints, now):
                 self._do(action)
         else:
             self.stats["disco.ignored"] += 1
 
+    def _heard(self, node_key: bytes) -> None:
+        """An authentic disco message from this peer: it knows our keys now."""
+        if self.paths.on_heard(node_key):
+            self._disco_wake.set()
+        if self.on_peer_heard is not None:
+            self.on_peer_heard(node_key)
+
     def _send_disco(self, node_key: bytes, disco_key: bytes | None, msg: Any, path: PathTag) -> None:
         if disco_key is None:
             return
-        box = self._disco_boxes.get(disco_key)
-        if box is None:
+        known = self._disco_peers.get(disco_key)
+        if known is None:
             return
-        wire = box.seal(self.disco_public, msg)
+        wire = known[1].seal(self.disco_public, msg)
         kind, where = path
         if kind == "udp":
             self._send_udp(wire, where)
@@ -595,16 +656,27 @@ class MagicConn:
                 out.append((host, port))
         return out
 
-    def _send_stun(self) -> None:
-        for server in self._stun_servers():
-            txid = os.urandom(12)
-            self._stun_tx[txid] = time.monotonic()
-            try:
-                ip = socket.gethostbyname(server[0]) if not is_ip(server[0]) else server[0]
-            except OSError:
+    async def _send_stun(self) -> None:
+        for host, port in self._stun_servers():
+            ip = host if is_ip(host) else await self._resolve_ipv4(host)
+            if ip is None:
                 self.stats["stun.resolve_failed"] += 1
                 continue
-            self._send_udp(stun.binding_request(txid), (ip, server[1]))
+            txid = os.urandom(12)
+            self._stun_tx[txid] = time.monotonic()
+            self._send_udp(stun.binding_request(txid), (ip, port))
+
+    async def _resolve_ipv4(self, host: str) -> str | None:
+        """A STUN host name's IPv4 address, looked up by Trio's resolver (in a worker
+        thread: a slow DNS server must not stall the packets this task carries)."""
+        try:
+            with trio.move_on_after(STUN_RESOLVE_TIMEOUT):
+                infos = await trio.socket.getaddrinfo(host, None, family=socket.AF_INET,
+                                                      type=socket.SOCK_DGRAM)
+                return str(infos[0][4][0]) if infos else None
+        except OSError as exc:
+            log.debug("stun: cannot resolve %s: %s", host, exc)
+        return None
 
     def _on_stun(self, data: bytes) -> None:
         try:
@@ -625,7 +697,7 @@ class MagicConn:
 
     async def _stun_loop(self) -> None:
         while True:
-            self._send_stun()
+            await self._send_stun()
             with trio.move_on_after(STUN_RETRY if not self._endpoints_ready.is_set() else ENDPOINT_REFRESH):
                 await trio.sleep_forever()
             self._stun_tx = {t: s for t, s in self._stun_tx.items() if time.monotonic() - s < 10}

@@ -42,6 +42,10 @@ DISCO_PING_INTERVAL = 5.0  # discoPingInterval
 CALL_ME_MAYBE_INTERVAL = 5.0
 FIRST_CONTACT_PROBE = 0.5
 FIRST_CONTACT_WINDOW = 10.0
+# Addresses learned from pings and CallMeMaybe, per peer. tailscaled prunes its
+# candidate set past 100 (endpoint.go addCandidateEndpoint); a ping replayed from
+# many forged sources must not grow it further, so past the cap the oldest goes.
+MAX_LEARNED = 64
 
 
 @attrs.frozen
@@ -76,6 +80,7 @@ class PeerPath:
     home_derp: int = 0
     endpoints: set[Addr] = attrs.field(factory=set)  # from the netmap
     learned: dict[Addr, float] = attrs.field(factory=dict)  # from pings/CallMeMaybe, with time
+    last_ping_rx: dict[Addr, bytes] = attrs.field(factory=dict)  # the TxID last pinged from each address
     best_addr: Addr | None = None
     best_latency: float = 0.0
     trust_until: float = 0.0
@@ -170,11 +175,24 @@ class PathChooser:
         peer.last_call_me_maybe = -1e9
         return True
 
-    def on_ping(self, node_key: bytes, src: Addr | None, now: float) -> None:
-        """A disco Ping from the peer: its UDP source becomes a candidate."""
+    def on_ping(self, node_key: bytes, src: Addr, txid: bytes, now: float) -> bool:
+        """A disco Ping from the peer over UDP: its source becomes a candidate.
+        True when this address sent this TxID last time too (a duplicate or a replay,
+        which the driver does not answer again)."""
         peer = self.peers.get(node_key)
-        if peer is not None and src is not None:
-            peer.learned[src] = now
+        if peer is None:
+            return False
+        if peer.last_ping_rx.get(src) == txid:
+            return True
+        peer.last_ping_rx[src] = txid
+        peer.learned[src] = now
+        if len(peer.learned) > MAX_LEARNED:
+            oldest = min(peer.learned, key=peer.learned.__getitem__)
+            del peer.learned[oldest]
+        if len(peer.last_ping_rx) > MAX_LEARNED:
+            for addr in [a for a in peer.last_ping_rx if a not in peer.learned]:
+                del peer.last_ping_rx[addr]
+        return False
 
     def on_call_me_maybe(self, node_key: bytes, endpoints: Iterable[Addr], now: float) -> list[Action]:
         """CallMeMaybe replaces older learned addresses and is answered with pings."""
@@ -231,6 +249,7 @@ class PathChooser:
             for addr, seen in list(peer.learned.items()):
                 if now - seen > 2 * SESSION_ACTIVE_TIMEOUT:
                     del peer.learned[addr]
+                    peer.last_ping_rx.pop(addr, None)
             active = now - peer.last_active <= SESSION_ACTIVE_TIMEOUT
             if not active:
                 continue

@@ -465,3 +465,73 @@ def test_upgrade_head_parser_garbage(head: bytes) -> None:
         _parse_upgrade_response(head)
     except RemoteProtocolError:
         pass
+
+
+async def test_callbacks_that_raise_are_counted_and_the_link_stays_up() -> None:
+    """A bug met by one packet (on_packet, on_batch_end) costs that packet, not the DERP link."""
+    relay = FakeRelay()
+    a_key, b_key = key(), key()
+    rb = Recorder()
+    delivered: list[bytes] = []
+
+    def on_packet(src: bytes, data: bytes) -> None:
+        if data.startswith(b"boom"):
+            raise KeyError("a bug met by one packet")
+        delivered.append(data)
+        rb.got.set()
+
+    def on_batch_end() -> None:
+        raise ValueError("a bug at the end of a read")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        a = conn(relay, a_key, Recorder())
+        b = DerpConnection(f"http://127.0.0.1:{relay.port}/derp", b_key, on_packet=on_packet,
+                           on_event=rb.on_event, backoff=fast_backoff, on_batch_end=on_batch_end)
+        nursery.start_soon(a.run)
+        nursery.start_soon(b.run)
+        with trio.fail_after(5):
+            await a.wait_connected()
+            await b.wait_connected()
+            for i in range(20):
+                await a.send_packet(pub(b_key), (b"boom" if i % 2 else b"fine") + bytes([i]))
+            while len(delivered) < 10:
+                await trio.sleep(0.01)
+        stats = b.statistics()
+        assert stats["internal_error.packet"] == 10
+        assert stats["internal_error.batch_end"] >= 1
+        assert stats["connects"] == 1, "the link never dropped"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_parser_bug_ends_only_that_link_as_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception the frame parser was never meant to raise does not escape `run`:
+    the link is treated as broken by its server and redialled."""
+    relay = FakeRelay()
+    rec = Recorder()
+    calls: list[int] = []
+    real = dc.DerpClient.receive_data
+
+    def flaky(self: dc.DerpClient, data: bytes, now: float) -> Any:
+        if b"trigger" in data and not calls:  # the read that carries the packet below, once
+            calls.append(1)
+            raise IndexError("parser bug")
+        return real(self, data, now)
+
+    monkeypatch.setattr(dc.DerpClient, "receive_data", flaky)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        a = conn(relay, key(), rec)
+        other = conn(relay, key(), Recorder())
+        nursery.start_soon(a.run)
+        nursery.start_soon(other.run)
+        with trio.fail_after(5):
+            await a.wait_connected()
+            await other.wait_connected()
+            other.send_packet_nowait(a.node_public, b"trigger")
+            while a.statistics().get("connects", 0) < 2:
+                await trio.sleep(0.01)
+        stats = a.statistics()
+        assert stats["internal_error.frames"] == 1
+        assert stats["closed_protocol_error"] == 1
+        nursery.cancel_scope.cancel()

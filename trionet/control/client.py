@@ -318,7 +318,7 @@ class ControlConnection:
         self.state.extra["registered_server"] = self.config.login_server
         if self.state.node_key_since is None and renew_to is None:
             self.state.node_key_since = time.time()
-        self.state.save()
+        await self.state.save_async()  # off the loop: an fsync can take long on a busy disk
         return resp
 
     def map_request(self, endpoints: list[str], types: list[int], home: int, stream: bool) -> dict[str, Any]:

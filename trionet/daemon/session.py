@@ -96,6 +96,9 @@ class ControlSession:
         self._hold_until_expiry: float | None = None  # renewal refused or not honoured for this expiry
         self._last_renewal = float("-inf")
 
+    def __repr__(self) -> str:  # the config and state it holds carry secrets: name neither
+        return f"<ControlSession {self.config.login_server} {self.status.status.value}>"
+
     def endpoints_changed(self) -> None:
         self._endpoints_dirty.set()
 

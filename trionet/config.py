@@ -70,6 +70,7 @@ class NodeConfig:
     udp_port: int = 0
     udp_bind: str = ""  # "" = all addresses (v4 and v6)
     advertise_endpoints: tuple[str, ...] = ()  # extra "ip:port" to advertise
+    start_timeout: float = 60.0  # `up` gives up when not Running by then (tailscale up --timeout)
 
     @property
     def ipc_socket(self) -> Path:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trionet", description="A userspace Tailscale node in pure Python.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (overrides -v; default info)")
+    # Also after the command (`trionet up --log-level debug`); SUPPRESS keeps a value given before it.
+    common = _Parser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def state_arg(p: argparse.ArgumentParser) -> None:
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             "TRIONET_STATE_DIR", cfg.DEFAULT_STATE_DIR)), help="keys, state and the IPC socket "
             "(default: $TRIONET_STATE_DIR or ~/.local/state/trionet)")
 
-    up = sub.add_parser("up", help="join the tailnet and stay connected",
+    up = sub.add_parser("up", help="join the tailnet and stay connected", parents=[common],
                         epilog=EPILOG_UP, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--login-server", required=True, metavar="URL", help="Headscale URL")
     up.add_argument("--authkey", "--auth-key", dest="authkey", metavar="KEY",
@@ -79,15 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--json", action="store_true", help="print status changes as JSON lines")
 
     for name, helptext in (("status", "show this node and its peers"), ("peers", "list peers")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, parents=[common])
         state_arg(p)
         p.add_argument("--json", action="store_true", help="machine-readable output")
-    ping = sub.add_parser("ping", help="disco-ping a peer (name or IP) and report the path")
+    ping = sub.add_parser("ping", help="disco-ping a peer (name or IP) and report the path", parents=[common])
     state_arg(ping)
     ping.add_argument("peer")
     ping.add_argument("-c", "--count", type=int, default=3)
     ping.add_argument("--json", action="store_true")
-    down = sub.add_parser("down", help="stop the running daemon")
+    down = sub.add_parser("down", help="stop the running daemon", parents=[common])
     state_arg(down)
     return parser
 
@@ -128,7 +131,10 @@ def _setup_logging(verbose: int, level_name: str | None = None) -> None:
     # At debug, lines name their level: "DEBUG" tells detail from news when reading a long log.
     fmt = ("%(asctime)s %(levelname)s %(name)s: %(message)s" if level <= logging.DEBUG
            else "%(asctime)s %(name)s: %(message)s")
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(level=max(level, logging.INFO), format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    # Debug is for trionet's own loggers; libraries' debug (hpack: every header, byte by byte)
+    # would drown it.
+    logging.getLogger("trionet").setLevel(level)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -160,8 +160,15 @@ def test_down_stops_a_starting_daemon_and_says_so(tmp_path: Path, tarpit: tuple[
 
 def test_log_level_debug_names_levels(tmp_path: Path, tarpit: tuple[str, socket.socket]) -> None:
     url, _ = tarpit
-    proc = run_cli("--log-level", "debug", "up", "--login-server", url, "--authkey", "k",
-                   "--state-dir", str(tmp_path), "--timeout", "1")
+    proc = run_cli("up", "--login-server", url, "--authkey", "k", "--state-dir", str(tmp_path),
+                   "--timeout", "1", "--log-level", "debug")
     lines = proc.stderr.splitlines()
     assert any(" DEBUG " in line for line in lines), proc.stderr
     assert any(" INFO trionet: Connecting" in line for line in lines), proc.stderr
+
+
+def test_log_level_before_or_after_the_command() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["--log-level", "debug", "status"]).log_level == "debug"
+    assert parser.parse_args(["status", "--log-level", "warning"]).log_level == "warning"
+    assert parser.parse_args(["status"]).log_level is None

@@ -316,8 +316,7 @@ class ControlConnection:
                 raise AuthError(f"the login server did not {refused}: {text[:200]}")
             raise ControlError(f"register failed: HTTP {status}: {text[:200]}")
         resp: proto.RegisterResponse = proto.loads(body, proto.RegisterResponse)
-        log.debug("register: authorized %s, node key expired %s, user %s", resp.MachineAuthorized,
-                  resp.NodeKeyExpired, resp.User.get("LoginName") if isinstance(resp.User, dict) else None)
+        log.debug("register: authorized %s, node key expired %s", resp.MachineAuthorized, resp.NodeKeyExpired)
         if resp.Error:
             raise AuthError(f"the login server did not {refused}: {_scrub(resp.Error, self.config.auth_key)}")
         if resp.NodeKeyExpired:

@@ -38,6 +38,9 @@ the process list. State (keys, 0600) lives in --state-dir.
 """
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit 2, like every other mistake
         self.exit(2, f"trionet: {message} (see `{self.prog} --help`)\n")
@@ -46,6 +49,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trionet", description="A userspace Tailscale node in pure Python.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (overrides -v; default info)")
+    # Also after the command (`trionet up --log-level debug`); SUPPRESS keeps a value given before it.
+    common = _Parser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def state_arg(p: argparse.ArgumentParser) -> None:
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             "TRIONET_STATE_DIR", cfg.DEFAULT_STATE_DIR)), help="keys, state and the IPC socket "
             "(default: $TRIONET_STATE_DIR or ~/.local/state/trionet)")
 
-    up = sub.add_parser("up", help="join the tailnet and stay connected",
+    up = sub.add_parser("up", help="join the tailnet and stay connected", parents=[common],
                         epilog=EPILOG_UP, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--login-server", required=True, metavar="URL", help="Headscale URL")
     up.add_argument("--authkey", "--auth-key", dest="authkey", metavar="KEY",
@@ -70,18 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-proxy", metavar="[BIND:]PORT", help="run an HTTP CONNECT proxy into the tailnet")
     up.add_argument("--udp-port", type=int, default=0, help="WireGuard/disco UDP port (default: random)")
     up.add_argument("--udp-bind", default="", metavar="ADDR", help="bind UDP to this address only")
+    up.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                    help="give up when not connected within this time (default: 60)")
     up.add_argument("--json", action="store_true", help="print status changes as JSON lines")
 
     for name, helptext in (("status", "show this node and its peers"), ("peers", "list peers")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, parents=[common])
         state_arg(p)
         p.add_argument("--json", action="store_true", help="machine-readable output")
-    ping = sub.add_parser("ping", help="disco-ping a peer (name or IP) and report the path")
+    ping = sub.add_parser("ping", help="disco-ping a peer (name or IP) and report the path", parents=[common])
     state_arg(ping)
     ping.add_argument("peer")
     ping.add_argument("-c", "--count", type=int, default=3)
     ping.add_argument("--json", action="store_true")
-    down = sub.add_parser("down", help="stop the running daemon")
+    down = sub.add_parser("down", help="stop the running daemon", parents=[common])
     state_arg(down)
     return parser
 
@@ -101,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
         raise ConfigError(f"--udp-port: {args.udp_port} is not a port number")
     if args.udp_bind and not cfg.is_ip(args.udp_bind):
         raise ConfigError(f"--udp-bind: {args.udp_bind!r} is not an IP address")
+    if not 0 < args.timeout < float("inf"):
+        raise ConfigError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
     kwargs: dict[str, Any] = {}
     if args.hostname:
         kwargs["hostname"] = args.hostname
@@ -111,17 +122,24 @@ def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
         socks5=cfg.parse_listen(args.socks5, "--socks5") if args.socks5 else None,
         socks5_auth=socks_auth,
         http_proxy=cfg.parse_listen(args.http_proxy, "--http-proxy") if args.http_proxy else None,
-        udp_port=args.udp_port, udp_bind=args.udp_bind, **kwargs)
+        udp_port=args.udp_port, udp_bind=args.udp_bind, start_timeout=args.timeout, **kwargs)
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose + 1, 2)  # default INFO, -v/-vv DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+def _setup_logging(verbose: int, level_name: str | None = None) -> None:
+    level = (getattr(logging, level_name.upper()) if level_name
+             else logging.WARNING - 10 * min(verbose + 1, 2))  # default INFO, -v/-vv DEBUG
+    # At debug, lines name their level: "DEBUG" tells detail from news when reading a long log.
+    fmt = ("%(asctime)s %(levelname)s %(name)s: %(message)s" if level <= logging.DEBUG
+           else "%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=max(level, logging.INFO), format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    # Debug is for trionet's own loggers; libraries' debug (hpack: every header, byte by byte)
+    # would drown it.
+    logging.getLogger("trionet").setLevel(level)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # validate before importing the daemon: fail fast
+    _check_state_file(config)
 
     import trio
 
@@ -129,6 +147,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     _tune_gc()
     return trio.run(run_daemon, config, args.json)
+
+
+def _check_state_file(config: cfg.NodeConfig) -> None:
+    """A corrupt or unreadable state file is reported here, before any network I/O, once.
+
+    Read only (blocking, before the event loop exists): creating a missing file
+    and sweeping a killed writer's temp files wait until the daemon holds the
+    IPC socket, so a second `up` on a running daemon's directory touches nothing.
+    """
+    from trionet.keys import load_state
+
+    load_state(config.state_dir)
 
 
 def _tune_gc() -> None:
@@ -195,19 +225,22 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    _ipc(args, {"cmd": "disconnect"})
+    """The daemon answers once its node has stopped; then it exits and removes its socket."""
+    answer = _ipc(args, {"cmd": "down"})
+    if not answer.get("stopped"):
+        raise TrionetError("the daemon is exiting, but its node did not stop cleanly in time")
     sock = args.state_dir / "trionet.sock"
     deadline = time.monotonic() + 5
     while sock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    print("trionet: stopped")
+    print("trionet stopped")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_level)
     handlers = {"up": cmd_up, "status": cmd_status, "peers": cmd_peers, "ping": cmd_ping, "down": cmd_down}
     try:
         return handlers[args.command](args)

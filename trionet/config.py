@@ -40,22 +40,37 @@ class Listen:
     port: int
 
 
+REDACTED = "<redacted>"
+
+
+def _redact_auth_key(value: str | None) -> str:
+    return repr(REDACTED if value else value)
+
+
+def _redact_password(value: tuple[str, str] | None) -> str:
+    return repr((value[0], REDACTED) if value else value)  # the user name is not a secret
+
+
 @attrs.frozen
 class NodeConfig:
+    """Everything `trionet up` was told. Its repr hides the auth key and the SOCKS5
+    password, so a config in a log line or a traceback gives neither away."""
+
     login_server: str
     state_dir: Path
-    auth_key: str | None = None
+    auth_key: str | None = attrs.field(default=None, repr=_redact_auth_key)
     hostname: str = attrs.field(factory=lambda: socket.gethostname().split(".")[0] or "trionet")
     ca_file: Path | None = None
     ephemeral: bool = False
     forwards: tuple[Forward, ...] = ()
     serves: tuple[Serve, ...] = ()
     socks5: Listen | None = None
-    socks5_auth: tuple[str, str] | None = None
+    socks5_auth: tuple[str, str] | None = attrs.field(default=None, repr=_redact_password)
     http_proxy: Listen | None = None
     udp_port: int = 0
     udp_bind: str = ""  # "" = all addresses (v4 and v6)
     advertise_endpoints: tuple[str, ...] = ()  # extra "ip:port" to advertise
+    start_timeout: float = 60.0  # `up` gives up when not Running by then (tailscale up --timeout)
 
     @property
     def ipc_socket(self) -> Path:

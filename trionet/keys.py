@@ -15,6 +15,14 @@ Private keys are `privkey:` text, clamped at creation (types/key/util.go).
 The state file is written atomically (temp file, fsync, rename, fsync dir)
 with mode 0600. A corrupt or unreadable state file is a StateFileError and is
 never replaced.
+
+Writes from a running node (`save_async` and the renewal steps) run in a
+worker thread, so an fsync never stalls the event loop; one at a time, in
+the order they were asked for; shielded from cancellation, so a key the
+caller was promised is on disk is on disk. `save` and `load_or_create_state`
+are blocking: for start-up, before the loop has other work, and for tests.
+
+A State's repr shows public keys only: private keys never reach a log line.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ import contextlib
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 from nacl.bindings import crypto_scalarmult_base
 
 from trionet.errors import StateFileError
@@ -72,7 +82,7 @@ def parse_public(text: str, prefix: str) -> bytes:
 ZERO_NODE_KEY = format_key("nodekey:", bytes(32))
 
 
-@attrs.define
+@attrs.define(repr=False)
 class State:
     """What a node keeps across restarts, plus this run's disco key."""
 
@@ -83,6 +93,16 @@ class State:
     extra: dict[str, Any] = attrs.field(factory=dict)
     pending_node_private: bytes | None = None  # a renewal the server may not have seen yet
     node_key_since: float | None = None  # wall-clock time the server accepted node_private
+    # Orders this State's writes from async code (FIFO): the last write on disk is the newest.
+    _save_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False, eq=False)
+
+    def __repr__(self) -> str:
+        pending = self.pending_node_private
+        return (f"State(path={str(self.path)!r}, machine={format_key('mkey:', self.machine_public)}, "
+                f"node={format_key('nodekey:', self.node_public)}, "
+                f"disco={format_key('discokey:', self.disco_public)}, "
+                f"pending_node={format_key('nodekey:', public_of(pending)) if pending else None}, "
+                f"node_key_since={self.node_key_since!r}, extra={sorted(self.extra)!r})")
 
     @property
     def machine_public(self) -> bytes:
@@ -105,47 +125,84 @@ class State:
                 **({"node_key_since": self.node_key_since} if self.node_key_since is not None else {}),
                 **self.extra}
 
-    def begin_node_key_renewal(self) -> bytes:
-        """A new node key, on disk before the server hears of it; returns it."""
+    async def begin_node_key_renewal(self) -> bytes:
+        """A new node key, on disk before this returns (the server may hear of it next)."""
+        fresh = self.pending_node_private is None
         if self.pending_node_private is None:
             self.pending_node_private = new_private()
-            self.save()
-        return self.pending_node_private
+        key = self.pending_node_private
+        try:
+            # Also when the key already existed: it may still be in a write another task started.
+            await self.save_async()
+        except BaseException:
+            if fresh and self.pending_node_private == key:
+                self.pending_node_private = None  # never hand out a key that is not on disk
+            raise
+        return key
 
-    def finish_node_key_renewal(self, accepted_at: float) -> None:
+    async def finish_node_key_renewal(self, accepted_at: float) -> None:
         """The server accepted the pending key: it is our node key from now on."""
         assert self.pending_node_private is not None
         self.node_private, self.pending_node_private = self.pending_node_private, None
         self.node_key_since = accepted_at
-        self.save()
+        await self.save_async()
 
-    def abandon_node_key_renewal(self) -> None:
+    async def abandon_node_key_renewal(self) -> None:
         if self.pending_node_private is not None:
             self.pending_node_private = None
-            self.save()
+            await self.save_async()
+
+    def _encoded(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
 
     def save(self) -> None:
-        write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+        """Blocking write: for start-up and tests; a running node uses `save_async`."""
+        write_atomic(self.path, self._encoded())
+
+    async def save_async(self) -> None:
+        """Write the state as it is now, in a worker thread, whatever cancels the caller.
+
+        The shield covers the wait for earlier writes and the thread: a thread in
+        fsync cannot be stopped anyway, and a cancelled save would leave the
+        caller's in-memory state (a pending key the server is about to hear of)
+        ahead of the disk. The cancel lands at the caller's next checkpoint.
+        The snapshot is taken under the lock, in the loop's thread, so no write
+        sees a half-made change and a later write never carries older state.
+        """
+        with trio.CancelScope(shield=True):
+            async with self._save_lock:
+                data = self._encoded()
+                await trio.to_thread.run_sync(write_atomic, self.path, data)
+
+
+# One writer at a time in this process: writers share the temp file name (one per pid).
+_WRITE_LOCK = threading.Lock()
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Whole or not at all: a crash leaves the old file or the new one, never half."""
+    with _WRITE_LOCK:
+        _write_atomic_locked(path, data, mode)
+
+
+def _write_atomic_locked(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # 0600 from creation (no window where others could read the keys); never through a symlink
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp)  # a full disk must not leave a stray temp file behind
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,119 @@ def test_help_teaches() -> None:
         assert word in text
     up_help = run_cli("up", "--help").stdout
     assert "--forward" in up_help and "examples:" in up_help
+
+
+@pytest.fixture
+def tarpit() -> Iterator[tuple[str, socket.socket]]:
+    """A login server that takes TCP connections and never says a word (the kernel's
+    backlog completes the handshakes; nobody accepts)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", sock
+    sock.close()
+
+
+def _connections_made(listener: socket.socket) -> int:
+    listener.setblocking(False)
+    made = 0
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return made
+        conn.close()
+        made += 1
+
+
+def _final_errors(stderr: str) -> list[str]:
+    """The CLI's own lines ("trionet: ..."), as opposed to timestamped log lines."""
+    return [line for line in stderr.splitlines() if line.startswith("trionet: ")]
+
+
+def test_corrupt_state_is_reported_once_before_the_login_server_is_contacted(
+        tmp_path: Path, tarpit: tuple[str, socket.socket]) -> None:
+    url, listener = tarpit
+    (tmp_path / "state.json").write_bytes(b"{garbage")
+    proc = run_cli("up", "--login-server", url, "--authkey", "k", "--state-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.count("is corrupt") == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert _connections_made(listener) == 0
+    assert (tmp_path / "state.json").read_bytes() == b"{garbage"
+
+
+def test_start_timeout_ends_in_one_line(tmp_path: Path, tarpit: tuple[str, socket.socket]) -> None:
+    url, listener = tarpit
+    proc = run_cli("up", "--login-server", url, "--authkey", "k", "--state-dir", str(tmp_path), "--timeout", "1")
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr and "TooSlowError" not in proc.stderr
+    assert _final_errors(proc.stderr) == [
+        f"trionet: not connected after 1 s (still Connecting: contacting {url}); is {url} answering? "
+        "(--timeout to wait longer)"], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("trionet: not connected")
+    assert _connections_made(listener) >= 1  # it did try
+
+
+def test_unreachable_login_server_is_told_once(tmp_path: Path) -> None:
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    proc = run_cli("up", "--login-server", f"http://127.0.0.1:{port}", "--authkey", "k",
+                   "--state-dir", str(tmp_path))
+    assert proc.returncode == 4
+    assert proc.stderr.count("cannot reach login server") == 1, proc.stderr
+    assert _final_errors(proc.stderr)[-1].startswith("trionet: cannot reach login server")
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_timeout_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli("up", "--login-server", "https://h", "--authkey", "k", "--state-dir", str(tmp_path),
+                   "--timeout", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == "trionet: --timeout: 0 is not a positive number of seconds"
+
+
+def test_down_without_daemon_is_one_clear_line(tmp_path: Path) -> None:
+    proc = run_cli("down", "--state-dir", str(tmp_path))
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"trionet: trionet is not running (no daemon at {tmp_path}/trionet.sock)"
+
+
+def test_down_stops_a_starting_daemon_and_says_so(tmp_path: Path, tarpit: tuple[str, socket.socket]) -> None:
+    """The daemon is stuck connecting (the tarpit): `down` still stops it, answers, exits 0."""
+    url, _ = tarpit
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen([sys.executable, "-m", "trionet", "up", "--login-server", url, "--authkey", "k",
+                           "--state-dir", str(tmp_path / "st"), "--timeout", "600"],
+                          stdout=log, stderr=subprocess.STDOUT)
+    try:
+        sock = tmp_path / "st" / "trionet.sock"
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.05)
+        proc = run_cli("down", "--state-dir", str(tmp_path / "st"))
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "trionet stopped\n", "")
+        assert up.wait(30) == 0
+        assert not sock.exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
+
+
+def test_log_level_debug_names_levels(tmp_path: Path, tarpit: tuple[str, socket.socket]) -> None:
+    url, _ = tarpit
+    proc = run_cli("up", "--login-server", url, "--authkey", "k", "--state-dir", str(tmp_path),
+                   "--timeout", "1", "--log-level", "debug")
+    lines = proc.stderr.splitlines()
+    assert any(" DEBUG " in line for line in lines), proc.stderr
+    assert any(" INFO trionet: Connecting" in line for line in lines), proc.stderr
+
+
+def test_log_level_before_or_after_the_command() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["--log-level", "debug", "status"]).log_level == "debug"
+    assert parser.parse_args(["status", "--log-level", "warning"]).log_level == "warning"
+    assert parser.parse_args(["status"]).log_level is None

@@ -137,9 +137,11 @@ async def fetch_server_key(url: str, ca_file: str | None) -> bytes:
     if headers.get("transfer-encoding", "").lower() == "chunked":
         body = _dechunk(body)
     try:
-        return parse_key(json.loads(body)["publicKey"], "mkey:")
+        key = parse_key(json.loads(body)["publicKey"], "mkey:")
     except (ValueError, KeyError, TypeError) as exc:
         raise ControlError(f"{url}/key gave no usable server key") from exc
+    log.debug("login server %s: server key %s", url, format_key("mkey:", key))
+    return key
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -272,6 +274,10 @@ class ControlConnection:
         self.h2 = h2conn
         self.disco_key = format_key("discokey:", state.disco_public)
         self.netmap = Netmap()
+        self.map_messages = 0
+
+    def __repr__(self) -> str:  # public keys only: the auth key and private keys stay out of logs
+        return f"<ControlConnection {self.config.login_server} as {self.node_key}>"
 
     @property
     def node_key(self) -> str:
@@ -295,8 +301,13 @@ class ControlConnection:
                                "Hostinfo": self.hostinfo()}
         if self.config.auth_key:
             req["Auth"] = {"AuthKey": self.config.auth_key}
+        log.debug("register: node key %s%s, auth key %s", req["NodeKey"],
+                  f" (renewing {req['OldNodeKey']})" if renew_to else "",
+                  "given" if self.config.auth_key else "none")
         status, body = await self.h2.simple("POST", "/machine/register", json.dumps(req).encode())
-        text = body.decode(errors="replace").strip()
+        # The server may quote what we sent; whatever it says, the auth key is not repeated.
+        text = _scrub(body.decode(errors="replace").strip(), self.config.auth_key)
+        log.debug("register: HTTP %d, %d bytes", status, len(body))
         refused = "renew the node key" if renew_to else "accept the auth key"
         if status == 401:
             raise AuthError(f"the login server did not {refused}: {_reason(text) or 'HTTP 401'}")
@@ -305,8 +316,9 @@ class ControlConnection:
                 raise AuthError(f"the login server did not {refused}: {text[:200]}")
             raise ControlError(f"register failed: HTTP {status}: {text[:200]}")
         resp: proto.RegisterResponse = proto.loads(body, proto.RegisterResponse)
+        log.debug("register: authorized %s, node key expired %s", resp.MachineAuthorized, resp.NodeKeyExpired)
         if resp.Error:
-            raise AuthError(f"the login server did not {refused}: {resp.Error}")
+            raise AuthError(f"the login server did not {refused}: {_scrub(resp.Error, self.config.auth_key)}")
         if resp.NodeKeyExpired:
             raise NodeKeyExpired("this node's key has expired; start it with a reusable auth key "
                                  "(--authkey) to log in again")
@@ -318,7 +330,7 @@ class ControlConnection:
         self.state.extra["registered_server"] = self.config.login_server
         if self.state.node_key_since is None and renew_to is None:
             self.state.node_key_since = time.time()
-        self.state.save()
+        await self.state.save_async()  # off the loop: an fsync can take long on a busy disk
         return resp
 
     def map_request(self, endpoints: list[str], types: list[int], home: int, stream: bool) -> dict[str, Any]:
@@ -333,6 +345,7 @@ class ControlConnection:
 
     async def lite_update(self, endpoints: list[str], types: list[int], home_region: int) -> None:
         body = json.dumps(self.map_request(endpoints, types, home_region, stream=False)).encode()
+        log.debug("lite update: endpoints %s, home DERP %s", endpoints, home_region)
         status, text = await self.h2.simple("POST", "/machine/map", body)
         if status != 200:
             raise ControlError(f"endpoint update failed: HTTP {status}: {text[:200]!r}")
@@ -369,6 +382,11 @@ class ControlConnection:
                                 raise RemoteProtocolError(f"bad zstd map message: {exc}") from exc
                         resp = proto.loads(raw, proto.MapResponse)
                         change = self.netmap.apply(resp)
+                        self.map_messages += 1
+                        log.debug("map message %d: %d bytes%s", self.map_messages, len(raw),
+                                  " (keepalive)" if change.keepalive else
+                                  f", peers +{len(change.peers_added)} -{len(change.peers_removed)} "
+                                  f"~{len(change.peers_changed)}")
                         if change.keepalive:
                             continue
                         yield self.netmap, change
@@ -376,6 +394,10 @@ class ControlConnection:
                     raise StreamEnded("the login server ended the map stream")
                 else:
                     raise value
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "<redacted>") if secret else text
 
 
 def _reason(text: str) -> str:
@@ -413,6 +435,7 @@ async def open_session(config: Any, state: Any) -> AsyncIterator[ControlConnecti
                                        f"(does it accept capability version {CAPVER}?)")
                 rest += data
         noise = init.response(rest[:RESPONSE_LEN])
+        log.debug("TS2021 Noise session with %s as machine %s", url, format_key("mkey:", state.machine_public))
         nstream = NoiseStream(stream, noise, rest[RESPONSE_LEN:])
         first = b""
         while len(first) < 9:

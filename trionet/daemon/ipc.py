@@ -1,7 +1,9 @@
 """IPC: newline-delimited JSON on a Unix socket (mode 0600).
 
-Requests are objects with a "cmd" (status, peers, ping, disconnect); each
+Requests are objects with a "cmd" (status, peers, ping, down); each
 answer is one line, {"ok": true, ...} or {"ok": false, "error": "..."}.
+A handler may return `AfterReply(answer, then)`: `then()` runs once the
+answer is written, so `down` can stop the daemon and still be answered.
 A client that sends garbage gets an error line; a client that floods or
 stalls is cut off; neither affects any other client.
 """
@@ -21,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from trionet.errors import ConfigError, TransportError, TrionetError
@@ -29,8 +32,18 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 300.0
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 stats: Counter[str] = Counter()
+
+
+@attrs.frozen
+class AfterReply:
+    """An answer, and what to do once the client has it (e.g. stop the daemon)."""
+
+    answer: dict[str, Any]
+    then: Callable[[], None]
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | AfterReply]]
 
 
 def _claim_socket_path(path: Path) -> None:
@@ -78,8 +91,12 @@ async def _handle(stream: trio.abc.Stream, handler: Handler) -> None:
             while (nl := buf.find(b"\n")) >= 0:
                 line = bytes(buf[:nl])
                 del buf[: nl + 1]
-                answer = await _answer(line, handler)
-                await stream.send_all(json.dumps(answer).encode() + b"\n")
+                answer, then = await _answer(line, handler)
+                try:
+                    await stream.send_all(json.dumps(answer).encode() + b"\n")
+                finally:  # once the answer is in the socket buffer, the client gets it even if
+                    if then is not None:  # `then` ends the daemon; a client gone by now changes nothing
+                        then()
             if len(buf) > MAX_LINE:
                 stats["ipc.too_long"] += 1
                 await stream.send_all(b'{"ok": false, "error": "request line too long"}\n')
@@ -90,23 +107,25 @@ async def _handle(stream: trio.abc.Stream, handler: Handler) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def _answer(line: bytes, handler: Handler) -> dict[str, Any]:
+async def _answer(line: bytes, handler: Handler) -> tuple[dict[str, Any], Callable[[], None] | None]:
     try:
         request = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         stats["ipc.bad_json"] += 1
-        return {"ok": False, "error": "request is not JSON"}
+        return {"ok": False, "error": "request is not JSON"}, None
     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
         stats["ipc.bad_request"] += 1
-        return {"ok": False, "error": 'request must be an object with a "cmd" string'}
+        return {"ok": False, "error": 'request must be an object with a "cmd" string'}, None
     try:
         answer = await handler(request)
     except TrionetError as exc:
-        return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": str(exc)}, None
     except Exception as exc:  # a bug in a handler must not take the daemon down
         log.exception("ipc handler failed for %r", request.get("cmd"))
-        return {"ok": False, "error": f"internal error: {exc.__class__.__name__}"}
-    return {"ok": True, **answer}
+        return {"ok": False, "error": f"internal error: {exc.__class__.__name__}"}, None
+    if isinstance(answer, AfterReply):
+        return {"ok": True, **answer.answer}, answer.then
+    return {"ok": True, **answer}, None
 
 
 async def serve_ipc(path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,5 +160,10 @@ def request(path: Path, req: dict[str, Any], timeout: float = 30.0) -> dict[str,
         raise TransportError(f"the daemon did not answer within {timeout:.0f} s") from exc
     finally:
         sock.close()
-    answer: dict[str, Any] = json.loads(buf)
+    try:
+        answer = json.loads(buf)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TransportError("the daemon's answer is not JSON") from exc
+    if not isinstance(answer, dict):
+        raise TransportError("the daemon's answer is not a JSON object")
     return answer

@@ -1,10 +1,15 @@
 """`trionet up`: the daemon around a Node.
 
-run_daemon (root nursery)          <- SIGINT/SIGTERM/`trionet down` cancel here
-|-- ipc server                     (Status, Peers, Ping, Disconnect)
+run_daemon (root nursery)          <- SIGINT/SIGTERM cancel here
+|-- ipc server                     (status, peers, ping, down)
 |-- status printer                 (one line per change; a progress line while connecting)
-`-- Node.run                       (control, map stream, wg, magicsock, netstack)
+`-- node scope                     <- `trionet down` cancels here, waits, answers, then the root
+    |-- Node.run                   (control, map stream, wg, magicsock, netstack)
     `-- proxies                    (--forward, --socks5, --http-proxy, --serve)
+
+A start that fails (bad key, unreachable server, --timeout passed) is told
+once, by the CLI's last line: the status printer keeps Error, ShuttingDown
+and Stopped of a node that never ran at debug level.
 """
 
 from __future__ import annotations
@@ -21,31 +26,55 @@ import trio
 
 from trionet.config import NodeConfig
 from trionet.daemon import ipc
-from trionet.daemon.state import Status, StatusChange
-from trionet.errors import ConfigError, TrionetError, find_trionet_error
+from trionet.daemon.state import Status, StatusChange, StatusMachine
+from trionet.errors import ConfigError, TransportError, TrionetError, find_trionet_error
 from trionet.node import Node
 from trionet.proxy import server as proxy
 
 log = logging.getLogger("trionet")
 
+DOWN_TIMEOUT = 10.0  # `down` answers by then whether or not the node has finished stopping
 
-async def _ipc_handler(node: Node, stop: trio.CancelScope, request: dict[str, Any]) -> dict[str, Any]:
-    cmd = request["cmd"]
-    if cmd == "status":
-        return node.status()
-    if cmd == "peers":
-        return {"peers": node.peers()}
-    if cmd == "ping":
-        peer = request.get("peer")
-        count = request.get("count", 1)
-        if not isinstance(peer, str) or not isinstance(count, int) or not 0 < count <= 100:
-            raise ConfigError('ping needs {"peer": NAME, "count": 1..100}')
-        results = await node.ping(peer, count)
-        return {"peer": peer, "ip": node.resolve(peer), "results": results}
-    if cmd == "disconnect":
-        stop.cancel()
-        return {"stopping": True}
-    raise ConfigError(f"unknown command {cmd!r} (status, peers, ping, disconnect)")
+
+class StartTimeout(TransportError):
+    """The node was not Running within --timeout."""
+
+
+class _Daemon:
+    """What the IPC handler needs to reach: the node, and the scopes `down` cancels."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.node_scope = trio.CancelScope()
+        self.node_stopped = trio.Event()
+        self.root: trio.CancelScope | None = None
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any] | ipc.AfterReply:
+        node = self.node
+        cmd = request["cmd"]
+        if cmd == "status":
+            return node.status()
+        if cmd == "peers":
+            return {"peers": node.peers()}
+        if cmd == "ping":
+            peer = request.get("peer")
+            count = request.get("count", 1)
+            if not isinstance(peer, str) or not isinstance(count, int) or not 0 < count <= 100:
+                raise ConfigError('ping needs {"peer": NAME, "count": 1..100}')
+            results = await node.ping(peer, count)
+            return {"peer": peer, "ip": node.resolve(peer), "results": results}
+        if cmd in ("down", "disconnect"):  # "disconnect": the name older CLIs send
+            return await self.down()
+        raise ConfigError(f"unknown command {cmd!r} (status, peers, ping, down)")
+
+    async def down(self) -> ipc.AfterReply:
+        """Stop the node, say so, then end the daemon (after the answer is out)."""
+        log.info("stopping: asked by `trionet down`")
+        self.node_scope.cancel()
+        with trio.move_on_after(DOWN_TIMEOUT):
+            await self.node_stopped.wait()
+        assert self.root is not None
+        return ipc.AfterReply({"stopped": self.node_stopped.is_set()}, self.root.cancel)
 
 
 async def _signals(stop: trio.CancelScope) -> None:
@@ -56,13 +85,25 @@ async def _signals(stop: trio.CancelScope) -> None:
             return
 
 
-def _print_change(as_json: bool, change: StatusChange) -> None:
-    if as_json:
-        print(json.dumps({"status": change.new.value, "reason": change.reason, "at": change.at}),
-              flush=True)
-    else:
+class _StatusPrinter:
+    """One line per status change; --json: one JSON object per change on stdout."""
+
+    QUIET_BEFORE_RUNNING = (Status.ERROR, Status.SHUTTING_DOWN, Status.STOPPED)
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.ran = False
+
+    def __call__(self, change: StatusChange) -> None:
+        self.ran = self.ran or change.new is Status.RUNNING
+        if self.as_json:
+            print(json.dumps({"status": change.new.value, "reason": change.reason, "at": change.at}),
+                  flush=True)
+            return
         tail = f": {change.reason}" if change.reason else ""
-        log.info("%s%s", change.new.value, tail)
+        # A start that fails is told once, by the CLI's last line; not here as well.
+        level = logging.DEBUG if not self.ran and change.new in self.QUIET_BEFORE_RUNNING else logging.INFO
+        log.log(level, "%s%s", change.new.value, tail)
 
 
 async def _progress(node: Node) -> None:
@@ -102,22 +143,56 @@ async def start_proxies(node: Node, config: NodeConfig, nursery: trio.Nursery) -
 
 async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:
     node = Node(config=config)
-    node.status_machine.listeners.append(partial(_print_change, as_json))
+    node.config_timeout = config.start_timeout
+    node.status_machine.listeners.append(_StatusPrinter(as_json))
+    daemon = _Daemon(node)
     try:
         async with trio.open_nursery() as root:
-            stop = root.cancel_scope
-            root.start_soon(_signals, stop)
-            await root.start(partial(ipc.serve_ipc, config.ipc_socket, partial(_ipc_handler, node, stop)))
+            daemon.root = root.cancel_scope
+            root.start_soon(_signals, root.cancel_scope)
+            await root.start(partial(ipc.serve_ipc, config.ipc_socket, daemon.handle))
             root.start_soon(_progress, node)
-            await root.start(node.run)
-            await start_proxies(node, config, root)
-            await trio.sleep_forever()
+            try:
+                with daemon.node_scope:
+                    async with trio.open_nursery() as node_nursery:
+                        await _start_node(node, config, node_nursery)
+                        await start_proxies(node, config, node_nursery)
+                        await trio.sleep_forever()
+            finally:
+                daemon.node_stopped.set()
+            await trio.sleep_forever()  # `down` stopped the node; it ends the root once it has answered
     except (TrionetError, BaseExceptionGroup) as exc:
         err = find_trionet_error(exc)
         if err is not None:
             _safe_move(node, Status.ERROR, str(err))
         raise
     return 0
+
+
+async def _start_node(node: Node, config: NodeConfig, nursery: trio.Nursery) -> None:
+    """Node.run until Running; its start deadline (trio.TooSlowError) becomes one clear line."""
+    try:
+        await nursery.start(node.run)
+    except BaseException as exc:
+        if find_trionet_error(exc) is None and _contains(exc, trio.TooSlowError):
+            raise StartTimeout(_start_timeout_message(node.status_machine, config)) from None
+        raise
+
+
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    if isinstance(exc, kind):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and any(_contains(e, kind) for e in exc.exceptions)
+
+
+def _start_timeout_message(status: StatusMachine, config: NodeConfig) -> str:
+    """Where the start got stuck: the last status before the node began to shut down."""
+    stuck = next((c for c in reversed(status.history)
+                  if c.new not in (Status.SHUTTING_DOWN, Status.STOPPED, Status.ERROR)), None)
+    where = f"{stuck.new.value}: {stuck.reason}" if stuck and stuck.reason else (
+        stuck.new.value if stuck else status.status.value)
+    return (f"not connected after {config.start_timeout:g} s (still {where}); "
+            f"is {config.login_server} answering? (--timeout to wait longer)")
 
 
 def _safe_move(node: Node, status: Status, reason: str) -> None:

@@ -96,6 +96,9 @@ class ControlSession:
         self._hold_until_expiry: float | None = None  # renewal refused or not honoured for this expiry
         self._last_renewal = float("-inf")
 
+    def __repr__(self) -> str:  # the config and state it holds carry secrets: name neither
+        return f"<ControlSession {self.config.login_server} {self.status.status.value}>"
+
     def endpoints_changed(self) -> None:
         self._endpoints_dirty.set()
 
@@ -173,11 +176,11 @@ class ControlSession:
                     raise
                 log.warning("our node key has expired; logging in again with the auth key")
                 expired = True
-                pending = self.state.begin_node_key_renewal()
+                pending = await self.state.begin_node_key_renewal()
         try:
             await conn.register(renew_to=pending)
         except AuthError as exc:
-            self.state.abandon_node_key_renewal()
+            await self.state.abandon_node_key_renewal()
             if expired:
                 raise AuthError(f"our node key has expired and the login server refused a new one ({exc}); "
                                 "start trionet with a valid reusable auth key (--authkey)") from exc
@@ -186,7 +189,7 @@ class ControlSession:
             self._hold_until_expiry = self.key_expiry
             await conn.register()
             return
-        self.state.finish_node_key_renewal(time.time())
+        await self.state.finish_node_key_renewal(time.time())
         self.renewals += 1
         self._renewed_against = self.key_expiry
         self._last_renewal = time.time()
@@ -224,7 +227,7 @@ class ControlSession:
             at = self.renewal_time(now)
             if at is not None and at <= now:
                 log.info("renewing our node key (it expires at %s)", _when(self.key_expiry))
-                self.state.begin_node_key_renewal()
+                await self.state.begin_node_key_renewal()
                 self._renewing = True
                 session.cancel()
                 return

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trionet.daemon import ipc
 from trionet.errors import ConfigError, TransportError
@@ -74,3 +75,48 @@ async def test_not_a_socket_is_never_replaced(tmp_path: Path) -> None:
 def test_client_says_when_no_daemon(tmp_path: Path) -> None:
     with pytest.raises(TransportError, match="not running"):
         ipc.request(tmp_path / "none.sock", {"cmd": "status"})
+
+
+async def test_after_reply_runs_once_the_answer_is_sent(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """`down` stops the daemon in `then`: the client must have its answer first."""
+    path = tmp_path / "a.sock"
+    calls: list[str] = []
+
+    async def stopping(request: dict[str, Any]) -> dict[str, Any] | ipc.AfterReply:
+        calls.append("handler")
+        return ipc.AfterReply({"stopped": True}, lambda: calls.append("then"))
+
+    await nursery.start(partial(ipc.serve_ipc, path, stopping))
+    answer = await trio.to_thread.run_sync(ipc.request, path, {"cmd": "down"})
+    assert answer == {"ok": True, "stopped": True}
+    await trio.testing.wait_all_tasks_blocked()
+    assert calls == ["handler", "then"]
+    # a client that hangs up before the answer still gets `then` run: the daemon stops anyway
+    stream = await trio.open_unix_socket(str(path))
+    await stream.send_all(b'{"cmd": "down"}\n')
+    await stream.aclose()
+    with trio.fail_after(5):
+        while calls.count("then") < 2:
+            await trio.sleep(0.01)
+
+
+def test_client_rejects_an_answer_that_is_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "g.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    import threading
+
+    def answer_garbage() -> None:
+        conn, _ = server.accept()
+        conn.recv(1000)
+        conn.sendall(b"\xff garbage\n")
+        conn.close()
+
+    t = threading.Thread(target=answer_garbage)
+    t.start()
+    with pytest.raises(TransportError, match="not JSON"):
+        ipc.request(path, {"cmd": "status"})
+    t.join()
+    server.close()

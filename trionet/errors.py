@@ -36,6 +36,10 @@ class TransportError(TrionetError):
     exit_code = 4
 
 
+class StartTimeout(TransportError):
+    """The node was not Running within its start timeout (`up --timeout`)."""
+
+
 class ControlError(TrionetError):
     """The control server answered with something we cannot use."""
 

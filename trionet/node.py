@@ -32,7 +32,7 @@ import trio
 from trionet import keys as keymod
 from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.daemon.state import Status, StatusMachine
-from trionet.errors import ConfigError, TransportError, TrionetError
+from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
 from trionet.filter import PacketFilter
 from trionet.magicsock.conn import MagicConn, PathTag
 from trionet.rejects import RejectLog
@@ -104,7 +104,13 @@ class Node:
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
         self._cm = self._open()
-        await self._cm.__aenter__()
+        try:
+            await self._cm.__aenter__()
+        except BaseExceptionGroup as group:  # the nursery's wrapping: callers get our one error
+            err = find_trionet_error(group)
+            if err is None:
+                raise
+            raise err from None
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
@@ -124,9 +130,11 @@ class Node:
         """The node's nursery tree; `task_status.started()` once the node is Running."""
         from trionet.daemon.session import ControlSession
 
-        self.status_machine.move(Status.CONNECTING, f"contacting {self.config.login_server}")
-        state = keymod.load_or_create_state(self.config.state_dir)
+        # Read (or on a first start, create with its fsyncs) off the loop, and before
+        # anything says it is contacting the server: a bad state file is told first.
+        state = await trio.to_thread.run_sync(keymod.load_or_create_state, self.config.state_dir)
         self.keys = state
+        self.status_machine.move(Status.CONNECTING, f"contacting {self.config.login_server}")
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -148,16 +156,28 @@ class Node:
                 nursery.start_soon(self.control.run)
                 if self.wg is not None:
                     nursery.start_soon(self._wg_timer)
-                with trio.fail_after(self.config_timeout):
+                with trio.fail_after(self.config.start_timeout):
                     await self._wait_running()
                 task_status.started()
                 await trio.sleep_forever()
+        except BaseException as exc:
+            if find_trionet_error(exc) is None and _contains(exc, trio.TooSlowError):
+                raise StartTimeout(self._start_timeout_message()) from None
+            raise
         finally:
             if self.status_machine.status not in (Status.STOPPED, Status.SHUTTING_DOWN):
                 self.status_machine.move(Status.SHUTTING_DOWN, "stopping")
             self.status_machine.move(Status.STOPPED, "")
 
-    config_timeout = 60.0
+    def _start_timeout_message(self) -> str:
+        """Where the start got stuck: the last status before the node began to shut down."""
+        status = self.status_machine
+        stuck = next((c for c in reversed(status.history)
+                      if c.new not in (Status.SHUTTING_DOWN, Status.STOPPED, Status.ERROR)), None)
+        where = f"{stuck.new.value}: {stuck.reason}" if stuck and stuck.reason else (
+            stuck.new.value if stuck else status.status.value)
+        return (f"not connected after {self.config.start_timeout:g} s (still {where}); "
+                f"is {self.config.login_server} answering? (--timeout to wait longer)")
 
     async def _wait_running(self) -> None:
         while not self._running.is_set():
@@ -477,6 +497,12 @@ def _legacy_region(text: str) -> int:
     from trionet.control.netmap import legacy_derp_region
 
     return legacy_derp_region(text)
+
+
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    if isinstance(exc, kind):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and any(_contains(e, kind) for e in exc.exceptions)
 
 
 def _split_endpoint(text: str) -> tuple[str, int] | None:

@@ -172,3 +172,17 @@ def test_log_level_before_or_after_the_command() -> None:
     assert parser.parse_args(["--log-level", "debug", "status"]).log_level == "debug"
     assert parser.parse_args(["status", "--log-level", "warning"]).log_level == "warning"
     assert parser.parse_args(["status"]).log_level is None
+
+
+async def test_a_library_node_that_cannot_start_raises_one_start_timeout(
+        tmp_path: Path, tarpit: tuple[str, socket.socket]) -> None:
+    """`async with Node(...)` gets the same one error as the CLI, not a TooSlowError group."""
+    import trionet
+    from trionet.config import NodeConfig
+    from trionet.errors import StartTimeout
+
+    url, _ = tarpit
+    node = trionet.Node(config=NodeConfig(url, tmp_path, auth_key="k", start_timeout=0.5))
+    with pytest.raises(StartTimeout, match=r"^not connected after 0.5 s \(still Connecting"):
+        async with node:
+            pass

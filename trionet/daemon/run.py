@@ -26,18 +26,14 @@ import trio
 
 from trionet.config import NodeConfig
 from trionet.daemon import ipc
-from trionet.daemon.state import Status, StatusChange, StatusMachine
-from trionet.errors import ConfigError, TransportError, TrionetError, find_trionet_error
+from trionet.daemon.state import Status, StatusChange
+from trionet.errors import ConfigError, TrionetError, find_trionet_error
 from trionet.node import Node
 from trionet.proxy import server as proxy
 
 log = logging.getLogger("trionet")
 
 DOWN_TIMEOUT = 10.0  # `down` answers by then whether or not the node has finished stopping
-
-
-class StartTimeout(TransportError):
-    """The node was not Running within --timeout."""
 
 
 class _Daemon:
@@ -143,7 +139,6 @@ async def start_proxies(node: Node, config: NodeConfig, nursery: trio.Nursery) -
 
 async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:
     node = Node(config=config)
-    node.config_timeout = config.start_timeout
     node.status_machine.listeners.append(_StatusPrinter(as_json))
     daemon = _Daemon(node)
     try:
@@ -155,7 +150,7 @@ async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:
             try:
                 with daemon.node_scope:
                     async with trio.open_nursery() as node_nursery:
-                        await _start_node(node, config, node_nursery)
+                        await node_nursery.start(node.run)
                         await start_proxies(node, config, node_nursery)
                         await trio.sleep_forever()
             finally:
@@ -167,32 +162,6 @@ async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:
             _safe_move(node, Status.ERROR, str(err))
         raise
     return 0
-
-
-async def _start_node(node: Node, config: NodeConfig, nursery: trio.Nursery) -> None:
-    """Node.run until Running; its start deadline (trio.TooSlowError) becomes one clear line."""
-    try:
-        await nursery.start(node.run)
-    except BaseException as exc:
-        if find_trionet_error(exc) is None and _contains(exc, trio.TooSlowError):
-            raise StartTimeout(_start_timeout_message(node.status_machine, config)) from None
-        raise
-
-
-def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
-    if isinstance(exc, kind):
-        return True
-    return isinstance(exc, BaseExceptionGroup) and any(_contains(e, kind) for e in exc.exceptions)
-
-
-def _start_timeout_message(status: StatusMachine, config: NodeConfig) -> str:
-    """Where the start got stuck: the last status before the node began to shut down."""
-    stuck = next((c for c in reversed(status.history)
-                  if c.new not in (Status.SHUTTING_DOWN, Status.STOPPED, Status.ERROR)), None)
-    where = f"{stuck.new.value}: {stuck.reason}" if stuck and stuck.reason else (
-        stuck.new.value if stuck else status.status.value)
-    return (f"not connected after {config.start_timeout:g} s (still {where}); "
-            f"is {config.login_server} answering? (--timeout to wait longer)")
 
 
 def _safe_move(node: Node, status: Status, reason: str) -> None:

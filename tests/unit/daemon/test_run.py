@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from trionet.config import NodeConfig
-from trionet.daemon.run import _start_timeout_message, _StatusPrinter
+from trionet.daemon.run import _StatusPrinter
 from trionet.daemon.state import Status, StatusMachine
+from trionet.node import Node
 
 
 def _lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
@@ -43,13 +44,13 @@ def test_json_mode_prints_every_change(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_start_timeout_names_where_the_start_got_stuck(tmp_path: Path) -> None:
-    machine = StatusMachine()
+    node = Node(config=NodeConfig("https://hs", tmp_path, start_timeout=7.5))
+    machine = node.status_machine
     machine.move(Status.CONNECTING, "contacting https://hs")
     machine.move(Status.REGISTERING, "registering")
     machine.move(Status.SHUTTING_DOWN, "stopping")  # what Node.run's finally does on the way out
     machine.move(Status.STOPPED)
-    config = NodeConfig("https://hs", tmp_path, start_timeout=7.5)
-    text = _start_timeout_message(machine, config)
+    text = node._start_timeout_message()
     assert "\n" not in text
     assert text.startswith("not connected after 7.5 s (still Registering: registering)")
     assert "https://hs" in text

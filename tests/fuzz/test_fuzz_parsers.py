@@ -20,10 +20,12 @@ import random
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from trionet.errors import RemoteProtocolError
 
@@ -513,6 +515,135 @@ def _map_response() -> Target:
     seeds = [json.dumps(m).encode() for m in messages]
     seeds += [zc.compress(s) for s in seeds[:3]]
     seeds.append(b"".join(frame(s) for s in seeds[1:4]))
+    return run, (RemoteProtocolError,), seeds
+
+
+def _no_internal_errors(where: str, counters: Any) -> None:
+    bugs = {k: v for k, v in dict(counters).items() if "internal_error" in k and v}
+    if bugs:
+        raise AssertionError(f"{where}: internal errors {bugs}")
+
+
+class _ChurningTailnet:
+    """A MagicConn wired to a real WgDevice as the Node wires them, and peers that
+    restart (new disco keys) and leave and come back as inputs arrive."""
+
+    def __init__(self, peers: int = 4) -> None:
+        from trionet import keys
+        from trionet.magicsock import disco, stun
+        from trionet.magicsock.conn import MagicConn
+        from trionet.wg import WgDevice
+
+        self.keys, self.disco, self.stun = keys, disco, stun
+        node, disco_private = keys.new_private(), keys.new_private()
+        self.wg = WgDevice(node, random.Random(7))
+        self.now = 1.0
+        self.conn = MagicConn(node, keys.public_of(node), disco_private, keys.public_of(disco_private),
+                              self._on_wireguard, login_server="https://hs.test")
+        self.peer_nodes = [keys.new_private() for _ in range(peers)]
+        self.peer_discos = [keys.new_private() for _ in range(peers)]
+        self.peer_wgs = [WgDevice(p, random.Random(i)) for i, p in enumerate(self.peer_nodes)]
+        for i in range(peers):
+            self._add(i)
+            self.peer_wgs[i].set_peer(self.conn.node_public, ["10.0.0.1/32"])
+
+    def _on_wireguard(self, datagrams: Any, derp_src: bytes | None, path: Any) -> None:
+        self.wg.receive_many(datagrams, self.now, 1.8e9 + self.now, src=path)
+
+    def _add(self, i: int) -> None:
+        public = self.keys.public_of(self.peer_nodes[i])
+        self.wg.set_peer(public, [f"10.0.1.{i}/32"])
+        self.conn.upsert_peer(public, self.keys.public_of(self.peer_discos[i]), 999, [("10.9.0.1", 41641 + i)])
+
+    def node_public(self, i: int) -> bytes:
+        return bytes(self.keys.public_of(self.peer_nodes[i]))
+
+    def sealed(self, i: int, msg: Any) -> bytes:
+        return bytes(self.disco.DiscoBox(self.peer_discos[i], self.conn.disco_public).seal(None, msg))
+
+    def seeds(self) -> list[bytes]:
+        d, n = self.disco, len(self.peer_nodes)
+        out = [b"\x00" + self.sealed(i % n, msg) for i, msg in enumerate((
+            d.Ping(tx_id=b"t" * 12, node_key=b"k" * 32), d.Pong(tx_id=b"t" * 12, src=("10.0.0.1", 2)),
+            d.CallMeMaybe(endpoints=[("10.0.0.1", 2), ("::1", 3)]), d.Ignored(5, 0, b"relay")))]
+        out.append(b"\x00" + self.stun.binding_response(b"x" * 12, ("10.1.2.3", 4242)))
+        to_us = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0, 64, 17, 0, bytes(4), bytes([10, 0, 0, 1]))
+        init = self.peer_wgs[0].send_ip(to_us, self.now, 1.8e9)[0].data
+        out += [b"\x00" + init, b"\xd0" + init, b"\x00\x04\x00\x00\x00" + bytes(40)]
+        return out
+
+    def run(self, data: bytes) -> None:
+        """First byte: what to do. 0-199 the rest arrives over UDP, 200-239 through DERP from
+        a peer, 240-247 a peer restarts (new disco key), 248-255 a peer leaves or comes back."""
+        if not data:
+            return
+        self.now += 1e-4
+        op, rest = data[0], data[1:]
+        i = op % len(self.peer_nodes)
+        conn = self.conn
+        if op < 200:
+            conn._on_udp_datagram(rest, ("udp", ("10.9.0.1", 41641 + i)))
+        elif op < 240:
+            conn._on_derp_packet(999, self.node_public(i), rest)
+        elif op < 248:
+            self.peer_discos[i] = self.keys.new_private()
+            self._add(i)
+        elif self.node_public(i) in conn.paths.peers:
+            conn.remove_peer(self.node_public(i))
+            self.wg.remove_peer(self.node_public(i))
+        else:
+            self._add(i)
+        conn.end_batch()
+        _no_internal_errors("magicsock", conn.stats)
+        _no_internal_errors("wireguard", self.wg.drops)
+        live = {p.disco_key for p in conn.paths.peers.values() if p.disco_key}
+        if set(conn._disco_peers) - live:
+            raise AssertionError("a disco box outlived its peer's key")
+
+
+@target("magicsock_driver")
+def _magicsock_driver() -> Target:
+    """magicsock's datagram handlers (UDP and DERP) with a churning peer table, wired to a
+    real WgDevice: nothing raises, nothing counts as an internal error, no stale boxes."""
+    tailnet = _ChurningTailnet()
+    return tailnet.run, (), tailnet.seeds()
+
+
+@target("derp_driver")
+def _derp_driver() -> Target:
+    """Bytes from a DERP server into DerpConnection's receive path, whose packets go on
+    to magicsock and WireGuard as in the node. Only a protocol error (which ends the
+    link) may come out."""
+    from nacl.public import PrivateKey
+
+    from trionet.derp import client, frames
+    from trionet.derp.driver import DerpConnection
+
+    tailnet = _ChurningTailnet()
+    private = bytes(PrivateKey.generate())
+    server = PrivateKey.generate()
+    conn = DerpConnection("https://derp.test/derp", private, on_packet=partial(tailnet.conn._on_derp_packet, 999),
+                          on_batch_end=tailnet.conn.end_batch)
+    login = frames.build_server_key(bytes(server.public_key))
+
+    async def receive(data: bytes) -> None:  # the driver reads Trio's clock
+        derp = client.DerpClient(private)
+        try:
+            conn._receive(derp, login)
+            conn._receive(derp, data)
+        except RemoteProtocolError:
+            pass
+
+    def run(data: bytes) -> None:
+        trio.run(receive, data)
+        _no_internal_errors("derp", conn.stats)
+        _no_internal_errors("magicsock", tailnet.conn.stats)
+
+    peer = tailnet.node_public(0)
+    seeds = [frames.build_recv_packet(peer, s[1:]) for s in tailnet.seeds()]
+    seeds += [frames.build_keep_alive(), frames.build_ping(b"abcdefgh"), frames.build_health("bad"),
+              frames.build_restarting(100, 200), frames.build_peer_gone(peer),
+              b"".join(seeds[:3])]
     return run, (RemoteProtocolError,), seeds
 
 

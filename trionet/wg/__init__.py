@@ -24,7 +24,7 @@ calls `tick()`. Our static key is the Tailscale node key (32 raw bytes).
 
     Transmit(peer: bytes, data: bytes, path: Any = None)
         path is the `src` of the datagram being answered (reply there), else None.
-        peer is the src_key (or b"" without one) for a cookie reply to an initiation.
+        peer is the src_key (b"" from UDP) for a cookie reply to an initiation.
     Received.packets: list[tuple[peer, ip_packet]]; Received.transmits: list[Transmit]
 
     classify(datagram) -> 0..4 (0: not a well-sized WireGuard message)

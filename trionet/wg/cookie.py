@@ -39,7 +39,8 @@ def source_identity(src: object, src_key: bytes | None = None) -> tuple[bytes, b
       that key: the DERP server set it from a connection that proved it holds
       the key's private half, so it names a sender as a source address does
       (and one flooding peer does not use up every relayed peer's budget).
-      Without it, both are the region: all peers relayed through it share one.
+      Without it, both are the region: all peers relayed through it share one
+      (and the device sends no cookie reply to an initiation: DERP delivers by key).
     - bytes: the bytes. Anything else: its repr.
 
     Never raises. The keys of different kinds never collide (a one-byte tag)."""

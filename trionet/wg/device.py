@@ -92,7 +92,8 @@ class Transmit(NamedTuple):
     `path` is the `src` of the datagram this answers (send it back there), or
     None: then the driver picks the peer's best path. A cookie reply to an
     initiation (whose sender we cannot know before its handshake) has the
-    `src_key` it came with as `peer` (a DERP sender), else b"": send it on `path`."""
+    `src_key` it came with as `peer` (a DERP sender), else b"" (a UDP sender):
+    send it on `path`. None is made for a DERP path without a `src_key`."""
 
     peer: bytes
     data: bytes
@@ -741,9 +742,12 @@ class WgDevice:
             if reply is not None:
                 entry = self._index.get(_U32.unpack_from(data, 8)[0]) if mtype == MSG_RESPONSE else None
                 who = entry[0].public if entry is not None else (src_key or b"")
+                self._drop("under_load_no_mac2")
+                if not who and type(src) is tuple and src and src[0] == "derp":
+                    self._drop("cookie_reply_unaddressed")  # a relay needs a node key to deliver it
+                    return
                 got.transmits.append(Transmit(who, reply, src))
                 self.counters["cookie_replies_sent"] += 1
-                self._drop("under_load_no_mac2")
                 return
             if not self._ratelimiter.allow(limiter_key, now):
                 self._drop("ratelimited")

@@ -10,17 +10,21 @@ calls `tick()`. Our static key is the Tailscale node key (32 raw bytes).
                  persistent_keepalive: float | None = None)   # add or update, live
     dev.remove_peer(public_key); dev.reset_sessions(public_key)
     dev.send_ip(packet, now, wall) -> list[Transmit]          # stages while handshaking
-    dev.receive(datagram, now, wall, src=None, backlog=0) -> Received
+    dev.receive(datagram, now, wall, src=None, backlog=0, src_key=None) -> Received
+    dev.receive_many(datagrams, now, wall, src=None, backlog=0, into=None, src_key=None) -> Received
+        src: the path tag ("udp", (host, port)) / ("derp", region); src_key: the DERP
+        source node key (None for UDP). Handshake load is measured inside (load.py).
     dev.tick(now, wall) -> list[Transmit]; dev.next_deadline() -> float | None
     dev.route(ip_address) -> bytes | None; dev.allowed_ips(public_key)
     dev.peer_for_receiver_index(index) -> bytes | None
     dev.statistics() -> dict; dev.peer_statistics(public_key) -> dict
     dev.drops: Counter[str] (by reason); dev.counters: Counter[str]
-    dev.force_under_load: bool  (or pass backlog >= 128: under load for 1 s)
+    dev.under_load(now) -> bool; dev.force_under_load: bool
+        (a driver with a real handshake queue may pass backlog=its depth: >= 128 is under load)
 
     Transmit(peer: bytes, data: bytes, path: Any = None)
         path is the `src` of the datagram being answered (reply there), else None.
-        peer is b"" only for a cookie reply to an unattributed initiation.
+        peer is the src_key (b"" from UDP) for a cookie reply to an initiation.
     Received.packets: list[tuple[peer, ip_packet]]; Received.transmits: list[Transmit]
 
     classify(datagram) -> 0..4 (0: not a well-sized WireGuard message)
@@ -30,10 +34,11 @@ Modules: `constants` (wireguard-go constants.go), `messages` (wire format),
 `crypto` (Noise primitives), `handshake` (IKpsk2 as functions), `cookie`
 (mac1/mac2, cookie replies), `replay` (8128-counter window), `allowedips`
 (longest-prefix match), `ratelimit` (per-source token bucket under load),
-`device` (peer table, sessions, timers, data path).
+`load` (how loaded the handshake path is), `device` (peer table, sessions,
+timers, data path).
 
-Bad input never raises: it is dropped with a `logger.debug` line and counted
-in `drops` by reason.
+Bad input never raises: it is dropped, counted in `drops` by reason and
+logged at debug, rate-limited (`trionet.rejects.RejectLog`).
 """
 
 from trionet.wg.device import Received, Transmit, WgDevice

@@ -40,12 +40,18 @@ RECEIVING_REKEY_AFTER: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIM
 QUEUE_HANDSHAKE_SIZE: Final = 1024
 UNDER_LOAD_BACKLOG: Final = QUEUE_HANDSHAKE_SIZE // 8
 UNDER_LOAD_AFTER_TIME: Final = 1.0
+# Ours: trionet has no handshake queue (a datagram is handled in the task that read it), so
+# trionet.wg.load models one that drains at this many handshake messages a second, the rate
+# of full handshakes we grant the reader task before cookies take over (see load.py).
+HANDSHAKE_SERVICE_RATE: Final = 256.0
 QUEUE_STAGED_SIZE: Final = 128
 
 # Handshake rate limiter under load (ratelimiter/ratelimiter.go): 20/s, burst 5, per source IP.
 RATELIMIT_PACKETS_PER_SECOND: Final = 20
 RATELIMIT_BURST: Final = 5
-RATELIMIT_GC_INTERVAL: Final = 1.0
+# Ours (wireguard-go's table is unbounded; the kernel's ratelimiter.c caps it and refuses new
+# sources when full): at most this many sources are tracked at once.
+RATELIMIT_MAX_SOURCES: Final = 16384
 
 # Anti-replay (replay/replay.go): a ring of 128 blocks of 64 bits, one block kept for the current.
 REPLAY_BLOCK_BITS: Final = 64

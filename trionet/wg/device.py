@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from trionet.errors import LocalProtocolError
+from trionet.rejects import RejectLog
 from trionet.wg import crypto, handshake
 from trionet.wg.allowedips import AllowedIPs, Network
 from trionet.wg.constants import (
@@ -54,12 +55,11 @@ from trionet.wg.constants import (
     REPLAY_WINDOW_SIZE,
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
-    UNDER_LOAD_AFTER_TIME,
-    UNDER_LOAD_BACKLOG,
     ZERO_KEYS_AFTER,
 )
-from trionet.wg.cookie import CookieChecker, CookieGenerator, source_bytes
+from trionet.wg.cookie import CookieChecker, CookieGenerator, source_identity
 from trionet.wg.handshake import InitiationState
+from trionet.wg.load import HandshakeLoad
 from trionet.wg.ratelimit import RateLimiter
 from trionet.wg.replay import ReplayWindow
 
@@ -90,8 +90,10 @@ class Transmit(NamedTuple):
     """A datagram to send to `peer` (its public key).
 
     `path` is the `src` of the datagram this answers (send it back there), or
-    None: then the driver picks the peer's best path. `peer` is b"" for a
-    cookie reply to an initiation we could not attribute: send it on `path`."""
+    None: then the driver picks the peer's best path. A cookie reply to an
+    initiation (whose sender we cannot know before its handshake) has the
+    `src_key` it came with as `peer` (a DERP sender), else b"" (a UDP sender):
+    send it on `path`. None is made for a DERP path without a `src_key`."""
 
     peer: bytes
     data: bytes
@@ -204,9 +206,10 @@ class WgDevice:
         self._route_cache = self._allowed.cache  # read-only fast path; AllowedIPs fills and clears it
         self._checker = CookieChecker(self.public)
         self._ratelimiter = RateLimiter()
+        self._load = HandshakeLoad()
         self.force_under_load = False
-        self._under_load_until = -1.0
         self.drops: Counter[str] = Counter()
+        self._rejects = RejectLog(log, "wireguard", self.drops)  # counts into self.drops
         self.counters: Counter[str] = Counter()
 
     # ------------------------------------------------------------ peer table
@@ -287,8 +290,14 @@ class WgDevice:
 
     # ---------------------------------------------------------------- helpers
     def _drop(self, reason: str, detail: object = "") -> None:
-        self.drops[reason] += 1
-        log.debug("wireguard: drop %s %s", reason, detail)
+        self._rejects.reject(reason, detail)
+
+    def _internal_error(self, exc: Exception) -> None:
+        """A bug, not bad input: counted as drops["internal_error"], its traceback logged once."""
+        self._rejects.reject("internal_error", repr(exc))
+        if self.drops["internal_error"] == 1:
+            log.error("wireguard: internal error on a datagram (dropped; later ones are counted as "
+                      "drops['internal_error'])", exc_info=exc)
 
     def _new_index(self, peer: Peer, what: Keypair | InitiationState) -> int:
         while True:
@@ -521,18 +530,26 @@ class WgDevice:
 
     # -------------------------------------------------------------- receive
     def receive(self, datagram: bytes | bytearray | memoryview, now: float, wall: float, src: Any = None,
-                backlog: int = 0) -> Received:
+                backlog: int = 0, src_key: bytes | None = None) -> Received:
         """Handle one datagram from the network. Never raises on bad input.
 
         `src` is an opaque path tag, handed back on the Transmits that answer
-        this datagram, also used for cookies and rate limiting (a `(host,
-        port)` tuple is best). `backlog` is the driver's count of handshake
-        messages waiting: at 128 or more the device is under load for 1 s
-        (or set `force_under_load`)."""
-        return self.receive_many((datagram,), now, wall, src, backlog)
+        this datagram. Under load it also names the sender for cookies and
+        the rate limiter (`cookie.source_identity`): a magicsock path tag
+        `("udp", (host, port))` or `("derp", region)`, or a `(host, port)`.
+        `src_key` is the DERP source node key of a relayed datagram (None for
+        UDP): relayed senders are then told apart by key, not only by region,
+        and a cookie reply to an unknown sender is addressed to that key.
+
+        Load is measured here (`load.HandshakeLoad`): a driver without a
+        handshake queue passes nothing for it. `backlog` is for one with a
+        queue: its depth, under load at 128 or more, as wireguard-go. Or set
+        `force_under_load`."""
+        return self.receive_many((datagram,), now, wall, src, backlog, src_key=src_key)
 
     def receive_many(self, datagrams: Iterable[bytes | bytearray | memoryview], now: float, wall: float,
-                     src: Any = None, backlog: int = 0, into: list[bytes] | None = None) -> Received:
+                     src: Any = None, backlog: int = 0, into: list[bytes] | None = None,
+                     src_key: bytes | None = None) -> Received:
         """`receive` for datagrams from one source read together (a GRO batch),
         in order; what they produce comes back in one Received. With `into`, the
         decrypted packets are appended there instead, without their peers (a
@@ -574,7 +591,7 @@ class WgDevice:
                         peer, run_index, data_packets, rx_bytes, keepalives = None, -1, 0, 0, 0  # even if it raises
                         self._end_receive_run(ended, now, *counts, packets, run_start, pairs)
                     if mtype != MSG_TRANSPORT:
-                        self._on_other(mtype, datagram, n, now, wall, src, backlog, got)
+                        self._on_other(mtype, datagram, now, wall, src, src_key, backlog, got)
                         continue
                     if n < TRANSPORT_MIN_SIZE:
                         drop("short", n)
@@ -642,16 +659,18 @@ class WgDevice:
                 rx_bytes += length
                 packets.append(plain if length == size else plain[:length])
             except Exception as exc:  # a bug, not bad input: count it, never crash the driver
-                drop("internal_error", repr(exc))
-                log.exception("wireguard: internal error on a datagram")
+                self._internal_error(exc)
         if peer is not None:
-            self._end_receive_run(peer, now, data_packets, rx_bytes, keepalives, packets, run_start, pairs)
+            try:
+                self._end_receive_run(peer, now, data_packets, rx_bytes, keepalives, packets, run_start, pairs)
+            except Exception as exc:
+                self._internal_error(exc)
         return got
 
-    def _on_other(self, mtype: int, datagram: bytes | bytearray | memoryview, n: int, now: float, wall: float,
-                  src: Any, backlog: int, got: Received) -> None:
+    def _on_other(self, mtype: int, datagram: bytes | bytearray | memoryview, now: float, wall: float,
+                  src: Any, src_key: bytes | None, backlog: int, got: Received) -> None:
         if mtype == MSG_INITIATION or mtype == MSG_RESPONSE:
-            self._on_handshake(mtype, bytes(datagram), now, wall, src, backlog, got)
+            self._on_handshake(mtype, bytes(datagram), now, wall, src, src_key, backlog, got)
         elif mtype == MSG_COOKIE_REPLY:
             self._on_cookie_reply(bytes(datagram), now)
         else:
@@ -703,34 +722,34 @@ class WgDevice:
                 peer.need_another_keepalive = True
 
     def under_load(self, now: float, backlog: int = 0) -> bool:
-        if self.force_under_load or backlog >= UNDER_LOAD_BACKLOG:
-            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
-            return True
-        return now < self._under_load_until
+        """Whether handshake messages now need a valid mac2 (wireguard-go IsUnderLoad),
+        from the load measured in receive (see `load.HandshakeLoad`) or `backlog`."""
+        return self._load.under_load(now, backlog) or self.force_under_load
 
-    def _on_handshake(self, mtype: int, data: bytes, now: float, wall: float, src: Any, backlog: int,
-                      got: Received) -> None:
+    def _on_handshake(self, mtype: int, data: bytes, now: float, wall: float, src: Any, src_key: bytes | None,
+                      backlog: int, got: Received) -> None:
         if len(data) != (INITIATION_SIZE if mtype == MSG_INITIATION else RESPONSE_SIZE):
             self._drop("bad_size", len(data))
             return
         if not self._checker.check_mac1(data):
             self._drop("bad_mac1")
             return
-        if self.under_load(now, backlog):
-            sb = source_bytes(src)
-            if not self._checker.check_mac2(data, sb, now):
-                sender = _U32.unpack_from(data, 4)[0]
-                reply = self._checker.create_reply(data, sender, sb, now)
-                who = b""
-                if mtype == MSG_RESPONSE:
-                    entry = self._index.get(_U32.unpack_from(data, 8)[0])
-                    who = entry[0].public if entry is not None else b""
+        # Only messages past mac1 count towards load: they alone can reach the costly
+        # handshake, and a sender must know our public key to make one.
+        if self._load.arrived(now, 1, backlog) or self.force_under_load:
+            cookie_source, limiter_key = source_identity(src, src_key)
+            reply = self._checker.reply_unless_mac2(data, cookie_source, now)
+            if reply is not None:
+                entry = self._index.get(_U32.unpack_from(data, 8)[0]) if mtype == MSG_RESPONSE else None
+                who = entry[0].public if entry is not None else (src_key or b"")
+                self._drop("under_load_no_mac2")
+                if not who and type(src) is tuple and src and src[0] == "derp":
+                    self._drop("cookie_reply_unaddressed")  # a relay needs a node key to deliver it
+                    return
                 got.transmits.append(Transmit(who, reply, src))
                 self.counters["cookie_replies_sent"] += 1
-                self._drop("under_load_no_mac2")
                 return
-            key = src[0] if isinstance(src, tuple) and src else sb
-            if not self._ratelimiter.allow(key, now):
+            if not self._ratelimiter.allow(limiter_key, now):
                 self._drop("ratelimited")
                 return
         if mtype == MSG_INITIATION:
@@ -901,6 +920,8 @@ class WgDevice:
         return {
             "peers": len(self.peers),
             "indices": len(self._index),
+            "under_load_entered": self._load.entered,
+            "ratelimited_sources": len(self._ratelimiter),
             "drops": dict(self.drops),
             "counters": dict(self.counters),
             "rx_packets": sum(p.rx_packets for p in self.peers.values()),

@@ -301,7 +301,10 @@ class Node:
             return
         inbound = self._inbound
         before = len(inbound)
-        got = self.wg.receive_many(datagrams, time.monotonic(), time.time(), src=path, into=inbound)
+        # derp_src: the DERP server vouches for the sender's node key, so it names the sender
+        # for cookies and rate limits under load as a UDP source address does
+        got = self.wg.receive_many(datagrams, time.monotonic(), time.time(), src=path, into=inbound,
+                                   src_key=derp_src)
         for tx in got.transmits:
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None) or path)
         if self.stack is None and len(inbound) > before:

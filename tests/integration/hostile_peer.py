@@ -33,6 +33,7 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -48,7 +49,9 @@ from trionet.magicsock import disco, stun
 from trionet.wg.cookie import CookieGenerator
 from trionet.wg.device import WgDevice
 
-INITIATION_SIZE, RESPONSE_SIZE, COOKIE_REPLY_SIZE = 148, 92, 64
+REPO = Path(__file__).resolve().parents[2]
+
+INITIATION_SIZE, RESPONSE_SIZE, COOKIE_REPLY_SIZE = 148, 92, 64  # each with 32 bytes of macs at its end
 DISCARD_PORT = 9  # inner UDP packets for the victim's netstack to drop (no listener)
 
 
@@ -194,8 +197,8 @@ class Hostile:
             ("stun_unsolicited", lambda: stun.binding_response(rand(12, 12), ("10.1.2.3", 4567))),
             ("wg_bad_size", lambda: bytes([rng.randint(1, 4), 0, 0, 0]) + rand(0, 200)),
             ("wg_initiation_bad_mac1", lambda: b"\x01\0\0\0" + rand(INITIATION_SIZE - 4, INITIATION_SIZE - 4)),
-            ("wg_initiation_valid_mac1", lambda: macs.add_macs(b"\x01\0\0\0" + rand(108, 108), 0.0)),
-            ("wg_response_garbage", lambda: macs.add_macs(b"\x02\0\0\0" + rand(52, 52), 0.0)),
+            ("wg_initiation_valid_mac1", lambda: macs.add_macs(b"\x01\0\0\0" + rand(112, 112), 0.0)),
+            ("wg_response_garbage", lambda: macs.add_macs(b"\x02\0\0\0" + rand(56, 56), 0.0)),
             ("wg_cookie_reply_garbage", lambda: b"\x03\0\0\0" + rand(COOKIE_REPLY_SIZE - 4, COOKIE_REPLY_SIZE - 4)),
             ("wg_transport_unknown_index", lambda: b"\x04\0\0\0" + rand(28, 1400)),
             ("wg_transport_forged_body", lambda: struct.pack("<II", 4, kp.remote_index) + rand(24, 1400)),
@@ -318,7 +321,7 @@ async def do_flood(h: Hostile, rate: float, seconds: float) -> dict[str, Any]:
     a fresh sender index (and so a fresh mac1): the victim cannot tell them from a
     real peer's first message without doing the handshake's Diffie-Hellman."""
     macs = CookieGenerator(h.victim.node_public)
-    body = h.rng.randbytes(104)
+    body = h.rng.randbytes(108)  # ephemeral, sealed static and timestamp: 116 bytes before the macs
     start = time.monotonic()
     sent = 0
     replies = 0
@@ -361,6 +364,42 @@ async def do_replay(h: Hostile, capture: Path, times: int, paths: list[str]) -> 
             by_kind[f"{path}.{kind}"] += 1
         await trio.sleep(0)
     return {"sent": sum(by_kind.values()), "by_kind": dict(by_kind)}
+
+
+# ------------------------------------------------------------ the launcher
+class HostilePeer:
+    """The hostile peer process (hostile_peer.py), started beside the victim."""
+
+    def __init__(self, stack: Any, tmp_path: Path, victim: str, udp_addr: tuple[str, int],
+                 actions: list[dict[str, Any]]) -> None:
+        name = "hostile-" + victim  # one per victim: earlier ones stay in the netmap
+        spec = {
+            "login_server": stack.server_url, "auth_key": stack.preauth_key(), "ca_file": str(stack.ca_file),
+            "udp_bind": stack.local_ip, "state_dir": str(tmp_path / f"state-{name}"), "hostname": name,
+            "victim": victim, "victim_udp": list(udp_addr), "actions": actions,
+        }
+        spec_file = tmp_path / f"{name}.json"
+        spec_file.write_text(json.dumps(spec))
+        os.chmod(spec_file, 0o600)
+        self.log = (tmp_path / f"{name}.log").open("w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.integration.hostile_peer", str(spec_file)],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
+
+    def wait_ready(self) -> None:
+        """Until it has joined and found the victim: its actions start now."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if '"ready"' not in line:
+            self.proc.wait(30)
+            self.log.seek(0)
+            raise AssertionError(f"hostile peer did not start: {line!r}\n{self.log.read()[-5000:]}")
+
+    def results(self) -> list[dict[str, Any]]:
+        out, _ = self.proc.communicate(timeout=1800)
+        self.log.seek(0)
+        assert self.proc.returncode == 0, f"hostile peer failed:\n{out}\n{self.log.read()[-5000:]}"
+        return [r for r in map(json.loads, (line for line in out.splitlines() if line.startswith("{")))
+                if r["action"] != "ready"]
 
 
 async def run(spec: dict[str, Any]) -> None:

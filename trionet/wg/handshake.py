@@ -27,9 +27,9 @@ class InitiationState:
     """What the initiator keeps between its initiation and the response."""
 
     local_index: int
-    e_private: bytes
-    chaining_key: bytes
-    hash: bytes
+    e_private: bytes = attrs.field(repr=False)  # secrets never reach a log
+    chaining_key: bytes = attrs.field(repr=False)
+    hash: bytes = attrs.field(repr=False)
 
 
 @attrs.define(eq=False)
@@ -37,15 +37,15 @@ class ConsumedInitiation:
     peer_static: bytes
     sender: int
     e_public: bytes
-    chaining_key: bytes
-    hash: bytes
+    chaining_key: bytes = attrs.field(repr=False)
+    hash: bytes = attrs.field(repr=False)
     timestamp: bytes
 
 
 @attrs.frozen
 class SessionKeys:
-    send: bytes
-    receive: bytes
+    send: bytes = attrs.field(repr=False)
+    receive: bytes = attrs.field(repr=False)
 
 
 def create_initiation(our_public: bytes, peer_public: bytes, static_static: bytes, local_index: int,

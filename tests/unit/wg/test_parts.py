@@ -57,3 +57,13 @@ def test_allowed_ips_longest_prefix() -> None:
     t.remove_value("host")
     assert t.lookup(ipaddress.ip_address("10.1.2.3")) == "ten-one"
     assert sorted(map(str, t.networks_of("ten"))) == ["10.0.0.0/8"]
+
+
+def test_handshake_state_reprs_hold_no_key_material() -> None:
+    from trionet.wg.handshake import ConsumedInitiation, InitiationState, SessionKeys
+
+    secret = bytes(range(32))
+    shown = " ".join(map(repr, (InitiationState(7, secret, secret, secret), SessionKeys(secret, secret),
+                                ConsumedInitiation(b"p" * 32, 7, b"e" * 32, secret, secret, b"t" * 12))))
+    assert secret.hex() not in shown and repr(secret) not in shown
+    assert "local_index=7" in shown

@@ -22,6 +22,8 @@ given them standing in as follows:
   them: the one edit made to what the compose file says;
 * every process gets its own /run (a tmpfs in its own mount namespace) and
   hostname, as a container has: tailscaled's socket (TS_SOCKET) lives there;
+  a volume mounted ``:ro`` is read-only in that namespace (the bootstrap
+  reaches Headscale's socket through one);
 * depends_on: started, healthy (the health check's command, run in the
   container's namespaces with its environment, exits 0), or completed with 0.
 
@@ -37,6 +39,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -512,8 +515,14 @@ class NativeCompose:
         container.argv, container.env = argv, self._env(name, mapping)
         hostname = str(svc.get("hostname") or name)
         log = open(self.logdir / f"{name}.log", "ab")
-        # A container's own /run and hostname; `exec` keeps the pid the program's.
-        setup = f'mount -t tmpfs -o mode=0755 tmpfs /run && hostname {hostname} && exec "$@"'
+        # A container's own /run and hostname, and its :ro volumes read-only (for it alone: the
+        # mount namespace is its own); `exec` keeps the pid the program's.
+        steps = ["mount -t tmpfs -o mode=0755 tmpfs /run", f"hostname {shlex.quote(hostname)}"]
+        for m in mounts(svc):
+            if m.read_only:
+                path = shlex.quote(mapping[m.target])
+                steps.append(f"mount --bind {path} {path} && mount -o remount,bind,ro {path}")
+        setup = " && ".join([*steps, 'exec "$@"'])
         container.proc = subprocess.Popen(
             ["ip", "netns", "exec", container.netns, "unshare", "--mount", "--uts", "--propagation", "private",
              "--", "sh", "-c", setup, "sh", *argv],

@@ -110,6 +110,11 @@ def test_compose_stack_serves_a_peer_page_through_trionet(stack: NativeCompose, 
     assert forwarded == page
     assert proxied == page
 
+    # Volumes mounted :ro are read-only natively too, as in Docker: the bootstrap met Headscale's
+    # socket through one, and trionet cannot touch the key's.
+    touch = stack.exec_in("trionet", ["touch", str(key.parent / "written-by-trionet")])
+    assert touch.returncode != 0 and "Read-only file system" in touch.stderr, touch
+
     # `docker compose exec trionet python -m trionet status`, as the README has it.
     status_proc = stack.exec_in("trionet", ["python", "-m", "trionet", "status"])
     assert status_proc.returncode == 0, status_proc.stderr

@@ -13,7 +13,7 @@ SYSDEPS := wireguard-go wg nft ip curl jq ping
 STRICT  := trionet/keys.py trionet/rejects.py trionet/noise trionet/proto trionet/wg trionet/netstack \
            trionet/derp/frames.py trionet/derp/client.py trionet/magicsock/disco.py trionet/magicsock/stun.py
 
-.PHONY: all venv sysdeps stack-bin stack-up stack-down lint unit integration test demo bench bench-ir soak fuzz clean
+.PHONY: all venv sysdeps stack-bin stack-up stack-down compose-prepare lint unit integration test demo bench bench-ir soak fuzz clean
 
 all: test
 
@@ -43,6 +43,11 @@ stack-up: venv sysdeps stack-bin
 
 stack-down: venv
 	$(VPY) -m tests.realstack down
+
+# For `docker compose -f compose/docker-compose.yml up`: Headscale's config, the
+# TLS files and the project's wheel, all under compose/ (see compose/prepare.py).
+compose-prepare: venv
+	$(VPY) compose/prepare.py
 
 lint: venv
 	$(VENV)/bin/ruff check trionet tests

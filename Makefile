@@ -37,6 +37,7 @@ sysdeps:
 
 stack-bin: venv
 	$(VPY) -m tests.realstack build
+	$(VPY) -c 'from tests.integration.compose_native import build_containerboot; build_containerboot()'
 
 stack-up: venv sysdeps stack-bin
 	$(VPY) -m tests.realstack up

@@ -16,6 +16,7 @@ Outbound traffic is not filtered; it only feeds the UDP flow cache.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,10 @@ from operator import itemgetter
 from typing import Any
 
 import attrs
+
+from trionet.rejects import RejectLog
+
+log = logging.getLogger(__name__)
 
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -150,6 +155,7 @@ class PacketFilter:
         self.local = list(local)
         self.udp_flows: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.drops: Counter[str] = Counter()
+        self._rejects = RejectLog(log, "filter", self.drops)
         self._local_raw = self._raw_locals()
 
     def _raw_locals(self) -> frozenset[bytes]:
@@ -244,5 +250,5 @@ class PacketFilter:
             return True
         ok, why = self.check_inbound(packet)
         if not ok:
-            self.drops[why] += 1
+            self._rejects.reject(why)
         return ok

@@ -437,8 +437,7 @@ class MagicConn:
                 except BlockingIOError:
                     break
                 except OSError as exc:  # e.g. ICMP unreachable surfaced as ECONNREFUSED
-                    self.stats["recv.udp_error"] += 1
-                    log.debug("udp recv: %s", exc)
+                    self.rejects.reject("recv.udp_error", exc)
                     continue
                 path = sources.get(addr)
                 if path is None:
@@ -682,11 +681,10 @@ class MagicConn:
         try:
             txid, addr = stun.parse_response(data)
         except RemoteProtocolError as exc:
-            self.stats["stun.bad"] += 1
-            log.debug("stun: %s", exc)
+            self.rejects.reject("stun.bad", exc)
             return
         if self._stun_tx.pop(txid, None) is None:
-            self.stats["stun.unsolicited"] += 1
+            self.rejects.reject("stun.unsolicited")
             return
         ep = _norm(addr)
         if ep not in self.stun_endpoints:

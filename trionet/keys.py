@@ -6,7 +6,7 @@
 * disco key: NaCl box for disco only (`discokey:`), fresh at every start as
   tailscaled does (wgengine/magicsock NewConn).
 
-Node key renewal (daemon/session.py) writes the new key as
+Node key renewal (control/session.py) writes the new key as
 `pending_node_private` before it asks the server, and swaps it in after the
 server accepts: a crash in between leaves both keys on disk, and the next
 start finishes the swap (tailscaled's `tryingNewKey`, controlclient/direct.go).

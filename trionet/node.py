@@ -31,19 +31,15 @@ import trio
 
 from trionet import keys as keymod
 from trionet.config import NodeConfig, check_login_server, is_ip
-from trionet.daemon.state import Status, StatusMachine
+from trionet.control.netmap import Netmap, legacy_derp_region
+from trionet.control.session import ControlSession
 from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
 from trionet.filter import PacketFilter
 from trionet.magicsock.conn import MagicConn, PathTag
+from trionet.netstack import NetStack
 from trionet.rejects import RejectLog
-
-try:  # the data plane: WireGuard and the userspace IP stack
-    from trionet.netstack import NetStack
-    from trionet.wg import WgDevice
-
-    HAVE_DATA_PLANE = True
-except ImportError:  # pragma: no cover - only while those packages are being built
-    HAVE_DATA_PLANE = False
+from trionet.status import Status, StatusMachine
+from trionet.wg import WgDevice
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +81,15 @@ class Node:
         self.status_machine = StatusMachine()
         self.stats: Counter[str] = Counter()
         self.rejects = RejectLog(log, "node", self.stats)
-        self.netmap: Any = None
+        self.netmap: Netmap | None = None
         self.filter = PacketFilter()
-        self.wg: Any = None
-        self.stack: Any = None
+        self.wg: WgDevice | None = None
+        self.stack: NetStack | None = None
         self.magic: MagicConn | None = None
-        self.control: Any = None
+        self.control: ControlSession | None = None
+        self.keys: keymod.State | None = None
         self._nursery: trio.Nursery | None = None
         self._running = trio.Event()
-        self._fatal: BaseException | None = None
         self._peer_ids_by_key: dict[bytes, int] = {}
         self._key_by_peer_id: dict[int, bytes] = {}
         self._stack_ready = trio.Event()
@@ -128,8 +124,6 @@ class Node:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The node's nursery tree; `task_status.started()` once the node is Running."""
-        from trionet.daemon.session import ControlSession
-
         # Read (or on a first start, create with its fsyncs) off the loop, and before
         # anything says it is contacting the server: a bad state file is told first.
         state = await trio.to_thread.run_sync(keymod.load_or_create_state, self.config.state_dir)
@@ -149,15 +143,14 @@ class Node:
                     self.magic.bind()
                 except OSError as exc:  # UDP is optional: DERP carries everything alone
                     log.warning("UDP socket unavailable (%s); using DERP only", exc)
-                self.wg = WgDevice(state.node_private) if HAVE_DATA_PLANE else None
+                self.wg = WgDevice(state.node_private)
                 self.control = ControlSession(self.config, state, self.magic, self._on_netmap,
                                               self.status_machine, on_node_key_changed=self._on_node_key_changed)
                 await nursery.start(self.magic.run)
                 nursery.start_soon(self.control.run)
-                if self.wg is not None:
-                    nursery.start_soon(self._wg_timer)
+                nursery.start_soon(self._wg_timer)
                 with trio.fail_after(self.config.start_timeout):
-                    await self._wait_running()
+                    await self._wait_running(self.control)
                 task_status.started()
                 await trio.sleep_forever()
         except BaseException as exc:
@@ -179,12 +172,17 @@ class Node:
         return (f"not connected after {self.config.start_timeout:g} s (still {where}); "
                 f"is {self.config.login_server} answering? (--timeout to wait longer)")
 
-    async def _wait_running(self) -> None:
-        while not self._running.is_set():
-            if self.control.fatal is not None:
-                raise self.control.fatal
-            with trio.move_on_after(0.1):
-                await self._running.wait()
+    async def _wait_running(self, control: ControlSession) -> None:
+        """Until the first netmap, or the control session gives up (its error, raised)."""
+        async with trio.open_nursery() as waiters:
+            async def first(event: trio.Event) -> None:
+                await event.wait()
+                waiters.cancel_scope.cancel()
+
+            waiters.start_soon(first, self._running)
+            waiters.start_soon(first, control.failed)
+        if not self._running.is_set() and control.fatal is not None:
+            raise control.fatal
 
     # ---------------------------------------------------------------- netmap
     def _on_netmap(self, netmap: Any, change: Any) -> None:
@@ -194,7 +192,7 @@ class Node:
         if getattr(change, "derp_map_changed", True) and netmap.derp_map is not None:
             self.magic.set_derp_map(netmap.derp_map)
         me = netmap.self_node
-        if me is not None and self.stack is None and HAVE_DATA_PLANE:
+        if me is not None and self.stack is None:
             self._start_stack(me)
         elif me is not None and self.stack is not None:
             self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
@@ -369,6 +367,7 @@ class Node:
 
     def _peer_for(self, host: str) -> Any:
         ip = ipaddress.ip_address(self.resolve(host))
+        assert self.netmap is not None  # resolve() raised without one
         for peer in self.netmap.peers.values():
             for addr in peer.Addresses or ():
                 if ipaddress.ip_interface(addr).ip == ip:
@@ -376,9 +375,7 @@ class Node:
         raise ConfigError(f"{host!r} is not a peer of this node")
 
     # -------------------------------------------------------------------- API
-    async def _ready_stack(self) -> Any:
-        if not HAVE_DATA_PLANE:
-            raise TransportError("this build has no data plane yet (trionet.wg / trionet.netstack missing)")
+    async def _ready_stack(self) -> NetStack:
         await self._stack_ready.wait()
         assert self.stack is not None
         return self.stack
@@ -424,7 +421,7 @@ class Node:
             "reason": self.status_machine.reason,
             "since": self.status_machine.since,
             "self": _node_json(me) if me else None,
-            "node_key": keymod.format_key("nodekey:", self.keys.node_public) if self.magic else None,
+            "node_key": keymod.format_key("nodekey:", self.keys.node_public) if self.keys else None,
             "key_expiry": me.KeyExpiry if me else None,
             "home_derp": self.magic.home_region if self.magic else 0,
             "endpoints": self.magic.endpoints() if self.magic else [],
@@ -491,15 +488,9 @@ def _node_json(node: Any) -> dict[str, Any]:
         "disco_key": node.DiscoKey,
         "addresses": list(node.Addresses or ()),
         "online": node.Online,
-        "home_derp": node.HomeDERP or _legacy_region(node.DERP or ""),
+        "home_derp": node.HomeDERP or legacy_derp_region(node.DERP or ""),
         "endpoints": list(node.Endpoints or ()),
     }
-
-
-def _legacy_region(text: str) -> int:
-    from trionet.control.netmap import legacy_derp_region
-
-    return legacy_derp_region(text)
 
 
 def _contains(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -1,6 +1,6 @@
 """The control plane: TS2021 client (`client`) and the netmap core (`netmap`).
 
-Public API (the daemon's `trionet.daemon.session.ControlSession` drives it with
+Public API (the daemon's `trionet.control.session.ControlSession` drives it with
 reconnect/backoff)::
 
     from trionet.keys import load_or_create_state

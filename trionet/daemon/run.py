@@ -26,10 +26,10 @@ import trio
 
 from trionet.config import NodeConfig
 from trionet.daemon import ipc
-from trionet.daemon.state import Status, StatusChange
 from trionet.errors import ConfigError, TrionetError, find_trionet_error
 from trionet.node import Node
 from trionet.proxy import server as proxy
+from trionet.status import Status, StatusChange
 
 log = logging.getLogger("trionet")
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 from trionet import keys
 from trionet.config import Listen, NodeConfig
 from trionet.control.client import ControlConnection, _scrub
-from trionet.daemon.session import ControlSession
-from trionet.daemon.state import StatusMachine
+from trionet.control.session import ControlSession
+from trionet.status import StatusMachine
 
 AUTH_KEY = "hskey-auth-Zq3secretSECRETsecret"
 PASSWORD = "s0cks-pa55word"

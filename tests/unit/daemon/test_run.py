@@ -9,8 +9,8 @@ import pytest
 
 from trionet.config import NodeConfig
 from trionet.daemon.run import _StatusPrinter
-from trionet.daemon.state import Status, StatusMachine
 from trionet.node import Node
+from trionet.status import Status, StatusMachine
 
 
 def _lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from trionet.daemon.state import TRANSITIONS, Status, StatusChange, StatusMachine
 from trionet.errors import LocalProtocolError
+from trionet.status import TRANSITIONS, Status, StatusChange, StatusMachine
 
 
 def test_happy_path_and_listeners() -> None:

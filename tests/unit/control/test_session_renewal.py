@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 
 from trionet import keys
-from trionet.daemon.session import (
+from trionet.control.session import (
     MIN_RENEW_INTERVAL,
     RENEW_BEFORE,
     ControlSession,
     parse_go_time,
     renewal_due,
 )
-from trionet.daemon.state import StatusMachine
+from trionet.status import StatusMachine
 
 DAY = 24 * 3600.0
 

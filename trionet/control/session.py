@@ -34,8 +34,8 @@ from typing import Any
 
 import trio
 
-from trionet.daemon.state import Status, StatusMachine
 from trionet.errors import AuthError, ConfigError, TrionetError
+from trionet.status import Status, StatusMachine
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class ControlSession:
         self.status = status
         self.rng = rng or random.Random()
         self.fatal: BaseException | None = None
+        self.failed = trio.Event()  # set with `fatal`: the session gave up for good
         self.connected_once = False
         self.reconnects = 0
         self._endpoints_dirty = trio.Event()
@@ -118,15 +119,13 @@ class ControlSession:
                 exc = _unwrap(caught)
                 if isinstance(exc, (AuthError, ConfigError)):
                     # The server refused us or our config is wrong: retrying cannot help.
-                    self.fatal = exc
-                    self.status.move(Status.ERROR, str(exc))
+                    self._give_up(exc)
                     return
                 if not isinstance(exc, (TrionetError, OSError, trio.BrokenResourceError,
                                         trio.ClosedResourceError)):
                     log.exception("control session failed unexpectedly; reconnecting")
                 if not self.connected_once:
-                    self.fatal = exc if isinstance(exc, TrionetError) else _as_transport(exc)
-                    self.status.move(Status.ERROR, str(self.fatal))
+                    self._give_up(exc if isinstance(exc, TrionetError) else _as_transport(exc))
                     return
                 failures += 1
                 delay = backoff(failures, self.rng)
@@ -135,6 +134,11 @@ class ControlSession:
                 await trio.sleep(delay)
                 self.status.move(Status.CONNECTING, "reconnecting to control")
                 self.reconnects += 1
+
+    def _give_up(self, exc: BaseException) -> None:
+        self.fatal = exc
+        self.status.move(Status.ERROR, str(exc))
+        self.failed.set()
 
     async def _one_session(self) -> None:
         from trionet import control

@@ -341,14 +341,13 @@ async def relay(client: trio.abc.Stream, target: trio.abc.Stream, early: bytes |
         raise _Failed(f"{broken[0]}_reset")
 
 
-pipe = relay  # the name it had before
-
-
 # ---------------------------------------------------------------------- listeners
 
 
-class _Proxy:
-    """Counts, bounds and guards the clients of one listener."""
+class Proxy:
+    """Counts, bounds and guards the clients of one listener: the base of the four
+    proxies. ``name`` (``socks5``, ``http-proxy``, ``forward 8080->host:80``,
+    ``serve 9000->127.0.0.1:8080``) keys its `statistics()` in a node's."""
 
     kind = "proxy"
 
@@ -444,7 +443,7 @@ class _Proxy:
                     self._spawn(nursery, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
 
 
-class ForwardProxy(_Proxy):
+class ForwardProxy(Proxy):
     """``--forward LOCALPORT=HOST:PORT``: every local connection becomes one to HOST:PORT."""
 
     kind = "forward"
@@ -470,7 +469,7 @@ class ForwardProxy(_Proxy):
         await relay(client, target, reader.buf, client_eof)
 
 
-class InboundServer(_Proxy):
+class InboundServer(Proxy):
     """``--serve PORT=LOCALHOST:LOCALPORT``: tailnet connections to PORT, each joined to
     a new connection to LOCALHOST:LOCALPORT."""
 
@@ -506,7 +505,7 @@ class InboundServer(_Proxy):
         await relay(client, local, reader.buf, client_eof)
 
 
-class Socks5Proxy(_Proxy):
+class Socks5Proxy(Proxy):
     """SOCKS5 (RFC 1928): CONNECT and UDP ASSOCIATE; username/password (RFC 1929) if ``auth``."""
 
     kind = "socks5"
@@ -694,7 +693,7 @@ def _http_error(status: str) -> bytes:
     return f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode()
 
 
-class HttpProxy(_Proxy):
+class HttpProxy(Proxy):
     """HTTP CONNECT, and absolute-form plain HTTP (one request, then the connection is piped)."""
 
     kind = "http-proxy"

@@ -211,7 +211,7 @@ class ScriptedListener:
         return step, ("127.0.0.1", 1)
 
 
-class _Recorder(server._Proxy):
+class _Recorder(server.Proxy):
     """A listener whose clients only have their descriptors noted."""
 
     def __init__(self) -> None:

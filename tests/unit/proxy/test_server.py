@@ -61,7 +61,8 @@ async def test_forward_pipes_both_ways(nursery: trio.Nursery) -> None:
 async def test_socks5_connect_auth_and_unknown_host(nursery: trio.Nursery) -> None:
     echo = await _start_echo(nursery)
     dialer = LoopbackDialer({"peer": echo})
-    port = await nursery.start(partial(server.serve_socks5, 0, dialer, auth=("u", "p")))
+    proxy = server.Socks5Proxy(0, dialer, auth=("u", "p"))
+    port = await nursery.start(proxy.serve)
 
     client = await trio.open_tcp_stream("127.0.0.1", port)
     await client.send_all(b"\x05\x01\x02")
@@ -83,7 +84,9 @@ async def test_socks5_connect_auth_and_unknown_host(nursery: trio.Nursery) -> No
     bad = await trio.open_tcp_stream("127.0.0.1", port)
     await bad.send_all(b"GET / HTTP/1.1\r\n\r\n")
     assert await bad.receive_some(100) == b""  # garbage: dropped, listener keeps serving
-    assert server.stats["socks5.bad_request"] >= 1
+    stats = proxy.statistics()
+    assert stats["handshake_errors"] == {"garbage.greeting": 1}
+    assert stats["failed"] == {"unknown_host": 1}
 
 
 async def test_http_proxy_connect_and_absolute_form(nursery: trio.Nursery) -> None:
@@ -114,7 +117,8 @@ async def test_a_burst_of_clients_is_accepted_in_one_wake_up(nursery: trio.Nurse
 
     assert isinstance(monkeypatch, pytest.MonkeyPatch)
     echo = await _start_echo(nursery)
-    port = await nursery.start(partial(server.serve_forward, 0, "peer", 80, LoopbackDialer({"peer": echo})))
+    proxy = server.ForwardProxy(0, "peer", 80, LoopbackDialer({"peer": echo}))
+    port = await nursery.start(proxy.serve)
     wakes = [0]
     real_wait = trio.lowlevel.wait_readable
 
@@ -124,15 +128,13 @@ async def test_a_burst_of_clients_is_accepted_in_one_wake_up(nursery: trio.Nurse
         await real_wait(sock)
 
     monkeypatch.setattr(trio.lowlevel, "wait_readable", counting)  # from the listener's next wait on
-    name = "forward 0->peer:80.accepted"
-    before = server.stats[name]
     clients = []
     for _ in range(100):  # connected by the kernel, all queued before the listener runs
         c = socket.socket()
         c.connect(("127.0.0.1", port))
         clients.append(c)
     await trio.testing.wait_all_tasks_blocked()
-    assert server.stats[name] - before == 100
+    assert proxy.statistics()["accepted"] == 100
     assert wakes[0] <= 2  # all 100 taken in a pass or two (a spurious wake-up may add one), not one each
     for c in clients:
         c.sendall(b"x")
@@ -209,42 +211,49 @@ class ScriptedListener:
         return step, ("127.0.0.1", 1)
 
 
-async def _run_accept_all(script: list[OSError | socket.socket], settle: float = 0.0) -> list[trio.SocketStream]:
-    handled: list[trio.SocketStream] = []
+class _Recorder(server.Proxy):
+    """A listener whose clients only have their descriptors noted."""
 
-    async def handler(stream: trio.SocketStream) -> None:
-        handled.append(stream)
+    def __init__(self) -> None:
+        super().__init__("recorder")
+        self.handled: list[int] = []
 
+    async def _handle(self, client: trio.SocketStream) -> None:
+        self.handled.append(client.socket.fileno())
+
+
+async def _run_accept_all(script: list[OSError | socket.socket], settle: float = 0.0) -> _Recorder:
+    proxy = _Recorder()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server._accept_all, ScriptedListener(script), handler, nursery)
+        nursery.start_soon(proxy._accept_all, ScriptedListener(script), nursery)
         await trio.sleep(settle)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
-    return handled
+    return proxy
 
 
 async def test_accept_skips_clients_that_gave_up_and_takes_the_rest_in_one_round() -> None:
     pairs = [socket.socketpair() for _ in range(3)]
+    wanted = sorted(p[0].fileno() for p in pairs)
     gone = OSError(errno.ECONNABORTED, "aborted")
-    before = server.stats["accept.client_gone"]
-    handled = await _run_accept_all([pairs[0][0], gone, pairs[1][0], pairs[2][0]])
-    assert sorted(s.socket.fileno() for s in handled) == sorted(p[0].fileno() for p in pairs)
-    assert server.stats["accept.client_gone"] == before + 1
-    for a, b in pairs:
-        a.close()
+    proxy = await _run_accept_all([pairs[0][0], gone, pairs[1][0], pairs[2][0]])
+    assert sorted(proxy.handled) == wanted
+    stats = proxy.statistics()
+    assert stats["accept_errors"] == {"client_gone": 1}
+    assert (stats["accepted"], stats["completed"], stats["live_connections"]) == (3, 3, 0)
+    for _a, b in pairs:
         b.close()
 
 
 async def test_accept_out_of_descriptors_waits_and_retries(autojump_clock: trio.testing.MockClock) -> None:
     first, other = socket.socketpair()
-    before = server.stats["accept.capacity"]
+    wanted = first.fileno()
     start = trio.current_time()
-    handled = await _run_accept_all([OSError(errno.EMFILE, "too many open files"), first],
-                                    settle=2 * server.ACCEPT_RETRY)
-    assert [s.socket.fileno() for s in handled] == [first.fileno()]
-    assert server.stats["accept.capacity"] == before + 1
+    proxy = await _run_accept_all([OSError(errno.EMFILE, "too many open files"), first],
+                                  settle=2 * server.ACCEPT_RETRY)
+    assert proxy.handled == [wanted]
+    assert proxy.statistics()["accept_errors"] == {"capacity": 1}
     assert trio.current_time() - start >= server.ACCEPT_RETRY
-    first.close()
     other.close()
 
 

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -49,6 +49,14 @@ OUTBOUND_BURST = 48
 _PEER_AND_PATH = itemgetter(0, 2)  # a wg Transmit's peer and path
 
 MAGIC_DNS_IP = "100.100.100.100"
+
+
+class StatisticsSource(Protocol):
+    """Something built on the node (a proxy, say) whose counters `statistics()` shows."""
+
+    name: str
+
+    def statistics(self) -> dict[str, Any]: ...
 
 
 def _ip_net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -96,6 +104,7 @@ class Node:
         self._cm: Any = None
         self._inbound: list[bytes] = []  # decrypted packets of the current UDP read batch, not yet filtered
         self._outbound: list[bytes] = []  # the current netstack step's packets, sent at its end
+        self._attached: list[StatisticsSource] = []
 
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -448,6 +457,10 @@ class Node:
             out.append(info)
         return out
 
+    def attach_statistics(self, source: StatisticsSource) -> None:
+        """Show `source.statistics()` in ours, under "attached", by its name."""
+        self._attached.append(source)
+
     def statistics(self) -> dict[str, Any]:
         return {
             "node": dict(self.stats),
@@ -457,6 +470,7 @@ class Node:
             "magicsock": self.magic.statistics() if self.magic else {},
             "wireguard": self.wg.statistics() if self.wg else {},
             "netstack": self.stack.statistics() if self.stack else {},
+            "attached": {source.name: source.statistics() for source in self._attached},
         }
 
 

@@ -201,6 +201,9 @@ def test_cli_forward_socks5_http_proxy_serve(newest_stack: Stack, services: Peer
         assert got.returncode != 0
         status = daemon.status()
         assert status["status"] == "Running"
+        proxies = status["stats"]["attached"]  # each proxy's own counters
+        assert proxies["socks5"]["accepted"] >= 2 and proxies["socks5"]["completed"] >= 1, proxies
+        assert proxies["http-proxy"]["completed"] >= 1, proxies
         ts1 = [p for p in status["peers"] if p["hostname"] == "ts1"][0]
         assert ts1.get("path", "").startswith(path), ts1
         if path == "direct":

@@ -120,21 +120,19 @@ async def _progress(node: Node) -> None:
 
 async def start_proxies(node: Node, config: NodeConfig, nursery: trio.Nursery) -> None:
     """Every configured listener, bound before we report Running (port errors surface now)."""
+    proxies: list[proxy.Proxy] = []
     for fwd in config.forwards:
-        await nursery.start(partial(proxy.serve_forward, fwd.local_port, fwd.host, fwd.port, node, fwd.bind))
-        log.info("forwarding %s:%s -> %s:%s", fwd.bind, fwd.local_port, fwd.host, fwd.port)
+        proxies.append(proxy.ForwardProxy(fwd.local_port, fwd.host, fwd.port, node, fwd.bind))
     if config.socks5:
-        await nursery.start(partial(proxy.serve_socks5, config.socks5.port, node, config.socks5.bind,
-                                    config.socks5_auth))
-        log.info("SOCKS5 proxy on %s:%s", config.socks5.bind, config.socks5.port)
+        proxies.append(proxy.Socks5Proxy(config.socks5.port, node, config.socks5.bind, config.socks5_auth))
     if config.http_proxy:
-        await nursery.start(partial(proxy.serve_http_proxy, config.http_proxy.port, node,
-                                    config.http_proxy.bind))
-        log.info("HTTP proxy on %s:%s", config.http_proxy.bind, config.http_proxy.port)
+        proxies.append(proxy.HttpProxy(config.http_proxy.port, node, config.http_proxy.bind))
     for srv in config.serves:
         listener = await node.listen_tcp(srv.tailnet_port)
-        await nursery.start(partial(proxy.serve_inbound, listener, srv.local_host, srv.local_port))
-        log.info("serving tailnet port %s -> %s:%s", srv.tailnet_port, srv.local_host, srv.local_port)
+        proxies.append(proxy.InboundServer(listener, srv.local_host, srv.local_port))
+    for server in proxies:
+        await nursery.start(server.serve)
+        node.attach_statistics(server)  # `status --json` shows its counters (it logs where it listens)
 
 
 async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:

@@ -360,6 +360,10 @@ class Proxy:
     def statistics(self) -> dict[str, Any]:
         return self.stats.statistics()
 
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve clients until cancelled; `task_status.started()` once listening."""
+        raise NotImplementedError
+
     async def _handle(self, client: Any) -> None:
         raise NotImplementedError
 

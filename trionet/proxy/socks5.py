@@ -50,7 +50,7 @@ class Greeting:
 @attrs.frozen
 class UserPass:
     username: str
-    password: str
+    password: str = attrs.field(repr=False)  # never in a log
 
 
 @attrs.frozen

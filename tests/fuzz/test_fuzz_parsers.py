@@ -11,12 +11,14 @@ regression case (test_saved_crashes_stay_fixed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import ipaddress
 import json
 import os
 import random
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -645,6 +647,97 @@ def _derp_driver() -> Target:
               frames.build_restarting(100, 200), frames.build_peer_gone(peer),
               b"".join(seeds[:3])]
     return run, (RemoteProtocolError,), seeds
+
+
+@target("proxy_handshakes")
+def _proxy_handshakes() -> Target:
+    """Client bytes (then EOF) over a real loopback connection into the SOCKS5 proxy (with
+    or without a password) or the HTTP proxy; dials go to a fake node whose targets refuse
+    or hang up at once. A proxy never raises into its listener: a bug shows as a counted
+    internal error, a crash here. Time is Trio's MockClock (timeouts cost nothing)."""
+    import trio.testing
+
+    from trionet.errors import TransportError
+    from trionet.proxy import server
+
+    class Udp:
+        async def send_to(self, data: bytes, host: str, port: int) -> None:
+            pass
+
+        async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
+            await trio.sleep_forever()
+            raise AssertionError  # not reached
+
+        def close(self) -> None:
+            pass
+
+    class Dialer:
+        async def open_tcp_stream(self, host: str, port: int) -> trio.abc.Stream:
+            if port % 2:
+                raise TransportError(f"{host}:{port} refused")
+            ours, theirs = trio.testing.memory_stream_pair()
+            await theirs.aclose()  # the target hangs up at once
+            return ours
+
+        async def open_udp(self) -> Any:
+            return Udp()
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+        """A real loopback TCP connection, as a proxy's clients arrive (UDP ASSOCIATE reads
+        the client's address from its socket)."""
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+        return (trio.SocketStream(trio.socket.from_stdlib_socket(near)),
+                trio.SocketStream(trio.socket.from_stdlib_socket(far)))
+
+    async def feed(proxy: server.Proxy, data: bytes) -> None:
+        client, accepted = tcp_pair()
+        async with trio.open_nursery() as nursery:
+            proxy._spawn(nursery, accepted)  # as its accept loop hands a client over
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await client.send_all(data)
+                await client.send_eof()
+            with trio.fail_after(600), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await client.receive_some(65536):
+                    pass
+            await client.aclose()
+
+    async def one(data: bytes) -> None:
+        # The first byte picks the proxy, as a real client's does; odd lengths meet a password.
+        dialer = Dialer()
+        if data[:1] == b"\x05":
+            proxy: server.Proxy = server.Socks5Proxy(0, dialer, auth=("user", "pass") if len(data) % 2 else None)
+        else:
+            proxy = server.HttpProxy(0, dialer)
+        await feed(proxy, data)
+        stats = proxy.statistics()
+        _no_internal_errors(proxy.name, {k: v for k, v in _flat(stats).items() if isinstance(v, int)})
+        if stats["live_connections"] or stats["live_udp_associations"]:
+            raise AssertionError(f"{proxy.name}: a client outlived its stream: {stats}")
+
+    def run(data: bytes) -> None:
+        trio.run(one, data, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    seeds = [b"\x05\x01\x00\x05\x01\x00\x03\x03ts1\x00\x50",
+             b"\x05\x01\x02\x01\x04user\x04pass\x05\x01\x00\x01\x0a\x00\x00\x01\x01\xbb",
+             b"\x05\x01\x00\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00",
+             b"\x05\x01\x00\x05\x01\x00\x04" + bytes(15) + b"\x01" + b"\x00\x16",
+             b"CONNECT ts1:443 HTTP/1.1\r\nHost: ts1:443\r\n\r\n",
+             b"GET http://ts1:8000/index.html HTTP/1.1\r\nHost: ts1\r\n\r\n"]
+    return run, (), seeds
+
+
+def _flat(stats: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(stats, dict):
+        return {prefix: stats}
+    out: dict[str, Any] = {}
+    for key, value in stats.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _optional(name: str, module: str, build: Callable[[Any], Target]) -> None:

@@ -154,8 +154,10 @@ def _ipc() -> Target:
     async def handler(req: dict[str, Any]) -> dict[str, Any]:
         return {"echo": req["cmd"]}
 
+    server = ipc.IpcServer(Path("unused.sock"), handler)
+
     def run(data: bytes) -> None:
-        answer = trio.run(ipc._answer, data, handler)
+        answer = trio.run(server._answer, data)
         json.dumps(answer)  # every answer must be serialisable
 
     return run, (), [b'{"cmd":"status"}', b'{"cmd":"ping","peer":"x","count":3}']

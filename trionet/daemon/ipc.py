@@ -19,7 +19,6 @@ import socket
 import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 300.0
-stats: Counter[str] = Counter()
 
 
 @attrs.frozen
@@ -79,63 +77,93 @@ async def open_ipc_listener(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def _handle(stream: trio.abc.Stream, handler: Handler) -> None:
-    buf = bytearray()
-    try:
-        while True:
-            with trio.move_on_after(IDLE_TIMEOUT) as idle:
-                data = await stream.receive_some(4096)
-            if idle.cancelled_caught or not data:
-                return
-            buf += data
-            while (nl := buf.find(b"\n")) >= 0:
-                line = bytes(buf[:nl])
-                del buf[: nl + 1]
-                answer, then = await _answer(line, handler)
-                try:
-                    await stream.send_all(json.dumps(answer).encode() + b"\n")
-                finally:  # once the answer is in the socket buffer, the client gets it even if
-                    if then is not None:  # `then` ends the daemon; a client gone by now changes nothing
-                        then()
-            if len(buf) > MAX_LINE:
-                stats["ipc.too_long"] += 1
-                await stream.send_all(b'{"ok": false, "error": "request line too long"}\n')
-                return
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
-    finally:
-        await trio.aclose_forcefully(stream)
+class IpcServer:
+    """The daemon's control socket: one JSON request per line, one answer per line.
 
+    Only our own user can connect (the socket is 0600); its counters still show in
+    `status --json` (under ``attached.ipc``), like every other listener's."""
 
-async def _answer(line: bytes, handler: Handler) -> tuple[dict[str, Any], Callable[[], None] | None]:
-    try:
-        request = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        stats["ipc.bad_json"] += 1
-        return {"ok": False, "error": "request is not JSON"}, None
-    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-        stats["ipc.bad_request"] += 1
-        return {"ok": False, "error": 'request must be an object with a "cmd" string'}, None
-    try:
-        answer = await handler(request)
-    except TrionetError as exc:
-        return {"ok": False, "error": str(exc)}, None
-    except Exception as exc:  # a bug in a handler must not take the daemon down
-        log.exception("ipc handler failed for %r", request.get("cmd"))
-        return {"ok": False, "error": f"internal error: {exc.__class__.__name__}"}, None
-    if isinstance(answer, AfterReply):
-        return {"ok": True, **answer.answer}, answer.then
-    return {"ok": True, **answer}, None
+    name = "ipc"
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.stats: Counter[str] = Counter()
+        self.live_connections = 0
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.stats, "live_connections": self.live_connections}
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listener = await open_ipc_listener(self.path)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._handle, [listener])
+        finally:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        self.stats["connections"] += 1
+        self.live_connections += 1
+        buf = bytearray()
+        try:
+            while True:
+                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                    data = await stream.receive_some(4096)
+                if idle.cancelled_caught:
+                    self.stats["idle_timeouts"] += 1
+                    return
+                if not data:
+                    return
+                buf += data
+                while (nl := buf.find(b"\n")) >= 0:
+                    line = bytes(buf[:nl])
+                    del buf[: nl + 1]
+                    answer, then = await self._answer(line)
+                    try:
+                        await stream.send_all(json.dumps(answer).encode() + b"\n")
+                    finally:  # once the answer is in the socket buffer, the client gets it even if
+                        if then is not None:  # `then` ends the daemon; a client gone by now changes nothing
+                            then()
+                if len(buf) > MAX_LINE:
+                    self.stats["too_long"] += 1
+                    await stream.send_all(b'{"ok": false, "error": "request line too long"}\n')
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stats["client_gone"] += 1
+            return
+        finally:
+            self.live_connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _answer(self, line: bytes) -> tuple[dict[str, Any], Callable[[], None] | None]:
+        self.stats["requests"] += 1
+        try:
+            request = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.stats["bad_json"] += 1
+            return {"ok": False, "error": "request is not JSON"}, None
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            self.stats["bad_request"] += 1
+            return {"ok": False, "error": 'request must be an object with a "cmd" string'}, None
+        try:
+            answer = await self.handler(request)
+        except TrionetError as exc:
+            self.stats["refused"] += 1
+            return {"ok": False, "error": str(exc)}, None
+        except Exception as exc:  # a bug in a handler must not take the daemon down
+            self.stats["internal_error"] += 1
+            log.exception("ipc handler failed for %r", request.get("cmd"))
+            return {"ok": False, "error": f"internal error: {exc.__class__.__name__}"}, None
+        if isinstance(answer, AfterReply):
+            return {"ok": True, **answer.answer}, answer.then
+        return {"ok": True, **answer}, None
 
 
 async def serve_ipc(path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    listener = await open_ipc_listener(path)
-    task_status.started()
-    try:
-        await trio.serve_listeners(partial(_handle, handler=handler), [listener])
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+    """`IpcServer(path, handler).serve()`, for callers that want no counters."""
+    await IpcServer(path, handler).serve(task_status=task_status)
 
 
 def request(path: Path, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import logging
 import signal
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import trio
@@ -143,7 +142,9 @@ async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:
         async with trio.open_nursery() as root:
             daemon.root = root.cancel_scope
             root.start_soon(_signals, root.cancel_scope)
-            await root.start(partial(ipc.serve_ipc, config.ipc_socket, daemon.handle))
+            ipc_server = ipc.IpcServer(config.ipc_socket, daemon.handle)
+            await root.start(ipc_server.serve)
+            node.attach_statistics(ipc_server)
             root.start_soon(_progress, node)
             try:
                 with daemon.node_scope:

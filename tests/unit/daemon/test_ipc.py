@@ -39,7 +39,8 @@ async def _ask(path: Path, raw: bytes) -> list[dict[str, Any]]:
 
 async def test_answers_and_errors(nursery: trio.Nursery, tmp_path: Path) -> None:
     path = tmp_path / "t.sock"
-    await nursery.start(partial(ipc.serve_ipc, path, handler))
+    server = ipc.IpcServer(path, handler)
+    await nursery.start(server.serve)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     answers = await _ask(path, b'{"cmd":"status"}\nnot json\n[1]\n{"cmd":"nope"}\n{"cmd":"boom"}\n')
     assert answers[0] == {"ok": True, "status": "Running"}
@@ -52,6 +53,10 @@ async def test_answers_and_errors(nursery: trio.Nursery, tmp_path: Path) -> None
     await flood.send_all(b"x" * (ipc.MAX_LINE + 10))
     assert b"too long" in await flood.receive_some(1000)
     assert (await trio.to_thread.run_sync(ipc.request, path, {"cmd": "status"}))["status"] == "Running"
+    counters = server.statistics()  # what status --json shows under attached.ipc
+    assert counters["bad_json"] == 1 and counters["bad_request"] == 1 and counters["too_long"] == 1
+    assert counters["internal_error"] == 1 and counters["refused"] == 1
+    assert counters["requests"] == 6 and counters["connections"] == 3
 
 
 async def test_stale_socket_replaced_live_one_refused(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -168,6 +168,14 @@ class TcpStream(trio.abc.HalfCloseableStream):
     def connection(self) -> TcpConnection:
         return self._conn
 
+    def set_keepalive(self, idle: float | None = 60.0, interval: float = 15.0, count: int = 4) -> None:
+        """Probe the peer after ``idle`` seconds in which it sent nothing, then every
+        ``interval``; after ``count`` unanswered probes the connection is aborted (and
+        reads and writes raise). ``idle=None`` turns keepalive off. For proxied
+        connections whose peer may vanish without a FIN or RST."""
+        self._conn.set_keepalive(idle, interval, count, trio.current_time())
+        self._stack._after(self._conn)
+
     @property
     def local_address(self) -> tuple[IPAddress, int]:
         k = self._conn.key
@@ -273,12 +281,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             conn = self._conn
-            now = trio.current_time()
-            conn.app_closed = True
-            if conn.rbuf or conn.state in (State.SYN_SENT,):
-                conn.abort(now, "closed with unread data")
-            else:
-                conn.close(now)
+            conn.release(trio.current_time())
             self._lot.unpark_all()
             self._stack._after(conn)
         await trio.lowlevel.checkpoint()

@@ -286,7 +286,7 @@ class StackCore:
     def _end_run(self, conn: TcpConnection | None, payloads: list[memoryview], nbytes: int, last_seq: int,
                  last_wnd: int, any_wnd: int, last_ts: int | None) -> None:
         assert conn is not None  # payloads come from a run, and a run has its connection
-        conn.rcv_fast_run(payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
+        conn.rcv_fast_run(payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts, self._now)
         count = len(payloads)
         self.fast_segments += count
         stats = self.stats

@@ -17,8 +17,8 @@ from typing import Any
 from tests.realstack import REPO
 
 OUT = REPO / "bench-results"
-SCRIPTS = ["bench_wg.py", "bench_udp.py", "bench_datapath.py", "bench_netstack.py", "bench_derp.py", "bench_netmap.py",
-           "bench_hostile.py"]
+SCRIPTS = ["bench_wg.py", "bench_udp.py", "bench_datapath.py", "bench_netstack.py", "bench_tcp_bounds.py",
+           "bench_derp.py", "bench_netmap.py", "bench_hostile.py"]
 
 
 def run_script(name: str) -> dict[str, Any]:

@@ -4,10 +4,11 @@ and its trio driver (``driver``)."""
 from __future__ import annotations
 
 from .driver import NetStack, TcpListener, TcpStream, UdpEndpoint
-from .stack import PacketInfo, StackCore
+from .stack import ConnectionLimitError, PacketInfo, StackCore
 from .tcp import State, TcpConfig, TcpConnection
 
 __all__ = [
+           "ConnectionLimitError",
            "NetStack",
            "PacketInfo",
            "StackCore",

@@ -16,7 +16,16 @@ from collections.abc import Callable, Iterable
 import trio
 
 from ..errors import TransportError
-from .stack import EchoWaiter, IPAddress, ListenerCore, PacketInfo, StackCore, UdpSocketCore
+from .stack import (
+    MAX_CONNECTIONS,
+    UDP_QUEUE_BYTES,
+    EchoWaiter,
+    IPAddress,
+    ListenerCore,
+    PacketInfo,
+    StackCore,
+    UdpSocketCore,
+)
 from .tcp import State, TcpConfig, TcpConnection
 
 
@@ -30,16 +39,23 @@ class NetStack:
     wants the default. ``output_done`` is called after every step that may have
     called ``output`` (a batch delivered, a send, a read, a timer), so the owner can
     hold a step's packets and write them together.
+
+    ``max_connections`` and ``max_connections_per_peer`` (per remote address; default
+    2/3 of the total) bound the TCP connections: a SYN past them gets a RST and is
+    counted as ``tcp_conn_limit_total`` / ``tcp_conn_limit_peer``; ``open_tcp_stream``
+    raises ``ConnectionLimitError`` (a ``TransportError``).
     """
 
     def __init__(self, addresses: Iterable[IPAddress | str], output: Callable[[bytes], None],
                  mtu: int = 1280, accept_inbound: Callable[[PacketInfo], bool] | None = None,
                  tcp_config: TcpConfig | None = None, seed: int | None = None,
-                 verify_checksums: bool = True, output_done: Callable[[], None] | None = None) -> None:
+                 verify_checksums: bool = True, output_done: Callable[[], None] | None = None,
+                 max_connections: int = MAX_CONNECTIONS, max_connections_per_peer: int | None = None) -> None:
         addrs = [ipaddress.ip_address(a) for a in addresses]
         self.core = StackCore(addrs, output, mtu=mtu, accept_inbound=accept_inbound,
                               tcp_config=tcp_config, seed=seed,
-                              verify_checksums=verify_checksums)
+                              verify_checksums=verify_checksums, max_connections=max_connections,
+                              max_connections_per_peer=max_connections_per_peer)
         self._timer_scope: trio.CancelScope | None = None
         self._output_done = output_done
 
@@ -123,8 +139,11 @@ class NetStack:
         return TcpListener(self, self.core.tcp_listen(port, backlog, syn_backlog))
 
     # -------------------------------------------------------------------- UDP
-    def udp_bind(self, port: int = 0, queue_limit: int = 256) -> UdpEndpoint:
-        return UdpEndpoint(self, self.core.udp_bind(port, queue_limit))
+    def udp_bind(self, port: int = 0, queue_limit: int = 256,
+                 queue_bytes_limit: int = UDP_QUEUE_BYTES) -> UdpEndpoint:
+        """``queue_limit`` datagrams, ``queue_bytes_limit`` bytes wait for ``receive``;
+        more are dropped (``drop_udp_queue_full``)."""
+        return UdpEndpoint(self, self.core.udp_bind(port, queue_limit, queue_bytes_limit))
 
     udp_endpoint = udp_bind
 
@@ -167,6 +186,14 @@ class TcpStream(trio.abc.HalfCloseableStream):
     @property
     def connection(self) -> TcpConnection:
         return self._conn
+
+    def set_keepalive(self, idle: float | None = 60.0, interval: float = 15.0, count: int = 4) -> None:
+        """Probe the peer after ``idle`` seconds in which it sent nothing, then every
+        ``interval``; after ``count`` unanswered probes the connection is aborted (and
+        reads and writes raise). ``idle=None`` turns keepalive off. For proxied
+        connections whose peer may vanish without a FIN or RST."""
+        self._conn.set_keepalive(idle, interval, count, trio.current_time())
+        self._stack._after(self._conn)
 
     @property
     def local_address(self) -> tuple[IPAddress, int]:
@@ -273,12 +300,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             conn = self._conn
-            now = trio.current_time()
-            conn.app_closed = True
-            if conn.rbuf or conn.state in (State.SYN_SENT,):
-                conn.abort(now, "closed with unread data")
-            else:
-                conn.close(now)
+            conn.release(trio.current_time())
             self._lot.unpark_all()
             self._stack._after(conn)
         await trio.lowlevel.checkpoint()
@@ -354,7 +376,7 @@ class UdpEndpoint:
             if self._core.closed:
                 raise trio.ClosedResourceError("UDP endpoint closed")
             if self._core.queue:
-                item = self._core.queue.popleft()
+                item = self._core.pop()
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return item
             await self._lot.park()

@@ -44,8 +44,8 @@ class RecvBuffer:
         self._size += n
         chunks = self._chunks
         if n >= VIEW_MIN:
-            if type(data) is bytes:
-                chunks.append(data)
+            if type(data) is bytes or type(data) is bytearray:  # a bytearray is handed over:
+                chunks.append(data)  # the caller keeps no reference (out-of-order pieces)
                 return
             if type(data) is memoryview and type(data.obj) is bytes:
                 chunks.append(data)

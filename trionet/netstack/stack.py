@@ -5,6 +5,13 @@ and hands packets out through ``output(packet)``. It never awaits and never
 reads the clock: the driver calls ``on_timer(now)`` at ``next_deadline()``.
 Objects whose state changed (connections, listeners, UDP sockets, pings) are
 collected in ``touched`` for the driver to wake its waiting tasks.
+
+Nothing a peer sends can make it raise: a packet that trips a bug of ours is
+counted as ``internal_error.<kind>`` (``RejectLog``), its connection (if it
+had one) is aborted, and the batch goes on. What a peer can make it hold is
+bounded: connections in total and per remote address, half-open ones per
+listener (the oldest go first), out-of-order bytes and SACK state per
+connection (see ``tcp``), queued datagrams per UDP socket in count and bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from ..errors import LocalProtocolError
+from ..errors import LocalProtocolError, TransportError
+from ..rejects import RejectLog
 from .tcp import MASK, NOT_FAST, State, TcpConfig, TcpConnection
 from .wire import WireError, ones_sum
 from .wire import icmp as wicmp
@@ -64,6 +72,18 @@ class PacketInfo(NamedTuple):
     dst_port: int
 
 
+class ConnectionLimitError(TransportError):
+    """A new connection would pass ``max_connections`` or ``max_connections_per_peer``."""
+
+
+#: Connections in all, and per remote address: tailscaled's netstack allows 8192
+#: in-flight forwarded connections on Linux (2048 elsewhere), a client 2/3 of that.
+#: Each of ours costs a few KiB idle and up to its buffers busy.
+MAX_CONNECTIONS = 4096
+#: A UDP socket's queue, in bytes (Linux's rmem_default is 208 KiB), beside its count.
+UDP_QUEUE_BYTES = 256 << 10
+
+
 class ListenerCore:
     """Half-open (SYN backlog) and established-not-accepted (accept backlog) queues."""
 
@@ -78,13 +98,21 @@ class ListenerCore:
 
 
 class UdpSocketCore:
-    def __init__(self, port: int, queue_limit: int) -> None:
+    def __init__(self, port: int, queue_limit: int, queue_bytes_limit: int = UDP_QUEUE_BYTES) -> None:
         self.port = port
         self.queue: collections.deque[tuple[bytes, tuple[IPAddress, int]]] = collections.deque()
-        self.queue_limit = queue_limit
+        self.queue_limit = queue_limit  # datagrams
+        self.queue_bytes_limit = queue_bytes_limit
+        self.queued_bytes = 0
         self.drops = 0
         self.closed = False
         self.waker: Callable[[], object] | None = None
+
+    def pop(self) -> tuple[bytes, tuple[IPAddress, int]]:
+        """The oldest queued datagram (the queue must not be empty)."""
+        item = self.queue.popleft()
+        self.queued_bytes -= len(item[0])
+        return item
 
 
 class EchoWaiter:
@@ -107,7 +135,8 @@ class StackCore:
     def __init__(self, addresses: Iterable[IPAddress], output: Callable[[bytes], None],
                  mtu: int = 1280, accept_inbound: Callable[[PacketInfo], bool] | None = None,
                  tcp_config: TcpConfig | None = None, seed: int | None = None,
-                 verify_checksums: bool = True) -> None:
+                 verify_checksums: bool = True, max_connections: int = MAX_CONNECTIONS,
+                 max_connections_per_peer: int | None = None) -> None:
         self.addresses = [ipaddress.ip_address(a) for a in addresses]
         self._v4 = [a.packed for a in self.addresses if a.version == 4]
         self._v6 = [a.packed for a in self.addresses if a.version == 6]
@@ -131,6 +160,15 @@ class StackCore:
         self.touched: list[_Touchable | TcpConnection | ListenerCore | UdpSocketCore
                            | EchoWaiter] = []
         self.stats: collections.Counter[str] = collections.Counter()
+        #: counts drops (``drop_<reason>``), refusals and internal errors in ``stats``
+        self.rejects = RejectLog(logger, "netstack", self.stats)
+        #: TCP connections in ``conns`` (any state, either direction), and per remote address
+        self.max_connections = max_connections
+        self.max_connections_per_peer = (max_connections * 2 // 3 if max_connections_per_peer is None
+                                         else max_connections_per_peer)
+        self._peer_conns: dict[bytes, int] = {}
+        #: every listener's half-open connections, oldest first (evicted when the table is full)
+        self._half_open: dict[tuple[bytes, int, bytes, int], TcpConnection] = {}
         self._pseudo: dict[tuple[bytes, bytes, int], int] = {}
         self._ident = 0
         self._batch: set[TcpConnection] = set()
@@ -148,16 +186,45 @@ class StackCore:
 
     # ---------------------------------------------------------------- helpers
     def statistics(self) -> dict[str, int]:
-        """Counters; ``tcp_retransmits`` and friends include closed connections only."""
+        """Counters, then gauges of what the stack holds now. ``tcp_retransmits`` and
+        the other per-connection counters include closed connections only."""
         out = dict(self.stats)
-        out["tcp_connections"] = len(self.conns)
+        conns = self.conns
+        out["tcp_connections"] = len(conns)
         out["tcp_listeners"] = len(self.listeners)
         out["udp_sockets"] = len(self.udp)
+        out["tcp_half_open"] = len(self._half_open)
+        out["tcp_peers"] = len(self._peer_conns)
+        out["tcp_accept_queued"] = sum(len(lst.accept_queue) for lst in self.listeners.values())
+        by_state = collections.Counter(c.state for c in conns.values())
+        for st in State:
+            if st not in (State.LISTEN, State.CLOSED):  # (a closed one has left ``conns``)
+                out["tcp_state_" + st.name.lower()] = by_state[st]
+        out["tcp_ooo_bytes"] = sum(c.ooo_bytes for c in conns.values())
+        out["tcp_recv_buffered_bytes"] = sum(len(c.rbuf) for c in conns.values())
+        out["tcp_send_buffered_bytes"] = sum(len(c.sbuf) for c in conns.values())
+        out["udp_queued_datagrams"] = sum(len(u.queue) for u in self.udp.values())
+        out["udp_queued_bytes"] = sum(u.queued_bytes for u in self.udp.values())
+        out["icmp_echo_waiting"] = len(self.echo)
         return out
 
     def _drop(self, reason: str) -> None:
-        self.stats["drop_" + reason] += 1
-        logger.debug("netstack: dropped packet: %s", reason)
+        self.rejects.reject("drop_" + reason)
+
+    def _conn_failed(self, conn: TcpConnection, kind: str, exc: Exception) -> None:
+        """A bug of ours while handling ``conn``: count it, and end the connection (its
+        state may be half-updated) rather than the task that called us."""
+        self.rejects.internal_error(kind, exc)
+        try:
+            if conn.state is not State.CLOSED:
+                conn.abort(self._now, "internal error")
+        except Exception:  # the same bug again: the table entry goes below anyway
+            pass
+        if conn.error is None:
+            conn.error = "internal error"
+        conn.state = State.CLOSED
+        self._forget(conn)  # (if it is in _batch, _flush passes it by: it is CLOSED)
+        self.touched.append(conn)
 
     def _src_for(self, dst: bytes) -> bytes:
         pool = self._v4 if len(dst) == 4 else self._v6
@@ -208,8 +275,25 @@ class StackCore:
         That holds while the filter's local addresses include the stack's. Those are
         fixed when the stack starts: should the control server move a node to new
         addresses, connections to the old ones keep the fast path until they close,
-        while a new connection to an old address is refused (its SYN meets ``admit``)."""
+        while a new connection to an old address is refused (its SYN meets ``admit``).
+
+        Never raises: an exception (a bug of ours, or of ``admit``) is counted as
+        ``internal_error.packet`` and the batch goes on after the packet that raised."""
         self._now = now
+        it = iter(packets)
+        while True:
+            try:
+                self._deliver_batch(it, now, admit)
+                break
+            except Exception as exc:  # the per-batch boundary: nothing a packet does ends the caller
+                self.rejects.internal_error("packet", exc)
+        try:
+            self._flush(now)
+        except Exception as exc:  # ditto (each connection's output is guarded in _flush)
+            self.rejects.internal_error("flush", exc)
+
+    def _deliver_batch(self, packets: Iterable[bytes | bytearray | memoryview], now: float,
+                       admit: Callable[[bytes | bytearray | memoryview], bool] | None) -> None:
         flows = self._flows4
         verify = self.verify_checksums
         batch = self._batch
@@ -275,18 +359,21 @@ class StackCore:
                 opts = wtcp.NO_OPTIONS if ts_val is None else wtcp.TcpOptions(ts_val=ts_val, ts_ecr=ts_ecr)
                 self.stats["ip_in"] += 1
                 self.stats["tcp_in"] += 1
-                conn.on_segment(seq, ack, flags, wnd, opts, memoryview(p)[20 + hlen:], now)
+                try:
+                    conn.on_segment(seq, ack, flags, wnd, opts, memoryview(p)[20 + hlen:], now)
+                except Exception as exc:  # a bug of ours: this connection ends, not the batch
+                    self._conn_failed(conn, "tcp_segment", exc)
+                    continue
                 batch.add(conn)
             elif admit is None or admit(p):
                 self._input(p, now)
         if payloads:
             self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
-        self._flush(now)
 
     def _end_run(self, conn: TcpConnection | None, payloads: list[memoryview], nbytes: int, last_seq: int,
                  last_wnd: int, any_wnd: int, last_ts: int | None) -> None:
         assert conn is not None  # payloads come from a run, and a run has its connection
-        conn.rcv_fast_run(payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
+        conn.rcv_fast_run(payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts, self._now)
         count = len(payloads)
         self.fast_segments += count
         stats = self.stats
@@ -299,7 +386,10 @@ class StackCore:
             touched = self.touched
             for c in batch:
                 if c.state is not State.CLOSED:
-                    c.output(now)
+                    try:
+                        c.output(now)
+                    except Exception as exc:  # a bug of ours: this connection ends
+                        self._conn_failed(c, "tcp_output", exc)
                 touched.append(c)
             batch.clear()
 
@@ -375,7 +465,11 @@ class StackCore:
         conn = self.conns.get(key)
         self.stats["tcp_in"] += 1
         if conn is not None:
-            conn.on_segment(seq, ack, flags, wnd, opts, seg[hlen:], now)
+            try:
+                conn.on_segment(seq, ack, flags, wnd, opts, seg[hlen:], now)
+            except Exception as exc:  # a bug of ours: this connection ends, not the batch
+                self._conn_failed(conn, "tcp_segment", exc)
+                return
             self._batch.add(conn)
             return
         if flags & RST:
@@ -411,22 +505,43 @@ class StackCore:
         if len(lst.accept_queue) >= lst.backlog:
             self._drop("accept_backlog_full")
             return
+        if self._peer_conns.get(src, 0) >= self.max_connections_per_peer:
+            self._refuse_syn(key, seq, "tcp_conn_limit_peer", self.max_connections_per_peer)
+            return
         if len(lst.half_open) >= lst.syn_backlog:
-            # evict the oldest half-open connection: a flood cannot lock us out
-            old_key = next(iter(lst.half_open))
-            old = lst.half_open.pop(old_key)
-            self.conns.pop(old_key, None)
-            self._flows4.pop(_flow4(old_key), None)
-            old.state = State.CLOSED
-            self.stats["tcp_syn_backlog_evicted"] += 1
+            # evict the oldest half-open connection: a flood cannot lock us out (a
+            # connection that never ACKs its SYN-ACK holds a slot until evicted or its
+            # syn_retries run out; either way the table stays at syn_backlog)
+            self._evict(next(iter(lst.half_open.values())))
+        if len(self.conns) >= self.max_connections:
+            if not self._half_open:
+                self._refuse_syn(key, seq, "tcp_conn_limit_total", self.max_connections)
+                return
+            self._evict(next(iter(self._half_open.values())))  # the oldest of every listener's
         conn = self._new_conn(key, now)
         conn.listener = lst
         lst.half_open[key] = conn
+        self._half_open[key] = conn
         conn.open_passive(seq, wnd, opts, now)
         t = conn.rto_at  # not `touched` (a SYN flood would pile up there): a hint instead
         if t is not None and (self.timer_hint is None or t < self.timer_hint):
             self.timer_hint = t
         self.stats["tcp_passive_opens"] += 1
+
+    def _refuse_syn(self, key: tuple[bytes, int, bytes, int], seq: int, kind: str, limit: int) -> None:
+        """A SYN past a connection limit: RST, so the client fails now instead of
+        retrying its SYN for a minute or two."""
+        src, sport, dst, dport = key
+        detail = (f"SYN from {ipaddress.ip_address(src)}:{sport} refused with RST: {kind} ({limit}) reached"
+                  if logger.isEnabledFor(logging.DEBUG) else "")
+        self.rejects.reject(kind, detail)
+        self._tcp_raw(dst, dport, src, sport, RST | ACK, 0, seq + 1, 0)
+
+    def _evict(self, conn: TcpConnection) -> None:
+        """Drop a half-open connection without a word (its peer may be spoofed)."""
+        self._forget(conn)
+        conn.state = State.CLOSED
+        self.stats["tcp_syn_backlog_evicted"] += 1
 
     def _new_conn(self, key: tuple[bytes, int, bytes, int], now: float) -> TcpConnection:
         overhead = 40 if len(key[0]) == 4 else 60
@@ -435,7 +550,27 @@ class StackCore:
         self.conns[key] = conn
         if len(key[0]) == 4:
             self._flows4[_flow4(key)] = conn
+        self._peer_conns[key[0]] = self._peer_conns.get(key[0], 0) + 1
         return conn
+
+    def _forget(self, conn: TcpConnection) -> None:
+        """Take ``conn`` out of every table that holds it (each entry only if it is this
+        connection's: a new one may have its key by now)."""
+        key = conn.key
+        if self.conns.get(key) is conn:
+            del self.conns[key]
+            if len(key[0]) == 4:
+                self._flows4.pop(_flow4(key), None)
+            left = self._peer_conns[key[0]] - 1
+            if left:
+                self._peer_conns[key[0]] = left
+            else:
+                del self._peer_conns[key[0]]
+        if self._half_open.get(key) is conn:
+            del self._half_open[key]
+        lst = conn.listener
+        if isinstance(lst, ListenerCore) and lst.half_open.get(key) is conn:
+            del lst.half_open[key]
 
     # TcpHost
     def tcp_emit(self, conn: TcpConnection, flags: int, seq: int, ack: int, window: int,
@@ -497,7 +632,10 @@ class StackCore:
     def tcp_established(self, conn: TcpConnection) -> None:
         lst = conn.listener
         if isinstance(lst, ListenerCore):
-            lst.half_open.pop(conn.key, None)
+            if lst.half_open.get(conn.key) is conn:
+                del lst.half_open[conn.key]
+            if self._half_open.get(conn.key) is conn:
+                del self._half_open[conn.key]
             if lst.closed or len(lst.accept_queue) >= lst.backlog:
                 self._drop("accept_backlog_full")
                 conn.abort(self._now, "listener backlog full")
@@ -508,15 +646,11 @@ class StackCore:
 
     def tcp_closed(self, conn: TcpConnection) -> None:
         if self.conns.get(conn.key) is conn:
-            del self.conns[conn.key]
-            self._flows4.pop(_flow4(conn.key), None)
             stats = self.stats
             for k, v in conn.stats.items():
                 if v and k not in ("segments_in", "segments_out"):
                     stats["tcp_" + k] += v
-        lst = conn.listener
-        if isinstance(lst, ListenerCore):
-            lst.half_open.pop(conn.key, None)
+        self._forget(conn)
         self.touched.append(conn)
 
     def tcp_connect(self, dst: IPAddress, port: int, now: float) -> TcpConnection:
@@ -527,6 +661,16 @@ class StackCore:
         # the peer's TIME_WAIT for it ended. Random ports collided with the peer's
         # TIME_WAIT within a few hundred connections (SYNs ignored, 60 s hangs).
         offset = zlib.crc32(self._port_secret + dstb + src + port.to_bytes(2, "big"))
+        if self._peer_conns.get(dstb, 0) >= self.max_connections_per_peer:
+            self.rejects.reject("tcp_conn_limit_peer", f"connect to {dst}:{port} refused")
+            raise ConnectionLimitError(f"connect to {dst}:{port}: {self.max_connections_per_peer} "
+                                       "connections to that address already (max_connections_per_peer)")
+        if len(self.conns) >= self.max_connections:
+            if not self._half_open:
+                self.rejects.reject("tcp_conn_limit_total", f"connect to {dst}:{port} refused")
+                raise ConnectionLimitError(f"connect to {dst}:{port}: {self.max_connections} "
+                                           "connections already (max_connections)")
+            self._evict(next(iter(self._half_open.values())))
         for i in range(EPHEMERAL_COUNT):
             lport = EPHEMERAL_LOW + (offset + self._next_ephemeral + i) % EPHEMERAL_COUNT
             key = (dstb, port, src, lport)
@@ -573,15 +717,18 @@ class StackCore:
                 PacketInfo(v, 17, sip, ipaddress.ip_address(dst), h.src_port, h.dst_port)):
             self._drop("filtered")
             return
-        if len(sock.queue) >= sock.queue_limit:
+        size = h.length - 8
+        if len(sock.queue) >= sock.queue_limit or sock.queued_bytes + size > sock.queue_bytes_limit:
             sock.drops += 1
             self._drop("udp_queue_full")
             return
         sock.queue.append((bytes(body[8:h.length]), (sip, h.src_port)))
+        sock.queued_bytes += size
         self.stats["udp_in"] += 1
         self.touched.append(sock)
 
-    def udp_bind(self, port: int = 0, queue_limit: int = 256) -> UdpSocketCore:
+    def udp_bind(self, port: int = 0, queue_limit: int = 256,
+                 queue_bytes_limit: int = UDP_QUEUE_BYTES) -> UdpSocketCore:
         if port == 0:
             for _ in range(1000):
                 port = self._rng.randrange(49152, 65536)
@@ -589,12 +736,14 @@ class StackCore:
                     break
         if port in self.udp:
             raise LocalProtocolError(f"UDP port {port} is in use")
-        sock = UdpSocketCore(port, queue_limit)
+        sock = UdpSocketCore(port, queue_limit, queue_bytes_limit)
         self.udp[port] = sock
         return sock
 
     def udp_close(self, sock: UdpSocketCore) -> None:
         sock.closed = True
+        sock.queue.clear()
+        sock.queued_bytes = 0
         if self.udp.get(sock.port) is sock:
             del self.udp[sock.port]
 
@@ -628,6 +777,7 @@ class StackCore:
             w = self.echo.get((src, m.ident, m.seq))
             if w is not None:
                 w.reply = bytes(m.payload)
+                self.stats["icmp_echo_reply_matched"] += 1
                 self.touched.append(w)
             else:
                 self.stats["icmp_unmatched_reply"] += 1
@@ -661,13 +811,22 @@ class StackCore:
         return best
 
     def on_timer(self, now: float) -> None:
+        """Run the timers that are due. Never raises: a connection whose timer trips
+        a bug of ours is counted (``internal_error.tcp_timer``) and aborted."""
         self._now = now
         for c in list(self.conns.values()):
             t = c.next_deadline()
             if t is not None and t <= now:
-                c.on_timer(now)
+                try:
+                    c.on_timer(now)
+                except Exception as exc:  # the timer task must outlive our bugs
+                    self._conn_failed(c, "tcp_timer", exc)
+                    continue
                 self._batch.add(c)
-        self._flush(now)
+        try:
+            self._flush(now)
+        except Exception as exc:  # ditto
+            self.rejects.internal_error("flush", exc)
 
 
 __all__ = ["EchoWaiter", "ListenerCore", "PacketInfo", "StackCore", "UdpSocketCore"]

@@ -29,6 +29,31 @@ from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpOptions
 MASK = 0xFFFFFFFF
 _TS_PREFIX = b"\x01\x01\x08\x0a"
 _II = struct.Struct("!II")
+_INF = 1 << 62  # above every sequence number: a bisect key's second half
+
+#: Out-of-order data is kept as disjoint pieces inside the receive window: a byte
+#: that arrives twice is stored once and the total never exceeds the window (Linux
+#: tcp_data_queue_ofo trims a new skb against its neighbours and drops those it
+#: covers). A piece costs ~100 bytes beyond its data, so a peer sending one-byte
+#: segments with gaps between them meets this cap; past it the highest piece goes
+#: (Linux tcp_prune_ofo_queue prunes from the top too), or the new one if it is the
+#: highest.
+OOO_MAX_PIECES = 1024
+#: A piece that continues the one before it is appended to it up to this size, so
+#: the usual burst after one loss is a few pieces, not one per segment.
+OOO_COALESCE = 64 << 10
+#: and the piece after a new one is joined to it up to this size (a copy: kept small)
+OOO_JOIN_NEXT = 2048
+#: The sender's SACK scoreboard holds at most this many disjoint blocks (gVisor's
+#: sack_scoreboard.go maxSACKBlocks is 100 too). What does not fit is forgotten,
+#: which costs at most a retransmission of bytes the peer already holds; the bound
+#: keeps the cost of one ACK flat however many blocks a peer sent before (Linux
+#: CVE-2019-11478: crafted SACKs fragmenting the retransmit queue).
+SACK_SCOREBOARD_MAX = 100
+#: Retransmissions remembered in one recovery (their ranges are disjoint, one per
+#: hole or so: at most about one more than the scoreboard's blocks, unless a peer
+#: keeps moving its holes).
+RTX_MAX = 2 * SACK_SCOREBOARD_MAX
 
 
 class State(enum.Enum):
@@ -55,7 +80,7 @@ class Event(enum.Enum):
     RCV_FIN = "FIN received"
     RCV_ACK_OF_FIN = "ACK of our FIN"
     RCV_FIN_ACK_OF_FIN = "FIN that also ACKs our FIN"
-    TIMEOUT = "2MSL timer expired"
+    TIMEOUT = "2MSL timer (or an orphan's FIN-WAIT-2 timer) expired"
     RESET = "RST received or connection aborted"
 
 
@@ -71,7 +96,8 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     S.ESTABLISHED: {E.CLOSE: S.FIN_WAIT_1, E.RCV_FIN: S.CLOSE_WAIT, E.RESET: S.CLOSED},
     S.FIN_WAIT_1: {E.RCV_ACK_OF_FIN: S.FIN_WAIT_2, E.RCV_FIN: S.CLOSING,
                    E.RCV_FIN_ACK_OF_FIN: S.TIME_WAIT, E.RESET: S.CLOSED},
-    S.FIN_WAIT_2: {E.RCV_FIN: S.TIME_WAIT, E.RESET: S.CLOSED},
+    # TIMEOUT: the application closed and the peer never sent its FIN (Linux tcp_fin_timeout)
+    S.FIN_WAIT_2: {E.RCV_FIN: S.TIME_WAIT, E.TIMEOUT: S.CLOSED, E.RESET: S.CLOSED},
     S.CLOSE_WAIT: {E.CLOSE: S.LAST_ACK, E.RESET: S.CLOSED},
     S.CLOSING: {E.RCV_ACK_OF_FIN: S.TIME_WAIT, E.RESET: S.CLOSED},
     S.LAST_ACK: {E.RCV_ACK_OF_FIN: S.CLOSED, E.RESET: S.CLOSED},
@@ -82,17 +108,27 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 NOT_FAST = SYN | FIN | RST | ACK | URG  # flags & NOT_FAST == ACK: a header-predicted segment's flags
 _SEND_STATES = frozenset((S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK))
 _RECV_STATES = frozenset((S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2))
+#: states whose idle time a keepalive measures (with our FIN or data in flight, the
+#: retransmission timer finds a dead peer instead)
+_KEEPALIVE_STATES = _SEND_STATES | {S.FIN_WAIT_2}
 
 
 class TcpConfig:
-    """Tunables; defaults aim at throughput over a 1280-byte MTU."""
+    """Tunables; defaults aim at throughput over a 1280-byte MTU.
+
+    ``msl``: TIME-WAIT lasts 2 MSL (60 s, Linux's TCP_TIMEWAIT_LEN). ``fin_wait2_timeout``:
+    how long a connection the application closed waits in FIN-WAIT-2 for the peer's
+    FIN (Linux tcp_fin_timeout, 60 s). ``keepalive_*``: the defaults for new
+    connections (off unless ``keepalive_idle`` is set); ``TcpConnection.set_keepalive``
+    changes one connection's."""
 
     def __init__(self, *, recv_buffer: int = 4 << 20, send_buffer: int = 4 << 20,
                  min_rto: float = 0.2, max_rto: float = 60.0, initial_rto: float = 1.0,
                  delayed_ack: float = 0.04, msl: float = 30.0, syn_retries: int = 6,
                  max_retries: int = 15, keepalive_idle: float | None = None,
                  keepalive_interval: float = 75.0, keepalive_count: int = 9,
-                 timestamps: bool = True, sack: bool = True) -> None:
+                 timestamps: bool = True, sack: bool = True,
+                 fin_wait2_timeout: float = 60.0) -> None:
         self.recv_buffer = recv_buffer
         self.send_buffer = send_buffer
         self.min_rto = min_rto
@@ -107,6 +143,7 @@ class TcpConfig:
         self.keepalive_count = keepalive_count
         self.timestamps = timestamps
         self.sack = sack
+        self.fin_wait2_timeout = fin_wait2_timeout
 
 
 class TcpHost(Protocol):
@@ -167,10 +204,12 @@ class TcpConnection:
         self.rcv_nxt = 0
         self.rbuf = RecvBuffer()
         self.fin_received = False
-        self._ooo: dict[int, bytes] = {}
-        self._ooo_starts: list[int] = []
+        # out-of-order data: disjoint pieces by their first sequence number
+        self._ooo: dict[int, bytearray] = {}
+        self._ooo_starts: list[int] = []  # sorted
         self._ooo_blocks: list[list[int]] = []  # merged [left, right) of _ooo, sorted
         self._ooo_recent: list[int] = []  # starts of the latest out-of-order arrivals, newest first
+        self.ooo_bytes = 0  # bytes in _ooo
         self._rcv_adv_edge = 0
         # options
         self.ts_ok = False
@@ -191,6 +230,12 @@ class TcpConnection:
         self.keepalive_at: float | None = None
         self.timewait_at: float | None = None
         self._persist_backoff = 0
+        self._orphan_probes = 0  # zero-window probes since the application closed
+        # keepalive (RFC 9293 3.8.4), per connection; idle is measured from last_rcv
+        self.keepalive_idle = config.keepalive_idle
+        self.keepalive_interval = config.keepalive_interval
+        self.keepalive_count = config.keepalive_count
+        self.last_rcv = now  # when an acceptable segment last arrived
         self._ka_probes = 0
         # congestion
         self.cc = NewReno(self.snd_mss)
@@ -213,8 +258,14 @@ class TcpConnection:
         #: reordering timer, a tail loss probe's answer or an RTO moved it up)
         self._lost_high = 0
         #: retransmissions still in flight in this recovery: [start, end, snd_max when
-        #: sent]; SACKs of data sent after one of them say whether it was lost in turn
+        #: sent], sorted and disjoint; SACKs of data sent after one of them say whether
+        #: it was lost in turn. What is SACKed is cut out of them (``_rtx_cut``), so
+        #: their bytes, and the oldest mark with its count, are kept as they change:
+        #: an ACK never walks the list.
         self._rtx: list[list[int]] = []
+        self._rtx_bytes = 0
+        self._rtx_min_mark = _INF
+        self._rtx_min_count = 0
         self._rtx_high = 0  # holes below were all retransmitted (a search hint)
         self._relost_round = 0
         # RACK-lite (RFC 8985): a hole below SACKed data is lost once a reordering
@@ -230,7 +281,9 @@ class TcpConnection:
         self._ack_now = False
         self.stats = {"segments_in": 0, "segments_out": 0, "retransmits": 0,
                       "fast_retransmits": 0, "rto_timeouts": 0, "dupacks": 0,
-                      "sack_retransmits": 0, "tlp_probes": 0, "lost_retransmits": 0}
+                      "sack_retransmits": 0, "tlp_probes": 0, "lost_retransmits": 0,
+                      "sack_blocks_in": 0, "sack_blocks_ignored": 0,
+                      "ooo_pruned": 0, "ooo_dropped": 0, "keepalive_probes": 0}
 
     # ------------------------------------------------------------ state table
     def _transition(self, event: Event) -> None:
@@ -338,6 +391,8 @@ class TcpConnection:
     def close(self, now: float) -> None:
         """Half-close: send FIN after the queued data."""
         if self.fin_queued:
+            if self.app_closed and self.state is S.FIN_WAIT_2 and self.timewait_at is None:
+                self.timewait_at = now + self.config.fin_wait2_timeout  # orphaned after a half-close
             return
         if self.state is S.SYN_SENT:
             self._transition(E.CLOSE)
@@ -347,6 +402,31 @@ class TcpConnection:
             self.fin_queued = True
             self._transition(E.CLOSE)
             self.output(now)
+
+    def release(self, now: float) -> None:
+        """The application is done with this connection (a full close): unread data
+        gets the peer a RST; otherwise FIN after the queued data, and from here on
+        timers alone end it (FIN-WAIT-2 and TIME-WAIT do not wait for anyone)."""
+        self.app_closed = True
+        if self.rbuf or self.state is S.SYN_SENT:
+            self.abort(now, "closed with unread data")
+        else:
+            self.close(now)
+
+    def set_keepalive(self, idle: float | None, interval: float, count: int, now: float) -> None:
+        """Probe after ``idle`` seconds without a segment from the peer, then every
+        ``interval``; abort after ``count`` unanswered probes (RFC 9293 3.8.4, Linux
+        TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT). ``idle`` None turns it off."""
+        if idle is not None and (idle <= 0 or interval <= 0 or count < 1):
+            raise LocalProtocolError("keepalive: idle and interval must be > 0, count >= 1")
+        self.keepalive_idle = idle
+        self.keepalive_interval = interval
+        self.keepalive_count = count
+        self._ka_probes = 0
+        if idle is None:
+            self.keepalive_at = None
+        elif self.state in _KEEPALIVE_STATES:
+            self.keepalive_at = max(now, self.last_rcv + idle)
 
     def abort(self, now: float, reason: str = "aborted") -> None:
         """Send RST (when synchronized) and drop everything."""
@@ -369,6 +449,11 @@ class TcpConnection:
         self._ooo.clear()
         self._ooo_starts.clear()
         self._ooo_blocks.clear()
+        self._ooo_recent.clear()
+        self.ooo_bytes = 0
+        self._sacked = []
+        self._sacked_bytes = 0
+        self._rtx_reset()
         self.host.tcp_closed(self)
 
     # ------------------------------------------------------------- receiving
@@ -389,14 +474,13 @@ class TcpConnection:
         rn = self.rcv_nxt
         wl1 = self.snd_wl1
         if (self.state is not S.ESTABLISHED or self._ooo_starts or self.app_closed
-                or cfg.keepalive_idle is not None
                 or self._sacked or self.in_recovery or self.dupacks >= 3  # on_segment would look for losses
                 or wl1 > rn or (wl1 == rn and self.snd_wl2 > self.snd_una)):
             return None  # (the last two: the run's first segment would not update the window)
         return rn & MASK, self.snd_una & MASK, cfg.recv_buffer - len(self.rbuf)
 
     def rcv_fast_run(self, payloads: list[memoryview], nbytes: int, last_seq_w: int, last_wnd: int,
-                     any_wnd: int, ts_val: int | None) -> None:
+                     any_wnd: int, ts_val: int | None, now: float) -> None:
         """Take a run of segments that matched ``rcv_prediction``, leaving the connection
         exactly as ``on_segment`` on each in turn would: their payloads (``nbytes`` in
         all) appended; the window of the last one (sequence number ``last_seq_w``)
@@ -405,6 +489,8 @@ class TcpConnection:
         rn = self.rcv_nxt
         count = len(payloads)
         self.stats["segments_in"] += count
+        self.last_rcv = now
+        self._ka_probes = 0
         if ts_val is not None and self.ts_ok:
             self.ts_recent = ts_val
         self.snd_wnd = last_wnd << self.snd_wscale
@@ -440,10 +526,10 @@ class TcpConnection:
             if not flags & RST:
                 self._ack_now = True
             return
-        if self.keepalive_at is not None or self.config.keepalive_idle is not None:
-            self._ka_probes = 0
-            if self.config.keepalive_idle is not None:
-                self.keepalive_at = now + self.config.keepalive_idle
+        # the keepalive timer compares this with its deadline when it fires: no
+        # rescheduling per segment
+        self.last_rcv = now
+        self._ka_probes = 0
         if flags & RST:
             if seq == rn:
                 self._reset("connection reset by peer")
@@ -509,8 +595,9 @@ class TcpConnection:
         self.timewait_at = now + 2 * self.config.msl
 
     def _established(self, now: float) -> None:
-        if self.config.keepalive_idle is not None:
-            self.keepalive_at = now + self.config.keepalive_idle
+        self.last_rcv = now
+        if self.keepalive_idle is not None:
+            self.keepalive_at = now + self.keepalive_idle
         self.host.tcp_established(self)
 
     def _on_syn_sent(self, seq_w: int, ack_w: int, flags: int, window: int,
@@ -578,6 +665,8 @@ class TcpConnection:
         sacked_before = self._sacked_bytes
         probe_high = self._tlp_high
         if opts.sack and self.sack_ok:
+            # (at most 4 blocks: the options area holds no more, Linux TCP_NUM_SACKS)
+            self.stats["sack_blocks_in"] += len(opts.sack)
             self._note_sack(opts.sack, ack)
         # the answer to the probe itself, not any ACK that arrives while it is out (a late
         # one after a stall carries reordering, not news of a lost tail)
@@ -599,7 +688,8 @@ class TcpConnection:
                 self._rtt_sample(ack, now)
             sb = self._sacked
             if sb and sb[0][0] <= ack:
-                if any(left <= ack < right for left, right in sb):
+                k = bisect.bisect_right(sb, (ack, _INF))  # the blocks that start at or below ack
+                if sb[k - 1][1] > ack:
                     # the peer ACKs up to data it had SACKed: it dropped what it held
                     # out of order (RFC 2018 reneging). Only this ACK's blocks still hold,
                     # and what it held may be a hole again: search for holes from here.
@@ -609,16 +699,16 @@ class TcpConnection:
                         self._note_sack(opts.sack, ack)
                     self._rtx_high = ack
                     self.stats["sack_reneging"] = self.stats.get("sack_reneging", 0) + 1
-                else:
-                    self._sacked = [b for b in sb if b[0] > ack]
-                self._sacked_bytes = sum(r - left for left, r in self._sacked)
+                else:  # each block leaves once: no walk over the rest
+                    self._sacked_bytes -= sum([r - left for left, r in sb[:k]])
+                    del sb[:k]
             delivered = acked + self._sacked_bytes - sacked_before
             flight_high = self._flight_high
             if ack >= self._flight_round_end:  # a round trip ended: measure the next one
                 self._flight_round_end = self.snd_nxt
                 self._flight_high = self.snd_nxt - ack
             if self._rtx:
-                self._trim_rtx()
+                self._trim_rtx()  # (what is ACKed leaves them from the front)
             self.dupacks = 0
             self._lt_extra = 0
             if self.in_recovery and not self._rto_recovery:
@@ -641,6 +731,10 @@ class TcpConnection:
                     self._transition(E.RCV_ACK_OF_FIN)
                     if self.state is S.TIME_WAIT:
                         self._enter_time_wait(now)
+                    elif self.state is S.FIN_WAIT_2 and self.app_closed:
+                        # nobody will read or close this again: the peer's FIN has a
+                        # deadline (Linux tcp_fin_timeout)
+                        self.timewait_at = now + self.config.fin_wait2_timeout
                     elif self.state is S.CLOSED:
                         self._closed()
                         return
@@ -665,34 +759,42 @@ class TcpConnection:
                 self.persist_at = None
 
     def _note_sack(self, blocks: tuple[tuple[int, int], ...], ack: int) -> None:
+        """Merge an ACK's blocks into the scoreboard: a binary search and the blocks a
+        new one swallows per block, never a walk over the rest (gVisor's scoreboard
+        is a btree for the same reason); full, a block that would be a new entry is
+        forgotten."""
         base = self.snd_una
+        floor = max(ack, base)
+        snd_max = self.snd_max
         sb = self._sacked
-        added = False
         for lw, rw in blocks:
             d = (lw - base) & MASK
             left = base + (d - (1 << 32) if d & 0x80000000 else d)
             right = left + ((rw - lw) & MASK)
-            if right <= max(ack, base) or right > self.snd_max or left >= right:
+            if right <= floor or right > snd_max or left >= right:
                 continue  # D-SACK, stale or bogus
-            sb.append((left, right))
-            added = True
-        if not added:
-            return
-        sb.sort()
-        merged: list[tuple[int, int]] = []
-        total = 0
-        for left, right in sb:
-            if merged and left <= merged[-1][1]:
-                if right > merged[-1][1]:
-                    total += right - merged[-1][1]
-                    merged[-1] = (merged[-1][0], right)
-            else:
-                merged.append((left, right))
-                total += right - left
-        self._sacked = merged
-        self._sacked_bytes = total
-        if self._rtx:
-            self._trim_rtx()
+            i = bisect.bisect_left(sb, (left,))
+            if i and sb[i - 1][1] >= left:  # joins the block before
+                i -= 1
+                left = sb[i][0]
+            j = i
+            swallowed = 0
+            n = len(sb)
+            while j < n and sb[j][0] <= right:
+                r = sb[j][1]
+                if r > right:
+                    right = r
+                swallowed += r - sb[j][0]
+                j += 1
+            if j == i and n >= SACK_SCOREBOARD_MAX:
+                self.stats["sack_blocks_ignored"] += 1
+                continue
+            grown = right - left - swallowed
+            if grown:
+                sb[i:j] = ((left, right),)
+                self._sacked_bytes += grown
+                if self._rtx:
+                    self._rtx_cut(left, right)
 
     # ------------------------------------------------------------ loss recovery
     def _detect_loss(self, now: float, delivered: int, after_probe: bool,
@@ -704,12 +806,13 @@ class TcpConnection:
         lost = self._lost_high
         sb = self._sacked
         if sb:
-            # RFC 6675 IsLost: more than (DupThresh - 1) * SMSS bytes SACKed above
+            # RFC 6675 IsLost: DupThresh (3) SACKed blocks above, or more than
+            # (DupThresh - 1) * SMSS bytes: a walk down from the top of 3 blocks at most
             acc = 0
             edge = 0
-            for left, right in reversed(sb):
+            for n, (left, right) in enumerate(reversed(sb)):
                 acc += right - left
-                if acc > 2 * mss:
+                if acc > 2 * mss or n == 2:
                     edge = left
                     break
             if after_probe:
@@ -718,12 +821,12 @@ class TcpConnection:
                 edge = max(edge, sb[-1][0])
             if edge > lost:
                 lost = edge
-            if edge and self._rtx:
+            if edge and self._rtx_min_mark <= edge:
                 self._relost(edge + 1)
             top = sb[-1][1]
             if self.reo_at is None and (
                     sb[-1][0] > max(lost, una)
-                    or any(e[2] < top for e in self._rtx)):
+                    or self._rtx_min_mark < top):  # a retransmission sent before top was
                 self.reo_at = now + self._reo_wnd()
                 self._reo_mark = top
         if self.dupacks >= 3 or (advanced and self.in_recovery and not self.sack_ok):
@@ -747,17 +850,21 @@ class TcpConnection:
     def _relost(self, limit: int) -> None:
         """Retransmissions sent before data that has since been SACKed (their snd_max
         mark below ``limit``) are lost too: send them again."""
+        if self._rtx_min_mark >= limit:
+            return  # none is that old
         keep = []
         lost = False
         for e in self._rtx:
             if e[2] < limit:
                 self.stats["lost_retransmits"] += 1
+                self._rtx_bytes -= e[1] - e[0]
                 lost = True
                 if e[0] < self._rtx_high:
                     self._rtx_high = e[0]
             else:
                 keep.append(e)
         self._rtx = keep
+        self._rtx_recount()
         if lost and self.in_recovery and not self._rto_recovery \
                 and self.snd_una >= self._relost_round:
             # a retransmission lost too: the window we recover into is still more
@@ -766,24 +873,87 @@ class TcpConnection:
             self.cc.on_enter_recovery(min(self._pipe(), self.cc.ssthresh))
 
     def _trim_rtx(self) -> None:
-        """Forget retransmissions that were ACKed or SACKed whole (both lists are
-        sorted and disjoint: one pass over each)."""
+        """Forget the retransmissions SND.UNA passed (from the front: each leaves once)."""
         una = self.snd_una
-        sb = self._sacked
-        nb = len(sb)
-        j = 0
-        keep = []
-        for e in self._rtx:
-            if e[1] <= una:
-                continue
-            if e[0] < una:
-                e[0] = una
-            while j < nb and sb[j][1] <= e[0]:
-                j += 1
-            if j < nb and sb[j][0] <= e[0] and e[1] <= sb[j][1]:
-                continue
-            keep.append(e)
-        self._rtx = keep
+        rtx = self._rtx
+        k = 0
+        n = len(rtx)
+        while k < n and rtx[k][1] <= una:
+            self._rtx_bytes -= rtx[k][1] - rtx[k][0]
+            k += 1
+        gone = rtx[:k]
+        del rtx[:k]
+        if rtx and rtx[0][0] < una:
+            self._rtx_bytes -= una - rtx[0][0]
+            rtx[0][0] = una
+        for e in gone:
+            self._rtx_mark_removed(e[2])
+
+    def _rtx_cut(self, left: int, right: int) -> None:
+        """[left, right) is SACKed: no retransmission in it is in flight any more. Only
+        the entries that overlap it are looked at (and each leaves or shrinks)."""
+        rtx = self._rtx
+        i = bisect.bisect_right(rtx, [left, _INF])
+        if i and rtx[i - 1][1] > left:
+            i -= 1
+        j = i
+        n = len(rtx)
+        if j >= n or rtx[j][0] >= right:
+            return
+        kept: list[list[int]] = []
+        changes: list[tuple[int, int]] = []  # (mark, entries it has now less the one it had)
+        while j < n and rtx[j][0] < right:
+            s, e, m = rtx[j]
+            pieces = 0
+            if s < left:
+                kept.append([s, left, m])
+                pieces += 1
+            if e > right:
+                kept.append([right, e, m])
+                pieces += 1
+            self._rtx_bytes -= min(e, right) - max(s, left)
+            if pieces != 1:
+                changes.append((m, pieces - 1))
+            j += 1
+        rtx[i:j] = kept
+        for m, delta in changes:
+            if delta > 0:
+                self._rtx_mark_added(m)
+            else:
+                self._rtx_mark_removed(m)
+        if len(rtx) > RTX_MAX:
+            self._rtx_drop_lowest()
+
+    def _rtx_drop_lowest(self) -> None:
+        # below _rtx_high it is not sent again, only counted out of the pipe (a peer
+        # that keeps moving its holes gets here)
+        e = self._rtx.pop(0)
+        self._rtx_bytes -= e[1] - e[0]
+        self._rtx_mark_removed(e[2])
+
+    def _rtx_mark_added(self, mark: int) -> None:
+        if mark < self._rtx_min_mark:
+            self._rtx_min_mark = mark
+            self._rtx_min_count = 1
+        elif mark == self._rtx_min_mark:
+            self._rtx_min_count += 1
+
+    def _rtx_mark_removed(self, mark: int) -> None:
+        if mark == self._rtx_min_mark:
+            self._rtx_min_count -= 1
+            if not self._rtx_min_count:
+                self._rtx_recount()  # (only when the last of the oldest goes)
+
+    def _rtx_recount(self) -> None:
+        marks = [e[2] for e in self._rtx]
+        self._rtx_min_mark = min(marks, default=_INF)
+        self._rtx_min_count = marks.count(self._rtx_min_mark)
+
+    def _rtx_reset(self) -> None:
+        self._rtx = []
+        self._rtx_bytes = 0
+        self._rtx_min_mark = _INF
+        self._rtx_min_count = 0
 
     def _enter_recovery(self) -> None:
         self.in_recovery = True
@@ -811,26 +981,16 @@ class TcpConnection:
         lost = 0
         lh = self._lost_high
         if lh > una:
-            below = 0
-            for left, right in sb:
-                if left >= lh:
+            # what is SACKed below lh, from the total and what lies above it (lh sits
+            # near the top: IsLost marks up to 3 blocks below it)
+            above = 0
+            for left, right in reversed(sb):
+                if right <= lh:
                     break
-                below += min(right, lh) - left
-            lost = lh - una - below
-        # retransmitted bytes not SACKed since (one pass over both sorted lists)
-        rtx = 0
-        j = 0
-        nb = len(sb)
-        for e in self._rtx:
-            a, b = e[0], e[1]
-            rtx += b - a
-            while j < nb and sb[j][1] <= a:
-                j += 1
-            k = j
-            while k < nb and sb[k][0] < b:
-                rtx -= min(b, sb[k][1]) - max(a, sb[k][0])
-                k += 1
-        return max(out - sacked - lost + rtx, 0)
+                above += right - max(left, lh)
+            lost = lh - una - (self._sacked_bytes - above)
+        # retransmitted bytes not SACKed since (SACKs cut them out as they come)
+        return max(out - sacked - lost + self._rtx_bytes, 0)
 
     def _next_hole(self) -> tuple[int, int] | None:
         """The first lost byte range not SACKed and not yet retransmitted, up to an MSS."""
@@ -838,35 +998,24 @@ class TcpConnection:
         lim = min(self._lost_high, self.snd_max)
         sb = self._sacked
         rtx = self._rtx
-        while x < lim:
-            moved = False
-            for left, right in sb:
-                if left > x:
-                    break
-                if x < right:
-                    x = right
-                    moved = True
-                    break
-            for e in rtx:
-                if e[0] > x:
-                    break
-                if x < e[1]:
-                    x = e[1]
-                    moved = True
-                    break
-            if not moved:
-                break
+        i = k = 0
+        while x < lim:  # past the SACKed block or retransmission that holds x, if one does
+            i = bisect.bisect_right(sb, (x, _INF))
+            if i and sb[i - 1][1] > x:
+                x = sb[i - 1][1]
+                continue
+            k = bisect.bisect_right(rtx, [x, _INF])
+            if k and rtx[k - 1][1] > x:
+                x = rtx[k - 1][1]
+                continue
+            break
         if x >= lim:
             return None
         end = min(x + self.snd_mss, lim)
-        for left, _right in sb:
-            if left > x:
-                end = min(end, left)
-                break
-        for e in rtx:
-            if e[0] > x:
-                end = min(end, e[0])
-                break
+        if i < len(sb) and sb[i][0] < end:
+            end = sb[i][0]
+        if k < len(rtx) and rtx[k][0] < end:
+            end = rtx[k][0]
         return x, end
 
     def _retransmit(self, start: int, end: int, now: float) -> int:
@@ -908,11 +1057,19 @@ class TcpConnection:
                 break
             rtx = self._rtx
             i = bisect.bisect_left(rtx, [start])
+            mark = self.snd_max
+            self._rtx_bytes += n  # (a hole: none of it is SACKed)
             if i and rtx[i - 1][1] == start:  # extends a run of retransmissions
-                rtx[i - 1][1] = start + n
-                rtx[i - 1][2] = self.snd_max
+                e = rtx[i - 1]
+                old, e[1], e[2] = e[2], start + n, mark
+                if old != mark:
+                    self._rtx_mark_added(mark)
+                    self._rtx_mark_removed(old)
             else:
-                rtx.insert(i, [start, start + n, self.snd_max])
+                rtx.insert(i, [start, start + n, mark])
+                self._rtx_mark_added(mark)
+                if len(rtx) > RTX_MAX:
+                    self._rtx_drop_lowest()
             self._rtx_high = start + n
             if self.sack_ok:
                 self.stats["sack_retransmits"] += 1
@@ -950,12 +1107,7 @@ class TcpConnection:
             else:
                 self._ack_pending += 1
         else:
-            old = self._ooo.get(seq)
-            if old is None or len(old) < len(payload):
-                if old is None:
-                    bisect.insort(self._ooo_starts, seq)
-                self._ooo[seq] = bytes(payload)
-                self._add_ooo_block(seq, end)
+            self._store_ooo(seq, payload)
             recent = self._ooo_recent
             recent.insert(0, seq)
             del recent[8:]
@@ -963,6 +1115,82 @@ class TcpConnection:
             # batch: the sender counts these duplicate ACKs, and each one carries the
             # block of the segment that caused it first (RFC 2018)
             self._send_ack(now)
+
+    def _store_ooo(self, seq: int, payload: memoryview) -> None:
+        """Keep the bytes of an out-of-order segment that no piece holds yet (the
+        segment lies inside the window: see ``_on_data``)."""
+        end = seq + len(payload)
+        blocks = self._ooo_blocks
+        gaps: list[tuple[int, int]] = []
+        i = bisect.bisect_right(blocks, [seq, _INF])  # the first block that starts above seq
+        x = seq
+        if i and blocks[i - 1][1] > x:
+            x = blocks[i - 1][1]
+        n = len(blocks)
+        while x < end:
+            if i < n and blocks[i][0] < end:
+                left, right = blocks[i]
+                if left > x:
+                    gaps.append((x, left))
+                x = right
+                i += 1
+            else:
+                gaps.append((x, end))
+                break
+        for start, stop in gaps:
+            if self._put_ooo(start, payload[start - seq:stop - seq]):
+                self._add_ooo_block(start, stop)
+            else:
+                self.stats["ooo_dropped"] += 1
+
+    def _put_ooo(self, start: int, data: memoryview) -> bool:
+        """Store ``data`` (bytes no piece holds) from ``start``: appended to the piece
+        that ends there if that is still small, else as a piece of its own; a small
+        piece that starts where it ends is joined to it (segments that overlap at
+        random would otherwise leave a piece per gap they filled)."""
+        starts = self._ooo_starts
+        ooo = self._ooo
+        end = start + len(data)
+        j = bisect.bisect_left(starts, start)
+        nxt = ooo.get(end) if j < len(starts) and starts[j] == end else None
+        if nxt is not None and len(nxt) > OOO_JOIN_NEXT:
+            nxt = None  # (joining copies it: only small ones)
+        if j:
+            prev = ooo[starts[j - 1]]
+            if starts[j - 1] + len(prev) == start and len(prev) < OOO_COALESCE:
+                prev += data
+                if nxt is not None:
+                    prev += nxt
+                    del ooo[end], starts[j]
+                self.ooo_bytes += len(data)
+                return True
+        if nxt is not None:  # the next piece now starts here
+            piece = bytearray(data)
+            piece += nxt
+            del ooo[end]
+            starts[j] = start
+            ooo[start] = piece
+            self.ooo_bytes += len(data)
+            return True
+        if len(starts) >= OOO_MAX_PIECES:
+            if j == len(starts):
+                return False  # the highest: nothing above it to make room
+            self._prune_ooo_top()
+        starts.insert(j, start)
+        ooo[start] = bytearray(data)
+        self.ooo_bytes += len(data)
+        return True
+
+    def _prune_ooo_top(self) -> None:
+        """Forget the highest piece, SACKed or not (RFC 2018 lets a receiver renege)."""
+        top = self._ooo_starts.pop()
+        self.ooo_bytes -= len(self._ooo.pop(top))
+        blk = self._ooo_blocks[-1]  # the piece is the end of the top block
+        if blk[0] >= top:
+            self._ooo_blocks.pop()
+        else:
+            blk[1] = top
+        self.stats["ooo_pruned"] += 1
 
     def _add_ooo_block(self, left: int, right: int) -> None:
         blocks = self._ooo_blocks
@@ -987,9 +1215,11 @@ class TcpConnection:
         while i < len(starts) and starts[i] <= self.rcv_nxt:
             s = starts[i]
             d = ooo.pop(s)
+            self.ooo_bytes -= len(d)
             end = s + len(d)
             if end > self.rcv_nxt:
-                self.rbuf.append(memoryview(d)[self.rcv_nxt - s:])
+                # a whole piece is handed over as it is (nobody else holds it)
+                self.rbuf.append(d if s == self.rcv_nxt else memoryview(d)[self.rcv_nxt - s:])
                 self.rcv_nxt = end
             i += 1
         del starts[:i]
@@ -1165,26 +1395,52 @@ class TcpConnection:
         if self.persist_at is not None and now >= self.persist_at:
             self.persist_at = None
             if self.snd_wnd == 0 and self.sbuf_seq + len(self.sbuf) > self.snd_nxt:
+                if self.app_closed:
+                    # an orphan: a peer that keeps its window shut (and answers every
+                    # probe) must not hold it forever (Linux tcp_probe_timer gives an
+                    # orphan tcp_orphan_retries probes)
+                    self._orphan_probes += 1
+                    if self._orphan_probes > self.config.max_retries:
+                        self.abort(now, "orphan: peer window stayed closed")
+                        return
                 # zero-window probe: an old sequence number elicits an ACK
                 self._emit(ACK, self.snd_una - 1, self.rcv_nxt, self._wnd_field(),
                            self._ts_opt(now), b"")
                 self._persist_backoff = min(self._persist_backoff + 1, 12)
                 self.persist_at = now + self._persist_interval()
         if self.keepalive_at is not None and now >= self.keepalive_at:
-            if self.state in (S.ESTABLISHED, S.CLOSE_WAIT) and self.snd_max == self.snd_una:
-                if self._ka_probes >= self.config.keepalive_count:
-                    self.abort(now, "keepalive timeout")
-                    return
-                self._ka_probes += 1
-                self._emit(ACK, self.snd_una - 1, self.rcv_nxt, self._wnd_field(),
-                           self._ts_opt(now), b"")
-                self.keepalive_at = now + self.config.keepalive_interval
-            elif self.config.keepalive_idle is not None:
-                self.keepalive_at = now + self.config.keepalive_idle
+            self._on_keepalive(now)
+            if self.state is S.CLOSED:
+                return
         if self.delack_at is not None and now >= self.delack_at:
             self.delack_at = None
             if self._ack_pending:
                 self._send_ack(now)
+
+    def _on_keepalive(self, now: float) -> None:
+        """Idle since ``last_rcv``: probe (the byte before SND.UNA elicits an ACK);
+        ``keepalive_count`` probes unanswered: abort. The deadline set at the last
+        segment may be stale: segments do not move it, this does."""
+        self.keepalive_at = None
+        idle = self.keepalive_idle
+        if idle is None or self.state not in _KEEPALIVE_STATES:
+            return
+        if self._ka_probes == 0 and now < self.last_rcv + idle:
+            self.keepalive_at = self.last_rcv + idle
+            return
+        if self.snd_max > self.snd_una or self.sbuf_seq + len(self.sbuf) > self.snd_nxt:
+            # data in flight or queued: the retransmission (or persist) timer watches the
+            # peer (Linux tcp_keepalive_timer reschedules the same way)
+            self._ka_probes = 0
+            self.keepalive_at = now + idle
+            return
+        if self._ka_probes >= self.keepalive_count:
+            self.abort(now, "keepalive timeout")
+            return
+        self._ka_probes += 1
+        self.stats["keepalive_probes"] += 1
+        self._emit(ACK, self.snd_una - 1, self.rcv_nxt, self._wnd_field(), self._ts_opt(now), b"")
+        self.keepalive_at = now + self.keepalive_interval
 
     def _on_rto(self, now: float) -> None:
         self.rto_at = None
@@ -1219,7 +1475,7 @@ class TcpConnection:
         self.recover = self.snd_max
         self.dupacks = 0
         self._lost_high = self.snd_max
-        self._rtx = []
+        self._rtx_reset()
         self._rtx_high = self.snd_una
         self.tlp_at = self.reo_at = None
         self._tlp_high = 0
@@ -1275,8 +1531,7 @@ class TcpConnection:
         mark = self._reo_mark
         if mark > self._lost_high:
             self._lost_high = mark
-        if self._rtx:
-            self._relost(mark)
+        self._relost(mark)
         if not self.in_recovery and self._lost_high > una and self._next_hole() is not None:
             self._enter_recovery()
             self.cc.on_recovery_ack(0, self._pipe())

@@ -29,7 +29,8 @@ from .simlink import B4, Pipe, linked_stacks
 
 STATE = ("state", "rcv_nxt", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "ts_recent",
          "_ack_pending", "_ack_now", "delack_at", "rto_at", "persist_at", "fin_received",
-         "_ooo_starts", "dupacks", "_sacked", "in_recovery", "reo_at", "_lost_high", "tlp_at")
+         "_ooo_starts", "dupacks", "_sacked", "in_recovery", "reo_at", "_lost_high", "tlp_at",
+         "last_rcv", "keepalive_at", "_ka_probes", "ooo_bytes")
 
 
 def _ts(val: int, ecr: int = 0) -> bytes:
@@ -206,12 +207,20 @@ def test_admit_is_asked_about_every_packet_but_the_fast_path() -> None:
     assert side.stack.statistics().get("tcp_in", 0) == 5 - 1
 
 
-def test_keepalive_connections_take_the_slow_path() -> None:
+def test_keepalive_connections_keep_the_fast_path() -> None:
+    """Keepalive needs no rescheduling per segment: the fast path notes when the peer
+    was last heard, and the keepalive timer moves its own deadline when it is stale."""
     side = _Side(fast=True, config=TcpConfig(keepalive_idle=10.0))
     port, our_seq = side.open()
+    conn = side.conn
+    assert conn is not None and conn.keepalive_at == pytest.approx(10.001)  # from the handshake
     side.stack.deliver(make_segment(80, port, 7001, our_seq, ACK, 4000, b"x" * 100), 1.0)
-    assert side.stack.fast_segments == 0
-    assert side.conn is not None and side.conn.keepalive_at == pytest.approx(11.0)
+    assert side.stack.fast_segments == 1 and conn.last_rcv == 1.0
+    side.stack.on_timer(1.1)  # the delayed ACK
+    side.out.clear()
+    side.stack.on_timer(10.001)
+    assert side.out == [], "heard from 9 s ago: no probe yet"
+    assert conn.keepalive_at == pytest.approx(11.0) and conn.stats["keepalive_probes"] == 0
 
 
 def test_unchecked_checksums_only_when_asked() -> None:

@@ -175,8 +175,11 @@ def test_keepalive_probes_then_abort() -> None:
     h.stack.on_timer(10.0)
     (p,) = h.take()
     assert p.seq == seq - 1 and p.payload == b""
-    # an answer resets the idle timer
+    # an answer resets the idle time: the probe's timer finds it and waits the rest
     h.send(10.1, 80, port, pseq, seq, ACK)
+    assert h.stack.next_deadline() == pytest.approx(12.0)
+    h.stack.on_timer(12.0)
+    assert h.take() == []
     assert h.stack.next_deadline() == pytest.approx(20.1)
     now = 20.1
     for _ in range(3):

@@ -32,11 +32,10 @@ STALL_LIMIT = 120.0  # how long a staller waits for the proxy to close it
 
 def netstack_counts(node: Any) -> dict[str, int]:
     """A node's netstack: live TCP connections (any state, TIME_WAIT included),
-    listeners, UDP endpoints. Read off the core's tables; when StackCore.statistics()
-    carries gauges for these, read them there instead."""
-    core = node.stack.core
-    return {"tcp_connections": len(core.conns), "tcp_listeners": len(core.listeners),
-            "udp_endpoints": len(core.udp)}
+    half-open ones, listeners, UDP endpoints: the gauges `status --json` shows."""
+    stats = node.stack.statistics()
+    return {"tcp_connections": stats["tcp_connections"], "tcp_half_open": stats["tcp_half_open"],
+            "tcp_listeners": stats["tcp_listeners"], "udp_endpoints": stats["udp_sockets"]}
 
 
 def tcp_states(node: Any) -> dict[str, int]:

@@ -605,3 +605,26 @@ async def test_serve_tailnet_client_that_resets_closes_the_local_connection(net:
     await eventually(lambda: proxy.statistics()["live_connections"] == 0, "ended")
     await eventually(lambda: net.ours()[0] == 0, "the tailnet side closed")
     assert accounted(proxy)["failed"] == {"client_reset": 1}
+
+
+async def test_the_tailnet_side_of_every_proxied_connection_probes_when_idle(net: Net) -> None:
+    """A tailnet peer that vanishes without FIN or RST must not hold a relay forever:
+    dialed (--forward, SOCKS5, HTTP) and accepted (--serve) tailnet streams get keepalive."""
+    forward = server.ForwardProxy(0, "peer", 80, net.dialer)
+    port = await net.start(forward)
+    client = await connect(port)
+    await client.send_all(b"hi")
+    assert await recv_exactly(client, 2) == b"HI"
+    dialed = [c for c in net.a.core.conns.values()]
+    assert len(dialed) == 1 and dialed[0].keepalive_idle == server.TAILNET_KEEPALIVE[0]
+
+    local = await net.nursery.start(partial(trio.serve_tcp, _echo_upper, 0, host="127.0.0.1"))
+    inbound = server.InboundServer(net.a.listen_tcp(9002), "127.0.0.1", local[0].socket.getsockname()[1])
+    await net.nursery.start(inbound.serve)
+    stream = await net.b.open_tcp_stream("10.0.0.1", 9002)
+    await stream.send_all(b"yo")
+    assert await recv_exactly(stream, 2) == b"YO"
+    accepted = [c for c in net.a.core.conns.values() if 9002 in (c.key[1], c.key[3])]
+    assert len(accepted) == 1 and accepted[0].keepalive_idle == server.TAILNET_KEEPALIVE[0]
+    await client.aclose()
+    await stream.aclose()

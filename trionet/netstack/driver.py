@@ -305,6 +305,13 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._stack._after(conn)
         await trio.lowlevel.checkpoint()
 
+    async def abort(self, reason: str = "aborted") -> None:
+        """Close with RST, not FIN: the peer learns at once that the connection is gone,
+        and nothing lingers in TIME_WAIT here."""
+        if not self._closed:
+            self._conn.abort(trio.current_time(), reason)
+        await self.aclose()
+
 
 class TcpListener(trio.abc.Listener[TcpStream]):
     def __init__(self, stack: NetStack, core: ListenerCore) -> None:

@@ -145,7 +145,9 @@ async def reset(stream: trio.abc.Stream) -> None:
         with suppress(OSError):
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     elif isinstance(stream, TcpStream):
-        stream.connection.abort(trio.current_time(), "proxy: the other side went away")
+        with trio.CancelScope(shield=True):  # as aclose_forcefully: it must happen even if cancelled
+            await stream.abort("proxy: the other side went away")
+        return
     await trio.aclose_forcefully(stream)
 
 

@@ -87,3 +87,17 @@ async def test_connection_refused() -> None:
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_abort_resets_the_peer_and_leaves_no_time_wait() -> None:
+    async with linked_stacks() as (a, b):
+        async with b.listen_tcp(80) as listener:
+            ours = await a.open_tcp_stream(B4, 80)
+            theirs = await listener.accept()
+            await ours.send_all(b"x")
+            assert await theirs.receive_some(10) == b"x"
+            await ours.abort("test")
+            with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+                await theirs.receive_some(10)  # RST: not an orderly EOF
+            assert a.statistics()["tcp_connections"] == 0  # gone at once, no TIME_WAIT
+            await theirs.aclose()

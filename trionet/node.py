@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import trio
 
 from trionet import keys as keymod
+from trionet.clock import now as clock_now
+from trionet.clock import wall
 from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.control.netmap import Netmap, legacy_derp_region
 from trionet.control.session import ControlSession
@@ -86,7 +88,7 @@ class Node:
                                 auth_key=auth_key, ca_file=Path(ca_file) if ca_file else None,
                                 udp_port=udp_port, udp_bind=udp_bind, **kwargs)
         self.config = config
-        self.status_machine = StatusMachine()
+        self.status_machine = StatusMachine(clock=wall)
         self.stats: Counter[str] = Counter()
         self.rejects = RejectLog(log, "node", self.stats)
         self.netmap: Netmap | None = None
@@ -105,6 +107,7 @@ class Node:
         self._inbound: list[bytes] = []  # decrypted packets of the current UDP read batch, not yet filtered
         self._outbound: list[bytes] = []  # the current netstack step's packets, sent at its end
         self._attached: list[StatisticsSource] = []
+        self._wg_sleep: trio.CancelScope | None = None  # the WireGuard timer task's sleep, to its deadline
 
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -222,6 +225,7 @@ class Node:
                 peer_id = self._peer_ids_by_key.pop(key)
                 if self._key_by_peer_id.get(peer_id) == key:
                     del self._key_by_peer_id[peer_id]
+        self._wg_timers_moved()  # new peers may have timers (a persistent keepalive)
         if me is not None and not self._running.is_set():
             self._running.set()
 
@@ -260,6 +264,7 @@ class Node:
             self.wg.set_private_key(node_private)
         self.magic.set_node_key(node_private, keymod.public_of(node_private))
         self.stats["node_key_renewals"] += 1
+        self._wg_timers_moved()
 
     def _start_stack(self, me: Any) -> None:
         addrs = [ipaddress.ip_interface(a).ip for a in me.Addresses or ()]
@@ -291,7 +296,7 @@ class Node:
         batch, self._outbound = self._outbound, []
         assert self.wg is not None and self.magic is not None
         self.filter.note_outbound_many(batch)
-        txs = self.wg.send_ip_many(batch, time.monotonic(), time.time())
+        txs = self.wg.send_ip_many(batch, clock_now(), wall())
         magic = self.magic
         magic.cork()
         try:
@@ -299,6 +304,7 @@ class Node:
                 magic.send_wireguard_many(peer, [tx[1] for tx in run], path)
         finally:
             magic.uncork()
+        self._wg_timers_moved()
 
     def _on_wireguard(self, datagrams: Sequence[bytes | memoryview], derp_src: bytes | None,
                       path: PathTag) -> None:
@@ -310,10 +316,10 @@ class Node:
         before = len(inbound)
         # derp_src: the DERP server vouches for the sender's node key, so it names the sender
         # for cookies and rate limits under load as a UDP source address does
-        got = self.wg.receive_many(datagrams, time.monotonic(), time.time(), src=path, into=inbound,
-                                   src_key=derp_src)
+        got = self.wg.receive_many(datagrams, clock_now(), wall(), src=path, into=inbound, src_key=derp_src)
         for tx in got.transmits:
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None) or path)
+        self._wg_timers_moved()
         if self.stack is None and len(inbound) > before:
             self.stats["drop.no_stack"] += len(inbound) - before
             del inbound[before:]
@@ -321,8 +327,9 @@ class Node:
     def _on_peer_heard(self, node_key: bytes) -> None:
         if self.wg is None or self.magic is None:
             return
-        for tx in self.wg.peer_heard(node_key, time.monotonic(), time.time()):
+        for tx in self.wg.peer_heard(node_key, clock_now(), wall()):
             self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
+        self._wg_timers_moved()
 
     def _flush_inbound(self) -> None:
         """One netstack batch per socket read: ACKs and wake-ups once, not per packet.
@@ -340,18 +347,29 @@ class Node:
         return False
 
     async def _wg_timer(self) -> None:
-        assert self.wg is not None and self.magic is not None
+        """WireGuard's timers: sleeps to the earliest one; traffic that sets an earlier
+        one moves the wake-up forward (`_wg_timers_moved`)."""
+        wg, magic = self.wg, self.magic
+        assert wg is not None and magic is not None
         while True:
-            now = time.monotonic()
             try:
-                for tx in self.wg.tick(now, time.time()):
-                    self.magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
+                for tx in wg.tick(clock_now(), wall()):
+                    magic.send_wireguard(tx.peer, tx.data, getattr(tx, "path", None))
                 self._flush_outbound()  # a backstop: a netstack step that raised never reached output_done
             except Exception as exc:  # a bug: count it and keep the timers running
                 self.rejects.internal_error("wireguard_timer", exc)
-            deadline = self.wg.next_deadline()
-            delay = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
-            await trio.sleep(delay)
+            deadline = wg.next_deadline()
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as sleep:
+                self._wg_sleep = sleep
+                await trio.sleep_forever()
+            self._wg_sleep = None
+
+    def _wg_timers_moved(self) -> None:
+        """After a call into WireGuard: if it set a timer sooner than the timer task
+        sleeps to, wake the task then. (One float compare: this runs per batch.)"""
+        sleep = self._wg_sleep
+        if sleep is not None and self.wg is not None and self.wg.soonest < sleep.deadline:
+            sleep.deadline = self.wg.soonest
 
     # ------------------------------------------------------------------ names
     def resolve(self, host: str) -> str:
@@ -447,8 +465,7 @@ class Node:
             key = self._key_by_peer_id.get(peer.ID)
             if key is not None and self.magic is not None:
                 path = self.magic.paths.peers.get(key)
-                now = time.monotonic()
-                if path is not None and path.direct(now):
+                if path is not None and path.direct(clock_now()):
                     info["path"] = f"direct {path.best_addr[0]}:{path.best_addr[1]}"  # type: ignore[index]
                 elif path is not None:
                     info["path"] = f"derp {path.home_derp or path.last_derp_region}"

@@ -2,6 +2,8 @@
 
 Everything that changes the status goes through `StatusMachine.move`; an
 illegal transition is our bug (LocalProtocolError), never silently accepted.
+The machine reads no clock of its own: `clock` gives the wall time of a change
+(a Node passes its Trio-based `trionet.clock.wall`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class StatusMachine:
     since: float = attrs.field(factory=time.time)
     history: list[StatusChange] = attrs.field(factory=list)
     listeners: list[Callable[[StatusChange], None]] = attrs.field(factory=list)
+    clock: Callable[[], float] = attrs.field(default=time.time, repr=False)
 
     def move(self, new: Status, reason: str = "", at: float | None = None) -> None:
         if new == self.status:
@@ -63,7 +66,7 @@ class StatusMachine:
             return
         if new not in TRANSITIONS[self.status]:
             raise LocalProtocolError(f"illegal status transition {self.status.value} -> {new.value}")
-        change = StatusChange(self.status, new, reason, time.time() if at is None else at)
+        change = StatusChange(self.status, new, reason, self.clock() if at is None else at)
         self.status, self.reason, self.since = new, reason, change.at
         self.history.append(change)
         del self.history[:-50]

@@ -22,7 +22,6 @@ import logging
 import platform
 import ssl
 import struct
-import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +34,7 @@ import trio
 import zstandard
 
 from trionet import __version__, proto
+from trionet.clock import wall
 from trionet.control.netmap import Netmap, NetmapChange
 from trionet.errors import AuthError, ConfigError, ControlError, RemoteProtocolError, TransportError
 from trionet.keys import ZERO_NODE_KEY, format_key, parse_key, public_of
@@ -329,7 +329,7 @@ class ControlConnection:
             raise AuthError("the login server did not authorize this node (no or invalid auth key)")
         self.state.extra["registered_server"] = self.config.login_server
         if self.state.node_key_since is None and renew_to is None:
-            self.state.node_key_since = time.time()
+            self.state.node_key_since = wall()
         await self.state.save_async()  # off the loop: an fsync can take long on a busy disk
         return resp
 

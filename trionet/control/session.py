@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from trionet.clock import trio_time_of, wall
 from trionet.errors import AuthError, ConfigError, TrionetError
 from trionet.status import Status, StatusMachine
 
@@ -170,7 +171,7 @@ class ControlSession:
         from trionet.control import NodeKeyExpired
 
         pending = self.state.pending_node_private
-        expired = self.key_expiry is not None and self.key_expiry <= time.time()
+        expired = self.key_expiry is not None and self.key_expiry <= wall()
         if pending is None:
             try:
                 await conn.register()
@@ -193,10 +194,10 @@ class ControlSession:
             self._hold_until_expiry = self.key_expiry
             await conn.register()
             return
-        await self.state.finish_node_key_renewal(time.time())
+        await self.state.finish_node_key_renewal(wall())
         self.renewals += 1
         self._renewed_against = self.key_expiry
-        self._last_renewal = time.time()
+        self._last_renewal = wall()
         self._reported = None  # report endpoints and disco key again, for the new key's record
         self._endpoints_dirty.set()
         log.info("node key renewed %s its expiry at %s", "after" if expired else "ahead of",
@@ -225,9 +226,10 @@ class ControlSession:
         return max(at, self._last_renewal + MIN_RENEW_INTERVAL)
 
     async def _renewal_timer(self, session: trio.CancelScope) -> None:
+        """Sleeps to the renewal time (or until the netmap changes our expiry)."""
         while True:
             self._expiry_changed = trio.Event()
-            now = time.time()
+            now = wall()
             at = self.renewal_time(now)
             if at is not None and at <= now:
                 log.info("renewing our node key (it expires at %s)", _when(self.key_expiry))
@@ -235,7 +237,7 @@ class ControlSession:
                 self._renewing = True
                 session.cancel()
                 return
-            with trio.move_on_after(min(at - now, 3600.0) if at is not None else 3600.0):
+            with trio.move_on_at(trio_time_of(at) if at is not None else math.inf):
                 await self._expiry_changed.wait()
 
     async def _report_loop(self, conn: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import random
 import struct
 from collections import Counter, deque
@@ -208,6 +209,10 @@ class WgDevice:
         self._ratelimiter = RateLimiter()
         self._load = HandshakeLoad()
         self.force_under_load = False
+        # No timer of any peer is due before this (a lower bound, updated as timers are
+        # set): a driver sleeping to the next deadline checks it after each call and
+        # wakes sooner when it moved earlier; `next_deadline()` makes it exact again.
+        self.soonest = math.inf
         self.drops: Counter[str] = Counter()
         self._rejects = RejectLog(log, "wireguard", self.drops)  # counts into self.drops
         self.counters: Counter[str] = Counter()
@@ -233,8 +238,10 @@ class WgDevice:
                 peer.t_persistent_keepalive = None
             elif not old:
                 peer.t_persistent_keepalive = 0.0  # wireguard-go (uapi.go) sends a keepalive at once
+                self._arm(peer.t_persistent_keepalive)
         if persistent_keepalive and peer.t_persistent_keepalive is None and peer.current is None:
             peer.t_persistent_keepalive = 0.0
+            self._arm(peer.t_persistent_keepalive)
         self._allowed.replace(peer, nets)
 
     def remove_peer(self, public: bytes) -> None:
@@ -331,15 +338,18 @@ class WgDevice:
     def _timers_data_sent(self, peer: Peer, now: float) -> None:
         if peer.t_new_handshake is None:
             peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            self._arm(peer.t_new_handshake)
 
     def _timers_data_received(self, peer: Peer, now: float) -> None:
         if peer.t_send_keepalive is None:
             peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+            self._arm(peer.t_send_keepalive)
         else:
             peer.need_another_keepalive = True
 
     def _timers_handshake_initiated(self, peer: Peer, now: float) -> None:
         peer.t_retransmit_handshake = now + REKEY_TIMEOUT + self._jitter()
+        self._arm(peer.t_retransmit_handshake)
 
     def _timers_handshake_complete(self, peer: Peer, now: float) -> None:
         peer.t_retransmit_handshake = None
@@ -351,10 +361,12 @@ class WgDevice:
 
     def _timers_session_derived(self, peer: Peer, now: float) -> None:
         peer.t_zero_key_material = now + ZERO_KEYS_AFTER
+        self._arm(peer.t_zero_key_material)
 
     def _timers_traversal(self, peer: Peer, now: float) -> None:
         if peer.persistent_keepalive:
             peer.t_persistent_keepalive = now + peer.persistent_keepalive
+            self._arm(peer.t_persistent_keepalive)
 
     # ----------------------------------------------------------------- send
     def send_ip(self, packet: bytes | bytearray | memoryview, now: float, wall: float) -> list[Transmit]:
@@ -430,9 +442,11 @@ class WgDevice:
             # timersDataSent and keepKeyFreshSending, once for the burst
             if peer.persistent_keepalive:
                 peer.t_persistent_keepalive = now + peer.persistent_keepalive
+                self._arm(peer.t_persistent_keepalive)
             peer.t_send_keepalive = None
             if peer.t_new_handshake is None:
                 peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+                self._arm(peer.t_new_handshake)
             kp = peer.current
             if kp is not None and (kp.send_counter > REKEY_AFTER_MESSAGES
                                    or (kp.initiator and now - kp.created > REKEY_AFTER_TIME)):
@@ -703,6 +717,7 @@ class WgDevice:
             got.transmits.extend(self._send_handshake_initiation(peer, now, wall, False))
         if peer.persistent_keepalive:
             peer.t_persistent_keepalive = now + peer.persistent_keepalive
+            self._arm(peer.t_persistent_keepalive)
         peer.t_new_handshake = None
         peer.path = src
 
@@ -877,6 +892,7 @@ class WgDevice:
                     peer.staged.clear()
                     if peer.t_zero_key_material is None:
                         peer.t_zero_key_material = now + ZERO_KEYS_AFTER
+                        self._arm(peer.t_zero_key_material)
                 else:
                     peer.handshake_attempts += 1
                     self.counters["handshake_retransmits"] += 1
@@ -888,6 +904,7 @@ class WgDevice:
                 if peer.need_another_keepalive:
                     peer.need_another_keepalive = False
                     peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+                    self._arm(peer.t_send_keepalive)
             t = peer.t_new_handshake
             if t is not None and now >= t:
                 peer.t_new_handshake = None
@@ -906,14 +923,21 @@ class WgDevice:
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest pending timer of any peer, or None."""
+        """The earliest pending timer of any peer, or None (a walk over every peer: the
+        driver calls it after `tick`, and between ticks watches the cheap `soonest`)."""
         best: float | None = None
         for p in self.peers.values():
             for t in (p.t_retransmit_handshake, p.t_send_keepalive, p.t_new_handshake, p.t_zero_key_material,
                       p.t_persistent_keepalive):
                 if t is not None and (best is None or t < best):
                     best = t
+        self.soonest = math.inf if best is None else best
         return best
+
+    def _arm(self, t: float) -> None:
+        """A timer was set: keep `soonest` a lower bound of every pending timer."""
+        if t < self.soonest:
+            self.soonest = t
 
     # ------------------------------------------------------------ statistics
     def statistics(self) -> dict[str, Any]:

@@ -234,3 +234,32 @@ def test_next_deadline_is_none_when_idle_and_deadlines_are_honest() -> None:
     assert d is not None
     # ticking before the deadline does nothing
     assert a.tick(d - 0.001, WALL0) == []
+
+
+def _earliest(dev: object) -> float:
+    timers = [t for p in dev.peers.values()  # type: ignore[attr-defined]
+              for t in (p.t_retransmit_handshake, p.t_send_keepalive, p.t_new_handshake,
+                        p.t_zero_key_material, p.t_persistent_keepalive) if t is not None]
+    return min(timers, default=float("inf"))
+
+
+def test_soonest_never_runs_later_than_any_pending_timer() -> None:
+    """A driver sleeping to `soonest` between ticks must never sleep through a timer:
+    whatever traffic, loss and rekeys set, `soonest` stays at or before the earliest."""
+    a, b = pair()
+    sim = Sim(a, b)
+    rng = random.Random(3)
+    checked = 0
+
+    def app(now: float) -> float:
+        nonlocal checked
+        sim.silent = {"a"} if rng.random() < 0.1 else set()  # some lost bursts: retries, timeouts
+        sim.send(rng.choice("ab"), ip4(A_IP, B_IP) if rng.random() < 0.5 else ip4(B_IP, A_IP))
+        for dev in (a, b):
+            assert dev.soonest <= _earliest(dev) + EPS
+            checked += 1
+        return now + rng.choice((0.5, 3.0, 11.0, 40.0, 130.0))
+
+    sim.run(6 * 3600.0, app, 0.0)
+    assert checked > 1000
+    assert a.counters["handshakes_completed"] > 50

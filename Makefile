@@ -1,6 +1,7 @@
 # trionet: everything a fresh machine needs is installed from here.
 #   make demo   build the local stack, bring trionet up, fetch a page through it
 #   make test   linters, unit tests, integration tests against the real stack
+#   make wheel  dist/: the sdist and the pure-Python wheel (python -m build)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PY      ?= python3
@@ -13,7 +14,7 @@ SYSDEPS := wireguard-go wg nft ip curl jq ping
 STRICT  := trionet/keys.py trionet/rejects.py trionet/noise trionet/proto trionet/wg trionet/netstack \
            trionet/derp/frames.py trionet/derp/client.py trionet/magicsock/disco.py trionet/magicsock/stun.py
 
-.PHONY: all venv sysdeps stack-bin stack-up stack-down compose-prepare lint unit integration test demo bench bench-ir soak fuzz clean
+.PHONY: all venv wheel sysdeps stack-bin stack-up stack-down compose-prepare lint unit integration test demo bench bench-ir soak fuzz clean
 
 all: test
 
@@ -24,6 +25,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+# The sdist, then the wheel built from it, as any user's `python -m build` makes them.
+wheel: venv
+	rm -rf dist
+	$(VPY) -m build --outdir dist .
 
 # Real peers need root tools: wireguard-go + wg (WireGuard peer), nft (loss,
 # DERP-only), iproute2 (namespaces, TUN), curl and jq (stack checks).

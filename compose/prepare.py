@@ -84,7 +84,7 @@ def build_wheel(out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="trionet-wheel-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
-        for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE"):
             if (REPO / name).exists():
                 shutil.copy2(REPO / name, src / name)
         shutil.copytree(REPO / "trionet", src / "trionet",

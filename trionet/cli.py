@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trionet import __version__
 from trionet import config as cfg
 from trionet.errors import ConfigError, TrionetError, find_trionet_error
 
@@ -48,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trionet", description="A userspace Tailscale node in pure Python.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (overrides -v; default info)")
     # Also after the command (`trionet up --log-level debug`); SUPPRESS keeps a value given before it.

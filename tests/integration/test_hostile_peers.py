@@ -316,6 +316,7 @@ def test_a_handshake_flood_gets_cookie_replies_and_real_peers_still_connect(
         seconds = min(30, scale(10))  # 10 s in make test, the 30 s in make soak
         hostile = HostilePeer(stack, tmp_path, "victim-flood", udp_addr,
                               [{"kind": "flood", "rate": 5000, "seconds": seconds}])
+        kernel_drops_before = kernel_udp_drops(udp_addr[1])
         hostile.wait_ready()
         wait_for(lambda: daemon.status()["stats"]["wireguard"].get("under_load_entered", 0) >= 1, 10,
                  "the victim to go under load")
@@ -334,7 +335,17 @@ def test_a_handshake_flood_gets_cookie_replies_and_real_peers_still_connect(
         assert not seen.failures and seen.ok >= 1, seen.failures
         assert not internal_errors(stats), internal_errors(stats)
         assert flood["rate"] >= 4000, flood  # the flood was what its name says
-        assert flood["cookie_replies"] >= 0.9 * flood["sent"], flood
+        # every initiation was answered with a cookie reply or dropped by the kernel (a busy
+        # machine's receive buffer); none cost a handshake past the few before the load switch
+        replied = wg["counters"].get("cookie_replies_sent", 0)
+        kernel_drops = kernel_udp_drops(udp_addr[1]) - kernel_drops_before
+        handshakes_tried = sum(wg["drops"].get(k, 0) for k in ("unknown_peer", "decrypt_failed_initiation"))
+        print(f"victim: {replied} cookie replies sent, {kernel_drops} dropped by the kernel, "
+              f"{handshakes_tried} flood initiations handled as handshakes")
+        assert replied + kernel_drops >= 0.99 * flood["sent"], (replied, kernel_drops, flood)
+        assert replied >= 0.5 * flood["sent"], (replied, flood)
+        assert handshakes_tried <= 1000, handshakes_tried
+        assert flood["cookie_replies"] >= 0.95 * replied, (flood, replied)  # and they reached the flooder
         assert ts2["wireguard"]["handshakes"] >= 1 and ts2["wireguard"]["session"], ts2["wireguard"]
     finally:
         daemon.stop()

@@ -433,7 +433,8 @@ class DerpConnection:
                 self.client.close()
                 self._closed_client_stats.update(dict(self.client.stats))
                 self.client = None
-            self._connected = trio.Event()
+            if was_connected:  # a fresh event for the next link; an unset one keeps its waiters
+                self._connected = trio.Event()
             self._drained.set()
             self._drained = trio.Event()
             for done, _ in self._pings.values():

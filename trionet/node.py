@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -42,6 +42,9 @@ from trionet.netstack import NetStack
 from trionet.rejects import RejectLog
 from trionet.status import Status, StatusMachine
 from trionet.wg import WgDevice
+
+if TYPE_CHECKING:
+    from trionet.forwarding import LocalForward
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +431,27 @@ class Node:
     async def open_udp(self, port: int = 0) -> Any:
         stack = await self._ready_stack()
         return _NamedUdp(self, stack.udp_bind(port))
+
+    async def forward(self, host: str, port: int, *, bind: str = "127.0.0.1", local_port: int = 0) -> LocalForward:
+        """A local listener (``bind:local_port``, 0 = any free port) whose every connection
+        is relayed to tailnet ``host:port``: for libraries that only take a host and a port.
+        Returns once listening; unpacks to the bound address. It lives until the node
+        stops or its `aclose()`; its counters show in `statistics()["attached"]`."""
+        # Imported here: the relay is trionet.proxy's, which takes the node as its dialer
+        # (a layer above); `import trionet.node` stays without it.
+        from trionet.forwarding import LocalForward
+
+        if self._nursery is None or self.status_machine.status in (Status.SHUTTING_DOWN, Status.STOPPED):
+            raise TransportError("the node is not running")
+
+        def detach(closed: LocalForward) -> None:  # a closed forward's counters go: the list stays bounded
+            if closed in self._attached:
+                self._attached.remove(closed)
+
+        forward = await LocalForward.start(self._nursery, self, host, port, bind=bind, local_port=local_port,
+                                           on_close=detach)
+        self._attached.append(forward)
+        return forward
 
     async def ping(self, peer: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Disco-ping a peer; one result per ping: latency and the path it took."""

@@ -345,11 +345,14 @@ async def relay(client: trio.abc.Stream, target: trio.abc.Stream, early: bytes |
                 nursery.start_soon(_one_way, target, client, "target", "client", False, broken,
                                    nursery.cancel_scope)
     finally:
-        for name, stream in (("client", client), ("target", target)):
-            if broken and name not in broken:
-                await reset(stream)
-            else:
-                await trio.aclose_forcefully(stream)
+        # Shielded: in a relay cancelled while the node runs on (a forward closed), the
+        # first close's checkpoint would raise Cancelled and leave the other side open.
+        with trio.CancelScope(shield=True):
+            for name, stream in (("client", client), ("target", target)):
+                if broken and name not in broken:
+                    await reset(stream)
+                else:
+                    await trio.aclose_forcefully(stream)
     if broken:
         raise _Failed(f"{broken[0]}_reset")
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Node", "__version__"]
+__all__ = ["Node", "ThreadedNode", "__version__"]
 
 if TYPE_CHECKING:
     from trionet.node import Node
+    from trionet.threaded import ThreadedNode
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from trionet.node import Node
 
         return Node
+    if name == "ThreadedNode":  # a Node in a thread of its own, for programs that are not Trio
+        from trionet.threaded import ThreadedNode
+
+        return ThreadedNode
     raise AttributeError(name)

@@ -483,13 +483,17 @@ class Node:
     def peers(self) -> list[dict[str, Any]]:
         if self.netmap is None:
             return []
+        try:
+            now: float | None = clock_now()
+        except RuntimeError:  # asked from outside the node's Trio run (it has ended): no path is live
+            now = None
         out = []
         for peer in sorted(self.netmap.peers.values(), key=lambda p: p.ID):
             info = _node_json(peer)
             key = self._key_by_peer_id.get(peer.ID)
             if key is not None and self.magic is not None:
                 path = self.magic.paths.peers.get(key)
-                if path is not None and path.direct(clock_now()):
+                if path is not None and now is not None and path.direct(now):
                     info["path"] = f"direct {path.best_addr[0]}:{path.best_addr[1]}"  # type: ignore[index]
                 elif path is not None:
                     info["path"] = f"derp {path.home_derp or path.last_derp_region}"

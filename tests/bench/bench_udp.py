@@ -10,6 +10,9 @@ per drained batch (Node hands the batch to the netstack there; the bench
 counts it). The path is proven by real disco ping/pong first, so packets go out on
 UDP only. The baseline row runs the same burst pattern over two plain
 non-blocking UDP sockets in the same trio loop: no crypto, no classification.
+The corked row sends each burst between MagicConn.cork and uncork, as Node
+sends a netstack flush: equal-sized runs leave in one UDP GSO write and the
+receiver's GRO reads take them back as one batch (`gso_writes`, `gro_reads`).
 
 The sender keeps at most WINDOW packets unacknowledged by the receiver's
 count (a flow control the bench owns), so the rows measure work per packet,
@@ -85,16 +88,28 @@ class End:
         for tx in self.wg.send_ip(packet, time.monotonic(), time.time()):
             self.magic.send_wireguard(tx.peer, tx.data, None)
 
+    def send_corked(self, packet: bytes, count: int) -> None:
+        """A burst held and written as Node writes a netstack flush: GSO runs, read back by GRO."""
+        self.magic.cork()
+        try:
+            for _ in range(count):
+                self.send(packet)
+        finally:
+            self.magic.uncork()
 
-async def _pump(send: Any, received: Any, seconds: float) -> tuple[int, int, float]:
+
+async def _pump(send: Any, received: Any, seconds: float, send_burst: Any = None) -> tuple[int, int, float]:
     """Send bursts while at most WINDOW are outstanding; returns (sent, received, elapsed)."""
     sent = 0
     start = time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
         if sent - received() < WINDOW:
-            for _ in range(BURST):
-                send()
+            if send_burst is not None:
+                send_burst(BURST)
+            else:
+                for _ in range(BURST):
+                    send()
             sent += BURST
         await trio.sleep(0)  # the reader task runs here
     elapsed = time.perf_counter() - start
@@ -104,7 +119,7 @@ async def _pump(send: Any, received: Any, seconds: float) -> tuple[int, int, flo
     return sent, received(), elapsed
 
 
-async def bench_magicsock(size: int, seconds: float) -> dict[str, Any]:
+async def bench_magicsock(size: int, seconds: float, corked: bool = False) -> dict[str, Any]:
     a, b = End(), End()
     a.know(b, B_IP)
     b.know(a, A_IP)
@@ -118,10 +133,13 @@ async def bench_magicsock(size: int, seconds: float) -> dict[str, Any]:
                 a.send(packet)
                 await trio.sleep(0.05)
         b.received = 0
-        sent, got, elapsed = await _pump(lambda: a.send(packet), lambda: b.received, seconds)
+        burst = (lambda n: a.send_corked(packet, n)) if corked else None
+        sent, got, elapsed = await _pump(lambda: a.send(packet), lambda: b.received, seconds, burst)
         nursery.cancel_scope.cancel()
-    return {"name": "udp magicsock+wireguard", "size": size, "packets": got, "seconds": elapsed, "pps": got / elapsed,
-            "lost": sent - got, "udp_sent": a.magic.stats["send.udp"], "derp_sent": a.magic.stats["send.derp"]}
+    name = "udp magicsock+wg corked" if corked else "udp magicsock+wireguard"
+    return {"name": name, "size": size, "packets": got, "seconds": elapsed, "pps": got / elapsed,
+            "lost": sent - got, "udp_sent": a.magic.stats["send.udp"], "derp_sent": a.magic.stats["send.derp"],
+            "gso_writes": a.magic.stats["send.udp_gso"], "gro_reads": b.magic.stats["recv.udp_gro_reads"]}
 
 
 async def bench_raw(size: int, seconds: float) -> dict[str, Any]:
@@ -166,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         raw = trio.run(bench_raw, size, args.seconds)
         ours = trio.run(bench_magicsock, size, args.seconds)
         ours["ratio"] = ours["pps"] / raw["pps"]
-        rows += [raw, ours]
+        corked = trio.run(bench_magicsock, size, args.seconds, True)
+        corked["ratio"] = corked["pps"] / raw["pps"]
+        rows += [raw, ours, corked]
     print(f"{'benchmark':<26} {'bytes':>6} {'packets':>10} {'pkt/s':>10} {'MB/s':>7} {'lost':>5} {'ratio':>6}")
     for row in rows:
         ratio = f"{row['ratio']:.2f}" if "ratio" in row else ""

@@ -9,6 +9,10 @@ Rows:
 * ``codec recv``: DerpClient.receive_data on 64 KiB chunks of RecvPacket frames
   (parser + events), i.e. the reading task's work per packet minus the socket.
 * ``disco seal+open``, ``stun parse``: the other sans-IO codecs here.
+* ``tls read``: the DERP link's TLS reading alone, over a loopback socket pair:
+  a server already wrote ``TLS_READ_RECORDS`` records of ``size`` bytes (one
+  record per packet, as Go's DERP server flushes), and the link's receive
+  takes them back; the server's encryption is done before the clock starts.
 * ``relay in-process``: two DerpConnections through tests/unit/derp/fakerelay.py
   over loopback TCP: the trio driver, both directions of one hop.
 * ``relay headscale``: the same two connections through a real Headscale's
@@ -26,9 +30,12 @@ import argparse
 import functools
 import json
 import os
+import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -40,6 +47,7 @@ from trionet.derp.driver import DerpConnection
 from trionet.magicsock import disco, stun
 
 WINDOW = int(os.environ.get("BENCH_DERP_WINDOW", "64"))
+TLS_READ_RECORDS = 4096
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -125,6 +133,79 @@ def bench_stun(min_time: float) -> dict[str, Any]:
 
     n, t = _timeit(batch, min_time)
     return {"name": "stun parse", "size": len(resp), "packets": n, "seconds": t, "pps": _rate(n, t)}
+
+
+def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    from tests.realstack import make_tls
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tls(Path(tmp), ["127.0.0.1"])
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(Path(tmp) / "server.crt", Path(tmp) / "server.key")
+        client = ssl.create_default_context(cafile=str(Path(tmp) / "ca.crt"))
+    return server, client
+
+
+async def _tls_client_link(stream: trio.SocketStream, ctx: ssl.SSLContext) -> Any:
+    """The link DerpConnection reads a TLS server through."""
+    from trionet.derp.transport import StreamLink, TlsStream
+
+    tls = TlsStream(stream, ctx, server_hostname="localhost")
+    await tls.do_handshake()
+    return StreamLink(tls)
+
+
+async def _tls_client_into(links: list[Any], stream: trio.SocketStream, ctx: ssl.SSLContext) -> None:
+    links.append(await _tls_client_link(stream, ctx))
+
+
+async def _tls_server_handshake(stream: trio.SocketStream, tls: ssl.SSLObject, outgoing: ssl.MemoryBIO,
+                                incoming: ssl.MemoryBIO) -> None:
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                await stream.send_all(outgoing.read())
+            incoming.write(await stream.receive_some(1 << 16))
+    if outgoing.pending:
+        await stream.send_all(outgoing.read())
+
+
+async def bench_tls_read(size: int, seconds: float) -> dict[str, Any]:
+    server_ctx, client_ctx = _tls_contexts()
+    payload = os.urandom(size)
+    want = TLS_READ_RECORDS * size
+    total = 0
+    elapsed = cpu = 0.0
+    while elapsed < seconds:
+        a, b = trio.socket.socketpair()
+        server_stream, client_stream = trio.SocketStream(a), trio.SocketStream(b)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        server = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+        links: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_tls_client_into, links, client_stream, client_ctx)
+            await _tls_server_handshake(server_stream, server, outgoing, incoming)
+        for _ in range(TLS_READ_RECORDS):
+            server.write(payload)  # one record each
+        blob = outgoing.read()
+        link = links[0]
+        got = 0
+        start, cpu_start = time.perf_counter(), time.process_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server_stream.send_all, blob)
+            while got < want:
+                got += len(await link.receive_some())
+        elapsed += time.perf_counter() - start
+        cpu += time.process_time() - cpu_start
+        total += TLS_READ_RECORDS
+        await server_stream.aclose()
+        await client_stream.aclose()
+    # cpu_pps: per second of this process's CPU, steadier than pps on a busy machine
+    return {"name": "tls read", "size": size, "packets": total, "seconds": elapsed, "pps": _rate(total, elapsed),
+            "cpu_pps": _rate(total, cpu)}
 
 
 async def _relay(
@@ -229,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_codec_recv(100, args.seconds),
         bench_disco(args.seconds / 2),
         bench_stun(args.seconds / 2),
+        trio.run(bench_tls_read, args.size, args.seconds),
+        trio.run(bench_tls_read, 100, args.seconds),
         trio.run(bench_relay_inprocess, args.size, args.seconds),
     ]
     if args.headscale:

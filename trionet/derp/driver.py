@@ -1,19 +1,9 @@
 """The trio driver for one DERP region: connect, log in, pump frames, reconnect.
 
-It owns the socket and the timers and nothing else; every protocol decision is
-``client.DerpClient``'s. One ``DerpConnection`` = one server (one region's
-first node), kept up by ``run()`` until cancelled.
-
-Transports (src: tailscale/tailscale derp/derphttp/derphttp_client.go,
-websocket.go; juanfont/headscale hscontrol/derp/server/derp_server.go,
-DERPHandler, servePlain, serveWebsocket):
-
-* ``"http"``: ``GET /derp`` with ``Upgrade: DERP``; the server answers
-  ``101 Switching Protocols`` and starts DERP frames at once, possibly in the
-  same TCP segment as the headers, so bytes after the blank line are kept and
-  fed to the client.
-* ``"websocket"``: ``GET /derp`` as a WebSocket with subprotocol ``derp``;
-  DERP bytes travel in binary messages (Headscale ≥ 0.24 only).
+It owns the link and the timers and nothing else; every protocol decision is
+``client.DerpClient``'s, and how bytes reach the server (TCP, TLS, the HTTP
+upgrade or a WebSocket) is ``transport``'s. One ``DerpConnection`` = one
+server (one region's first node), kept up by ``run()`` until cancelled.
 
 TLS is verified against the system store or ``ca_file``; SNI and the
 certificate name are the DERP ``HostName``; the TCP connection goes to
@@ -35,29 +25,30 @@ import ssl
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 import trio_websocket
 
+from trionet.backoff import backoff_delay
 from trionet.derp import client as dc
-from trionet.derp import frames
+from trionet.derp import frames, transport
+from trionet.derp.transport import Link
 from trionet.errors import ConfigError, RemoteProtocolError, TransportError
+from trionet.exc_groups import first_leaf
+from trionet.netaddr import join_host_port
 from trionet.rejects import RejectLog
+
+__all__ = ["DerpConnection", "backoff_delay", "derp_url_for_node"]
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 15.0  # TCP + TLS + upgrade; the login has its own deadline in DerpClient
-BACKOFF_MAX = 60.0
-BACKOFF_JITTER = 1.0
 # A link that stayed up this long and then broke is redialled at once (tailscaled
 # waits ~10 ms: util/backoff); backoff is for links that keep failing.
 FAST_RETRY_AFTER_UP = 2.0
 FAST_RETRY_JITTER = 0.05
 MAX_QUEUED_BYTES = 2 << 20  # per connection; beyond it send_packet_nowait drops
-MAX_RESPONSE_HEAD = 16 << 10
-READ_SIZE = 256 << 10
-WS_MAX_MESSAGE = 32 << 10  # coder/websocket's default read limit (32768) on the server side
 
 OnPacket = Callable[[bytes, bytes], None]
 OnEvent = Callable[[Any], None]
@@ -75,19 +66,13 @@ _RECOVERABLE: tuple[type[BaseException], ...] = (
 
 
 def _describe(exc: BaseException) -> str:
-    """One line: the exception and its causes (trio wraps SSL errors in BrokenResourceError)."""
+    """One line: the exception and its causes (TLS errors come wrapped in BrokenResourceError)."""
     parts: list[str] = []
     seen: BaseException | None = exc
     while seen is not None and len(parts) < 3:
         parts.append(f"{type(seen).__name__}: {seen}" if str(seen) else type(seen).__name__)
         seen = seen.__cause__ or seen.__context__
     return " <- ".join(parts)
-
-
-def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
-    """min(2^n, 60) s plus up to 1 s of jitter; n = consecutive failures so far."""
-    r = rng or random
-    return min(2.0 ** min(failures, 16), BACKOFF_MAX) + r.uniform(0, BACKOFF_JITTER)
 
 
 # ------------------------------------------------------------------ where to
@@ -97,11 +82,6 @@ def _field(node: Any, name: str) -> Any:
     if isinstance(node, Mapping):
         return node.get(name)
     return getattr(node, name, None)
-
-
-def _hostport(host: str, port: int, default: int | None = None) -> str:
-    h = f"[{host}]" if ":" in host else host
-    return h if port == default else f"{h}:{port}"
 
 
 def derp_url_for_node(node: Any, login_server_url: str) -> tuple[str, str | None]:
@@ -131,7 +111,7 @@ def derp_url_for_node(node: Any, login_server_url: str) -> tuple[str, str | None
         port = login_port if host == login.hostname else 443
     same_listener = host == login.hostname and port == login_port
     scheme = "http" if (login.scheme == "http" and same_listener) else "https"
-    url = f"{scheme}://{_hostport(host, port, 443 if scheme == 'https' else 80)}/derp"
+    url = f"{scheme}://{join_host_port(host, port, 443 if scheme == 'https' else 80)}/derp"
     ip: str | None = None
     for name in ("IPv4", "IPv6"):
         value = str(_field(node, name) or "").strip()
@@ -143,85 +123,6 @@ def derp_url_for_node(node: Any, login_server_url: str) -> tuple[str, str | None
             ip = value
             break
     return url, ip
-
-
-# ---------------------------------------------------------------- transports
-
-
-class _Link(Protocol):
-    async def receive_some(self) -> bytes: ...
-    async def send_all(self, data: bytes) -> None: ...
-    async def aclose(self) -> None: ...
-
-
-class _StreamLink:
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        # The TLS object under trio's SSLStream (a private attribute, hence the getattr):
-        # the DERP server sends about one TLS record per packet, and SSLStream returns
-        # one record per call, so records already buffered are taken without a call each.
-        self._tls: ssl.SSLObject | None = getattr(stream, "_ssl_object", None) \
-            if isinstance(stream, trio.SSLStream) else None
-
-    async def receive_some(self) -> bytes:
-        data = await self.stream.receive_some(READ_SIZE)
-        tls = self._tls
-        if tls is None or not data:
-            return bytes(data)
-        chunks = [data]
-        while True:
-            try:
-                more = tls.read(READ_SIZE)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):  # nothing whole buffered; EOF
-                break  # (a TLS failure propagates: the link ends and the driver redials)
-            if not more:
-                break
-            chunks.append(more)
-        return b"".join(chunks)
-
-    async def send_all(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-class _WebSocketLink:
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-
-    async def receive_some(self) -> bytes:
-        try:
-            msg = await self.ws.get_message()
-        except trio_websocket.ConnectionClosed:
-            return b""
-        if isinstance(msg, str):
-            raise RemoteProtocolError("DERP over WebSocket got a text message")
-        return bytes(msg)
-
-    async def send_all(self, data: bytes) -> None:
-        # Headscale reads with coder/websocket's default 32 KiB read limit and closes the
-        # connection on a bigger message (measured against 0.29.2: 32767 bytes pass, 32837
-        # do not). Its NetConn joins messages into one byte stream, so split freely.
-        view = memoryview(data)
-        for i in range(0, len(view), WS_MAX_MESSAGE):
-            await self.ws.send_message(bytes(view[i : i + WS_MAX_MESSAGE]))
-
-    async def aclose(self) -> None:
-        await self.ws.aclose()
-
-
-def _parse_upgrade_response(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise RemoteProtocolError(f"bad HTTP status line from DERP server: {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), headers
 
 
 # -------------------------------------------------------------------- driver
@@ -274,7 +175,7 @@ class DerpConnection:
         self.connect_ip = connect_ip
         self.path = path
         self.transport = transport
-        self.url = f"{scheme}://{_hostport(host, port, 443 if tls else 80)}{path}"
+        self.url = f"{scheme}://{self._host_header()}{path}"
         self.node_private = node_private
         self.ca_file = ca_file
         self._ssl_context = ssl_context
@@ -419,9 +320,7 @@ class DerpConnection:
         try:
             await self._connect_and_pump()
         except* _RECOVERABLE as group:
-            exc = group.exceptions[0]
-            while isinstance(exc, BaseExceptionGroup):
-                exc = exc.exceptions[0]
+            exc = first_leaf(group)
             reason = _describe(exc)
             if isinstance(exc, RemoteProtocolError):
                 self.stats["closed_protocol_error"] += 1
@@ -450,87 +349,28 @@ class DerpConnection:
             self._ssl_context = ctx
         return self._ssl_context
 
+    def _host_header(self) -> str:
+        return join_host_port(self.host, self.port, 443 if self.tls else 80)
+
     async def _open_stream(self) -> trio.abc.Stream:
         if self._open_stream_hook is not None:
             return await self._open_stream_hook()
-        tcp = await trio.open_tcp_stream(self.connect_ip or self.host, self.port)
-        if not self.tls:
-            return tcp
-        stream = trio.SSLStream(tcp, self._ssl(), server_hostname=self.host, https_compatible=True)
-        try:
-            await stream.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(tcp)
-            raise
-        return stream
-
-    async def _open_http(self, stream: trio.abc.Stream) -> tuple[_Link, bytes]:
-        host = _hostport(self.host, self.port, 443 if self.tls else 80)
-        request = (
-            f"GET {self.path} HTTP/1.1\r\n"
-            f"Host: {host}\r\n"
-            "User-Agent: trionet\r\n"
-            "Connection: Upgrade\r\n"
-            "Upgrade: DERP\r\n"
-            "\r\n"
-        )
-        await stream.send_all(request.encode())
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                raise TransportError(f"DERP server {self.url} closed during the HTTP upgrade")
-            buf += chunk
-            if len(buf) > MAX_RESPONSE_HEAD:
-                raise RemoteProtocolError("DERP upgrade response headers too long")
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        status, headers = _parse_upgrade_response(head)
-        if status != 101:
-            body = rest[:200].decode("utf-8", "replace")
-            raise TransportError(f"DERP upgrade refused by {self.url}: HTTP {status} {body!r}")
-        if headers.get("upgrade", "").lower() != "derp":
-            raise RemoteProtocolError(f"DERP upgrade answered with Upgrade: {headers.get('upgrade')!r}")
-        return _StreamLink(stream), rest
-
-    async def _host_websocket(
-        self, stream: trio.abc.Stream, *, task_status: trio.TaskStatus[_Link] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Runs trio-websocket's reader task; turns its failures (h11, wsproto) into TransportError."""
-        host = _hostport(self.host, self.port, 443 if self.tls else 80)
-        try:
-            async with trio.open_nursery() as ws_nursery:
-                ws = await trio_websocket.wrap_client_stream(
-                    ws_nursery,
-                    stream,  # type: ignore[arg-type]
-                    host,
-                    self.path,
-                    subprotocols=["derp"],
-                    message_queue_size=64,
-                    max_message_size=frames.MAX_FRAME_LEN + frames.HEADER_LEN,
-                )
-                if ws.subprotocol != "derp":
-                    await ws.aclose()
-                    raise TransportError(f"DERP WebSocket at {self.url} did not accept subprotocol 'derp'")
-                task_status.started(_WebSocketLink(ws))
-                await trio.sleep_forever()
-        except Exception as exc:  # a group of plain Exceptions; Cancelled is a BaseException
-            leaf: BaseException = exc
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            if isinstance(leaf, TransportError):
-                raise leaf from exc
-            raise TransportError(f"DERP WebSocket to {self.url} failed: {type(leaf).__name__}: {leaf}") from exc
+        return await transport.open_stream(self.host, self.port, connect_ip=self.connect_ip,
+                                           ssl_context=self._ssl() if self.tls else None)
 
     async def _connect_and_pump(self) -> None:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(self.connect_timeout):
                 stream = await self._open_stream()
                 try:
+                    link: Link
                     if self.transport == "websocket":
-                        link = await nursery.start(self._host_websocket, stream)
+                        link = await nursery.start(transport.host_websocket, stream, self._host_header(),
+                                                   self.path, self.url)
                         leftover = b""
                     else:
-                        link, leftover = await self._open_http(stream)
+                        link, leftover = await transport.open_http_link(stream, self._host_header(),
+                                                                        self.path, self.url)
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
@@ -547,7 +387,7 @@ class DerpConnection:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await link.aclose()
 
-    async def _writer(self, link: _Link, client: dc.DerpClient) -> None:
+    async def _writer(self, link: Link, client: dc.DerpClient) -> None:
         while True:
             self._wake = trio.Event()
             data = client.data_to_send()
@@ -560,7 +400,7 @@ class DerpConnection:
                 continue
             await self._wake.wait()
 
-    async def _reader(self, link: _Link, client: dc.DerpClient) -> None:
+    async def _reader(self, link: Link, client: dc.DerpClient) -> None:
         receive = link.receive_some
         wake = self._wake_writer
         while True:

@@ -1,7 +1,9 @@
-"""magicsock's trio driver: one UDP socket, DERP connections, disco.
+"""magicsock's trio driver: the wiring of paths, disco, STUN and DERP links.
 
 It moves WireGuard datagrams to and from peers (addressed by node key) over
-the best path the PathChooser knows, and answers and sends disco messages.
+the best path the PathChooser (paths.py) knows, and answers and sends disco
+messages. The UDP socket itself (GRO reads, GSO writes) is `udp.UdpSocket`;
+DERP links are `derp.driver.DerpConnection`s, one per region.
 The hot path runs in the task that read the datagram: the UDP reader and each
 DERP reader call `on_wireguard` synchronously, which decrypts and hands IP
 packets to the netstack without another task hop.
@@ -12,13 +14,9 @@ Path tags name where a datagram came from, so answers go back the same way:
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import logging
 import os
 import socket
-import struct
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,58 +31,23 @@ from trionet.derp.driver import DerpConnection, derp_url_for_node
 from trionet.errors import RemoteProtocolError
 from trionet.magicsock import disco, stun
 from trionet.magicsock.paths import Addr, CallMeMaybeAction, PathChooser, PingAction
+from trionet.magicsock.udp import UdpSocket, plain_addr
+from trionet.netaddr import join_host_port
 from trionet.rejects import RejectLog
 
 log = logging.getLogger(__name__)
 
 PathTag = tuple[str, Any]
 DERP_MAGIC_IP = "127.3.3.40"  # tailcfg.DerpMagicIP: a DERP region as a pseudo-address
-UDP_BATCH = 256  # datagrams per netstack batch (a GRO read counts all it carries)
 STUN_RETRY = 0.5
 ENDPOINT_REFRESH = 25.0  # tailscaled re-STUNs about this often (endpointsFreshEnoughDuration 27 s)
 STUN_RESOLVE_TIMEOUT = 5.0
 
 
-# Linux UDP GRO (udp(7)): one read returns up to 64 KiB of same-size datagrams from one
-# sender, with the segment size in a control message. tailscaled sends with UDP GSO, so
-# its batches reach us whole instead of being split by the kernel and read one by one.
-_SOL_UDP = 17
-_UDP_GRO = 104
-# And UDP GSO: one sendmsg with UDP_SEGMENT carries a run of datagrams to one address.
-_UDP_SEGMENT = 103
-_GSO_SIZE = struct.Struct("=H")
-_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: the enum's __and__ costs microseconds per read
-GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels
-GSO_MAX_BYTES = 65000  # the whole run must fit one IP packet's 64 KiB
-_GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE})
 _WIREGUARD_HANDSHAKE_TYPES = frozenset((b"\x01", b"\x02", b"\x03"))  # initiation, response, cookie
 # A CallMeMaybe lists the sender's endpoints (a handful); each one is pinged at once,
 # so a crafted one with thousands must not turn into thousands of pings.
 MAX_CALL_ME_MAYBE_ENDPOINTS = 32
-
-
-def _enable_udp_gro(sock: socket.socket) -> bool:
-    if sys.platform != "linux":
-        return False
-    try:
-        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
-    except OSError:  # kernels before 5.0
-        return False
-    return True
-
-
-def _gro_segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:
-    for level, kind, value in ancillary:
-        if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
-            return int.from_bytes(value[:4], sys.byteorder)  # udp_cmsg_recv: a native int
-    return 0
-
-
-def _norm(addr: Any) -> Addr:
-    host = addr[0]
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    return (host, int(addr[1]))
 
 
 class MagicConn:
@@ -111,15 +74,13 @@ class MagicConn:
         self.on_wireguard = on_wireguard
         self.login_server = login_server
         self.ca_file = ca_file
-        self.udp_port = udp_port
-        self.udp_bind = udp_bind
         self.on_endpoints_changed = on_endpoints_changed
         self.on_batch_end = on_batch_end  # after each drained batch: flush work batched per read
         self.on_peer_heard = on_peer_heard  # an authentic disco message: the peer knows our keys now
         self.paths = PathChooser()
         self.stats: Counter[str] = Counter()
         self.rejects = RejectLog(log, "magicsock", self.stats)  # drops and internal errors, in `stats`
-        self.sock: socket.socket | None = None
+        self.udp = UdpSocket(udp_bind, udp_port, stats=self.stats, rejects=self.rejects)  # counts in `stats` too
         self.derp_map: Any = None
         self.home_region = 0
         self.derps: dict[int, DerpConnection] = {}
@@ -135,50 +96,18 @@ class MagicConn:
         self._user_pings: dict[bytes, tuple[trio.Event, list[Any]]] = {}
         self._endpoints_ready = trio.Event()
         self._disco_wake = trio.Event()
-        self._dual_stack = False
-        self._gro = False  # the kernel may hand us several datagrams of one flow per read
-        self._gso = False  # and take several of ours in one write (see cork)
-        self._corked = False
-        self._udp_queue: list[tuple[Any, Sequence[bytes]]] = []  # (target, datagrams) while corked
-        self._udp_queued = 0
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
-        bind = self.udp_bind
-        if bind and ipaddress.ip_address(bind).version == 4:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        else:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            bind = bind or "::"
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        sock.setblocking(False)
-        sock.bind((bind, self.udp_port))
-        self.sock = sock
-        self._gro = _enable_udp_gro(sock)
-        # UDP_SEGMENT came in Linux 4.18, before UDP_GRO (5.0): a kernel that took GRO does GSO
-        self._gso = self._gro and os.environ.get("TRIONET_DISABLE_UDP_GSO", "") in ("", "0")
-        self._dual_stack = sock.family == socket.AF_INET6  # IPv4 peers go to ::ffff:a.b.c.d
-        self.local_endpoints = self._local_addresses(sock.getsockname()[1])
-
-    def _local_addresses(self, port: int) -> list[Addr]:
-        if self.udp_bind and not ipaddress.ip_address(self.udp_bind).is_unspecified:
-            return [(self.udp_bind, port)]
-        out: list[Addr] = []
-        for _fam, addr in _interface_addresses():
-            ip = ipaddress.ip_address(addr)
-            if ip.is_loopback or ip.is_link_local or ip in _CGNAT or ip in _TS_ULA:
-                continue
-            out.append((addr, port))
-        return out
+        self.udp.bind()
+        self.local_endpoints = self.udp.local_endpoints()
 
     def endpoints(self) -> list[str]:
         seen: list[Addr] = []
         for ep in [*self.stun_endpoints, *self.local_endpoints]:
             if ep not in seen:
                 seen.append(ep)
-        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in seen]
+        return [join_host_port(h, p) for h, p in seen]
 
     def endpoint_types(self) -> list[int]:
         types = []
@@ -256,14 +185,14 @@ class MagicConn:
         if reply_path is not None:
             kind, where = reply_path
             if kind == "udp":
-                self._send_udp_many(datagrams, where)
+                self.udp.send(datagrams, where)
                 sent_udp = where == addr
             elif kind == "derp":
                 for data in datagrams:
                     self._send_derp(where, node_key, data)
                 sent_derp = where == region
         if addr is not None and not sent_udp:
-            self._send_udp_many(datagrams, addr)
+            self.udp.send(datagrams, addr)
         if region and not sent_derp:
             for data in datagrams:
                 self._send_derp(region, node_key, data)
@@ -271,101 +200,15 @@ class MagicConn:
             self.stats["send.no_path"] += len(datagrams)
 
     def _send_udp(self, data: bytes, addr: Addr) -> None:
-        self._send_udp_many((data,), addr)
-
-    def _send_udp_many(self, datagrams: Sequence[bytes], addr: Addr) -> None:
-        """Out at once, or held while corked (written when the queue fills or on uncork)."""
-        if self.sock is None:
-            self.stats["send.udp_no_socket"] += len(datagrams)
-            return
-        target: Any = addr
-        if self._dual_stack and ":" not in addr[0]:
-            target = ("::ffff:" + addr[0], addr[1])
-        self._udp_queue.append((target, list(datagrams)))  # the caller may reuse its sequence
-        self._udp_queued += len(datagrams)
-        if not self._corked or self._udp_queued >= GSO_MAX_SEGMENTS:
-            self._send_udp_queue()
+        self.udp.send((data,), addr)
 
     def cork(self) -> None:
         """Hold UDP datagrams until `uncork`, to send same-sized runs to one address as
         one GSO write. For a burst produced synchronously, such as one netstack flush."""
-        self._corked = True
+        self.udp.cork()
 
     def uncork(self) -> None:
-        self._corked = False
-        if self._udp_queue:
-            self._send_udp_queue()
-
-    def _send_udp_queue(self) -> None:
-        pending, self._udp_queue = self._udp_queue, []
-        self._udp_queued = 0
-        queue: Sequence[tuple[Any, Sequence[bytes]]] = pending
-        if len(queue) > 1:  # neighbouring groups for one address form one sequence
-            merged: list[tuple[Any, list[bytes]]] = []
-            for target, datagrams in queue:
-                if merged and merged[-1][0] == target:
-                    merged[-1][1].extend(datagrams)
-                else:
-                    merged.append((target, list(datagrams)))
-            queue = merged
-        for target, datagrams in queue:
-            n = len(datagrams)
-            i = 0
-            while i < n:
-                size = len(datagrams[i])
-                m = 1  # the run's length
-                if self._gso and 0 < size <= GSO_MAX_BYTES // 2:  # (an EIO may have switched it off)
-                    # A GSO run: equal sizes, except that the last may be shorter.
-                    lengths = list(map(len, datagrams[i:min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)]))
-                    m = len(lengths)
-                    if lengths.count(size) != m:  # mixed sizes: where do the equal ones end?
-                        m = 1
-                        while lengths[m] == size:
-                            m += 1
-                        if lengths[m] < size:
-                            m += 1
-                if m == 1:
-                    self._sendto(datagrams[i], target)
-                elif not self._sendmsg_gso(datagrams[i:i + m], target, size):
-                    for data in datagrams[i:i + m]:
-                        self._sendto(data, target)
-                i += m
-
-    def _sendto(self, data: bytes, target: Any) -> None:
-        assert self.sock is not None
-        try:
-            self.sock.sendto(data, target)
-            self.stats["send.udp"] += 1
-        except BlockingIOError:
-            self.stats["send.udp_full"] += 1
-        except OSError as exc:
-            self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
-
-    def _sendmsg_gso(self, run: Sequence[bytes], target: Any, size: int) -> bool:
-        """One GSO write; False when the kernel refuses the run as a whole, which then
-        goes one datagram at a time."""
-        assert self.sock is not None
-        try:
-            self.sock.sendmsg(run, [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))], 0,
-                               target)
-        except BlockingIOError:
-            self.stats["send.udp_full"] += len(run)
-            return True
-        except OSError as exc:
-            if exc.errno in _GSO_REFUSED:
-                # EINVAL/EMSGSIZE: this run's segments do not fit the route's MTU. EIO: the
-                # device has no checksum offload, so no GSO at all (tailscaled's
-                # ShouldDisableUDPGSO).
-                self.stats["send.udp_gso_refused"] += 1
-                if exc.errno == errno.EIO:
-                    log.info("UDP GSO unavailable (%s); sending datagrams one by one", exc)
-                    self._gso = False
-                return False
-            self.stats[f"send.udp_{errno.errorcode.get(exc.errno or 0, 'error')}"] += len(run)
-            return True
-        self.stats["send.udp"] += len(run)
-        self.stats["send.udp_gso"] += 1
-        return True
+        self.udp.uncork()
 
     def _send_derp(self, region: int, node_key: bytes, data: bytes) -> None:
         conn = self._ensure_derp(region)
@@ -414,70 +257,27 @@ class MagicConn:
             self.rejects.internal_error("derp_packet", exc)
 
     async def _udp_reader(self) -> None:
-        assert self.sock is not None
-        sock = self.sock
+        udp = self.udp
         on_wireguard = self.on_wireguard
-        sources: dict[Any, PathTag] = {}  # the socket's address -> our path tag, built once per peer
-        gro = self._gro
-        recvmsg = sock.recvmsg
-        recvfrom = sock.recvfrom
-        cmsg_space = socket.CMSG_SPACE(4)
+        on_datagram = self._on_udp_datagram
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            count = gro_reads = 0
-            for _ in range(UDP_BATCH):  # reads, errors included
-                if count >= UDP_BATCH:
-                    break
+            await udp.wait_readable()
+            for datagrams, source in udp.drain():
+                path = ("udp", source)
                 try:
-                    if gro:
-                        data, ancillary, flags, addr = recvmsg(65535, cmsg_space)
-                    else:
-                        data, addr = recvfrom(65535)
-                        ancillary, flags = None, 0
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # e.g. ICMP unreachable surfaced as ECONNREFUSED
-                    self.rejects.reject("recv.udp_error", exc)
-                    continue
-                path = sources.get(addr)
-                if path is None:
-                    if len(sources) > 4096:
-                        sources.clear()
-                    path = sources[addr] = ("udp", _norm(addr))
-                segment = _gro_segment_size(ancillary) if ancillary else 0
-                if flags & _MSG_TRUNC:  # not expected (a GRO batch fits 64 KiB): keep whole ones
-                    self.stats["recv.udp_truncated"] += 1
-                    if not segment:
-                        continue
-                    data = data[:len(data) - len(data) % segment]
-                if segment and segment < len(data):
-                    # Several datagrams of one flow, coalesced by the kernel: split them
-                    # without copying (the parsers and the cipher accept memoryviews), and
-                    # hand WireGuard's transport datagrams over together.
-                    view = memoryview(data)
-                    batch = [view[offset:offset + segment] for offset in range(0, len(data), segment)]
-                    count += len(batch)
-                    gro_reads += 1
-                    try:
-                        if view[::segment].tobytes().count(4) == len(batch):  # each one's first byte
-                            on_wireguard(batch, None, path)
+                    if len(datagrams) == 1:
+                        data = datagrams[0]
+                        if data[:1] == b"\x04":  # WireGuard transport: STUN starts 0x00/0x01, disco 'T'
+                            on_wireguard(datagrams, None, path)
                         else:
-                            for datagram in batch:
-                                self._on_udp_datagram(datagram, path)
-                    except Exception as exc:  # a bug met by this read's datagrams: drop them, read on
-                        self.rejects.internal_error("udp_datagram", exc)
-                    continue
-                count += 1
-                try:
-                    if data[:1] == b"\x04":  # WireGuard transport: STUN starts 0x00/0x01, disco 'T'
-                        on_wireguard((data,), None, path)
+                            on_datagram(data, path)
+                    elif _all_transport(datagrams):  # a GRO read: WireGuard's go over together
+                        on_wireguard(datagrams, None, path)
                     else:
-                        self._on_udp_datagram(data, path)
-                except Exception as exc:
+                        for data in datagrams:
+                            on_datagram(data, path)
+                except Exception as exc:  # a bug met by this read's datagrams: drop them, read on
                     self.rejects.internal_error("udp_datagram", exc)
-            self.stats["recv.udp"] += count
-            if gro_reads:
-                self.stats["recv.udp_gro_reads"] += gro_reads  # reads that carried several datagrams
             self.end_batch()
 
     def end_batch(self) -> None:
@@ -558,7 +358,7 @@ class MagicConn:
                 return
             self.stats["disco.callmemaybe_in"] += 1
             self._heard(node_key)
-            endpoints = [_norm(e) for e in msg.endpoints[:MAX_CALL_ME_MAYBE_ENDPOINTS]]
+            endpoints = [plain_addr(e) for e in msg.endpoints[:MAX_CALL_ME_MAYBE_ENDPOINTS]]
             if len(msg.endpoints) > MAX_CALL_ME_MAYBE_ENDPOINTS:
                 self.rejects.reject("disco.callmemaybe_endpoints_cut", len(msg.endpoints))
             for action in self.paths.on_call_me_maybe(node_key, endpoints, now):
@@ -617,7 +417,7 @@ class MagicConn:
         result: list[Any] = []
         self._user_pings[txid] = (event, result)
         if path[0] == "udp":  # also let the path chooser learn from this pong
-            self.paths.peers[node_key].pending[txid] = _pending(path[1], now)
+            self.paths.expect_pong(node_key, txid, path[1], now)
         try:
             ping = disco.Ping(tx_id=txid, node_key=self.node_public)
             self._send_disco(node_key, peer.disco_key, ping, path)
@@ -686,7 +486,7 @@ class MagicConn:
         if self._stun_tx.pop(txid, None) is None:
             self.rejects.reject("stun.unsolicited")
             return
-        ep = _norm(addr)
+        ep = plain_addr(addr)
         if ep not in self.stun_endpoints:
             self.stun_endpoints = [ep]
             if self.on_endpoints_changed is not None:
@@ -708,7 +508,7 @@ class MagicConn:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self.sock is not None:
+            if self.udp.sock is not None:
                 nursery.start_soon(self._udp_reader)
                 nursery.start_soon(self._stun_loop)
             nursery.start_soon(self._disco_timer)
@@ -718,8 +518,7 @@ class MagicConn:
             try:
                 await trio.sleep_forever()
             finally:
-                if self.sock is not None:
-                    self.sock.close()
+                self.udp.close()
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -730,53 +529,16 @@ class MagicConn:
         }
 
 
+def _all_transport(datagrams: Sequence[bytes | memoryview]) -> bool:
+    """Whether every datagram of a GRO read is a WireGuard transport message (type 4)."""
+    for data in datagrams:
+        if data[0] != 4:
+            return False
+    return True
+
+
 def _describe(path: PathTag) -> str:
     kind, where = path
     if kind == "udp":
-        return f"udp {where[0]}:{where[1]}"
+        return f"udp {join_host_port(*where)}"
     return f"DERP({where})"
-
-
-def _pending(addr: Addr, now: float) -> Any:
-    from trionet.magicsock.paths import _PendingPing
-
-    return _PendingPing(addr, now)
-
-
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_TS_ULA = ipaddress.ip_network("fd7a:115c:a1e0::/48")
-
-
-def _interface_addresses() -> list[tuple[int, str]]:
-    """Every address on this host's interfaces (Linux: from /proc and ioctl-free `ip`)."""
-    out: list[tuple[int, str]] = []
-    try:
-        import fcntl  # noqa: F401 - Linux only
-    except ImportError:  # pragma: no cover
-        return out
-    try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                raw = line.split()[0]
-                out.append((socket.AF_INET6, str(ipaddress.IPv6Address(bytes.fromhex(raw)))))
-    except OSError:
-        pass
-    for _idx, name in socket.if_nameindex():
-        addr = _ipv4_of(name)
-        if addr:
-            out.append((socket.AF_INET, addr))
-    return out
-
-
-def _ipv4_of(ifname: str) -> str | None:
-    import fcntl
-    import struct
-
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
-        return socket.inet_ntoa(packed[20:24])
-    except OSError:
-        return None
-    finally:
-        s.close()

@@ -205,6 +205,13 @@ class PathChooser:
             actions.append(self._ping(peer, addr, now))
         return actions
 
+    def expect_pong(self, node_key: bytes, txid: bytes, addr: Addr, now: float) -> None:
+        """The driver sent a ping of its own (a user's `ping`) to `addr`: its pong may
+        prove the path like one of ours. Forgotten after PING_TIMEOUT, as ours are."""
+        peer = self.peers.get(node_key)
+        if peer is not None:
+            peer.pending[txid] = _PendingPing(addr, now)
+
     def on_pong(self, node_key: bytes, txid: bytes, src: Addr | None, now: float) -> bool:
         """A Pong to one of our pings. Returns True when it proved a UDP path."""
         peer = self.peers.get(node_key)

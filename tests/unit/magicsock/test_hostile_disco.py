@@ -177,8 +177,8 @@ async def test_a_handler_that_raises_costs_one_datagram_not_the_reader() -> None
 
     conn.on_batch_end = on_batch_end
     conn.bind()
-    assert conn.sock is not None
-    target = conn.sock.getsockname()
+    assert conn.udp.sock is not None
+    target = conn.udp.sock.getsockname()
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn._udp_reader)

@@ -1,5 +1,6 @@
 """The UDP reader against a real kernel socket: coalesced (GRO) reads are split back into
-the sender's datagrams, in order, and each kind still reaches its handler."""
+the sender's datagrams, in order (UdpSocket.drain), and each kind still reaches its
+handler (MagicConn._udp_reader)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import trio
 
 from trionet import keys
 from trionet.magicsock.conn import MagicConn
+from trionet.magicsock.udp import READ_BATCH, UdpSocket
 
 UDP_SEGMENT = 103  # linux/udp.h: the sender's GSO segment size
 
@@ -41,9 +43,9 @@ async def read_until(received: list[Any], count: int) -> None:
 async def test_a_gso_batch_comes_back_as_the_senders_datagrams() -> None:
     received: list[tuple[bytes, Any]] = []
     conn = make_conn(received)
-    assert conn._gro, "this Linux kernel should accept UDP_GRO"
-    assert conn.sock is not None
-    target = conn.sock.getsockname()
+    assert conn.udp.gro, "this Linux kernel should accept UDP_GRO"
+    assert conn.udp.sock is not None
+    target = conn.udp.sock.getsockname()
     datagrams = [transport_like(i, 1200) for i in range(20)] + [transport_like(20, 300)]
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender.bind(("127.0.0.1", 0))
@@ -64,8 +66,8 @@ async def test_a_gso_batch_comes_back_as_the_senders_datagrams() -> None:
 async def test_non_transport_datagrams_in_a_batch_go_to_their_handlers() -> None:
     received: list[tuple[bytes, Any]] = []
     conn = make_conn(received)
-    assert conn.sock is not None
-    target = conn.sock.getsockname()
+    assert conn.udp.sock is not None
+    target = conn.udp.sock.getsockname()
     stun_seen: list[bytes] = []
     conn._on_stun = stun_seen.append  # type: ignore[method-assign]
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -87,3 +89,42 @@ async def test_non_transport_datagrams_in_a_batch_go_to_their_handlers() -> None
     assert all(type(item) is bytes for item in stun_seen)  # the STUN parser gets bytes, not views
     assert [data for data, _ in received] == [initiation]
     sender.close()
+
+
+async def test_drain_gives_a_gro_read_as_views_from_one_plain_source() -> None:
+    udp = UdpSocket()  # dual-stack: an IPv4 sender shows up as ::ffff:127.0.0.1 to the socket
+    udp.bind()
+    assert udp.gro and udp.dual_stack
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 0))
+    datagrams = [transport_like(i, 1000) for i in range(5)]
+    sender.sendmsg([b"".join(datagrams)], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", 1000))],
+                   0, ("127.0.0.1", udp.local_port))
+    with trio.fail_after(5):
+        await udp.wait_readable()
+    reads = list(udp.drain())
+    assert len(reads) == 1
+    views, source = reads[0]
+    assert source == sender.getsockname()
+    assert all(type(view) is memoryview for view in views)
+    assert [bytes(view) for view in views] == datagrams
+    assert udp.stats["recv.udp"] == 5 and udp.stats["recv.udp_gro_reads"] == 1
+    sender.close()
+    udp.close()
+
+
+async def test_drain_stops_after_a_batch_and_the_next_takes_the_rest() -> None:
+    udp = UdpSocket("127.0.0.1")
+    udp.bind()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(READ_BATCH + 10):
+        sender.sendto(i.to_bytes(2, "big"), ("127.0.0.1", udp.local_port))
+    with trio.fail_after(5):
+        await udp.wait_readable()
+    first = [bytes(datagrams[0]) for datagrams, _ in udp.drain()]
+    second = [bytes(datagrams[0]) for datagrams, _ in udp.drain()]
+    assert len(first) == READ_BATCH, "other tasks get a turn after a batch"
+    assert first + second == [i.to_bytes(2, "big") for i in range(READ_BATCH + 10)]
+    assert list(udp.drain()) == []
+    sender.close()
+    udp.close()

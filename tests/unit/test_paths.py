@@ -103,7 +103,7 @@ def test_idle_peer_is_not_pinged() -> None:
 
 def test_first_contact_probes_over_derp_until_the_peer_answers() -> None:
     c = chooser(heard=False)
-    assert c.next_deadline(0.0) == 1.0  # idle: nothing to probe
+    assert c.next_deadline(0.0) == float("inf")  # idle: nothing to probe
     c.paths_for_send(PEER, 0.0)
     assert c.wake, "the first packet to an unheard peer wakes the driver"
     first = c.poll(0.0)
@@ -121,7 +121,8 @@ def test_first_contact_probes_over_derp_until_the_peer_answers() -> None:
     assert derp_times[0] == FIRST_CONTACT_PROBE and max(derp_times) <= FIRST_CONTACT_WINDOW
     assert len(derp_times) == int(FIRST_CONTACT_WINDOW / FIRST_CONTACT_PROBE)
     assert [t for t, a in sent if a.addr == EP] == [DISCO_PING_INTERVAL, 2 * DISCO_PING_INTERVAL]
-    assert c.next_deadline(now) == now + 1.0  # the window closed
+    # the window closed: the next thing due is a UDP ping (or CallMeMaybe) on its 5 s clock
+    assert now < c.next_deadline(now) <= now + DISCO_PING_INTERVAL
 
 
 def test_first_reply_rearms_udp_pings_and_ends_probing() -> None:
@@ -142,3 +143,58 @@ def test_a_restarted_peer_is_unheard_again() -> None:
     c.upsert_peer(PEER, b"\x03" * 32, 999, [EP])  # new disco key: it restarted
     c.paths_for_send(PEER, 0.0)
     assert any(isinstance(a, PingAction) and a.addr is None for a in c.poll(0.0))
+
+
+def _scenario(poll_at_deadlines: bool) -> list[tuple[float, str]]:
+    """Two hours of one peer's life: first contact, traffic in bursts with idle gaps,
+    pongs to some pings (a path proven, then lapsing), a CallMeMaybe, new netmap
+    endpoints. The driver either polls every 10 ms, or only at `next_deadline` and
+    when `wake` is set, as magicsock's disco timer does now."""
+    c = chooser(heard=False)
+    log: list[tuple[float, str]] = []
+    step = 0.01
+    now = 0.0
+    next_poll = 0.0
+    traffic = [(t, t + 40.0) for t in (0.0, 300.0, 1000.0, 1100.0, 5000.0)]  # (start, end) of bursts
+    answered = 0
+    while now < 7200.0:
+        sending = any(a <= now < b for a, b in traffic)
+        if sending and round(now / step) % 50 == 0:  # a packet every 0.5 s while active
+            c.paths_for_send(PEER, now)
+        if abs(now - 20.0) < step / 2 and c.on_heard(PEER):
+            c.wake = True  # as magicsock does when on_heard says it is the first time
+        if abs(now - 1050.0) < step / 2:
+            c.on_call_me_maybe(PEER, [("10.213.0.99", 41641)], now)
+        if abs(now - 1060.0) < step / 2:
+            c.upsert_peer(PEER, DISCO, 999, [EP, ("10.213.0.12", 41641)])
+        if not poll_at_deadlines or c.wake or now >= next_poll:
+            c.wake = False
+            for action in c.poll(now):
+                kind = "cmm" if isinstance(action, CallMeMaybeAction) else f"ping {action.addr}"
+                log.append((now, kind))
+                # the peer answers every other UDP ping to EP, 30 ms later (in the next rounds)
+                if isinstance(action, PingAction) and action.addr == EP:
+                    answered += 1
+                    if answered % 2:
+                        c.on_pong(PEER, action.txid, EP, now + 0.03)
+            next_poll = max(c.next_deadline(now), now + 0.001)
+        now = round(now + step, 2)
+    return log
+
+
+def test_polling_only_at_next_deadline_does_what_polling_every_10_ms_does() -> None:
+    """next_deadline is exact: a driver that sleeps to it (and wakes on `wake`) sends the
+    same disco messages as one that polls all the time, each within a poll step."""
+    fine, lazy = _scenario(False), _scenario(True)
+    assert len(fine) > 100
+    assert [kind for _, kind in lazy] == [kind for _, kind in fine]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(lazy, fine, strict=True)) <= 0.011
+
+
+def test_an_idle_chooser_sleeps_until_woken() -> None:
+    c = chooser()
+    assert c.next_deadline(0.0) == float("inf")  # never active: nothing is due
+    c.wake = False
+    c.paths_for_send(PEER, 100.0)
+    assert c.wake, "traffic to an idle peer must wake the driver"
+    assert c.next_deadline(100.0) <= 100.0  # its first ping is due at once

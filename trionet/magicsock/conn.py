@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -96,6 +95,7 @@ class MagicConn:
         self._user_pings: dict[bytes, tuple[trio.Event, list[Any]]] = {}
         self._endpoints_ready = trio.Event()
         self._disco_wake = trio.Event()
+        self._stun_servers_changed = trio.Event()
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -121,6 +121,7 @@ class MagicConn:
     # ------------------------------------------------------------- netmap in
     def set_derp_map(self, derp_map: Any) -> None:
         self.derp_map = derp_map
+        self._stun_servers_changed.set()
         regions = sorted((derp_map.Regions or {}).keys()) if derp_map is not None else []
         if regions and self.home_region not in regions:
             # One region in Headscale's embedded map; with several, the lowest ID
@@ -148,6 +149,8 @@ class MagicConn:
             # It restarted: what it sealed with the old key (late or replayed) no longer opens.
             self._forget_disco(old.disco_key, node_key)
         self.paths.upsert_peer(node_key, disco_key, home_derp, endpoints)
+        if self.paths.wake:
+            self._disco_wake.set()
         if disco_key:
             known = self._disco_peers.get(disco_key)
             if known is None or known[0] != node_key:
@@ -177,7 +180,7 @@ class MagicConn:
     def send_wireguard_many(self, node_key: bytes, datagrams: Sequence[bytes],
                             reply_path: PathTag | None = None) -> None:
         """`send_wireguard` for a burst to one peer: the path is chosen once."""
-        now = time.monotonic()
+        now = trio.current_time()
         addr, region = self.paths.paths_for_send(node_key, now)
         if self.paths.wake:
             self._disco_wake.set()
@@ -308,7 +311,7 @@ class MagicConn:
         peer's), so it must open with the box of a disco key in the current netmap;
         what it may then cause is bounded as tailscaled bounds it (magicsock.go
         handleDiscoMessage, handlePingLocked)."""
-        now = time.monotonic()
+        now = trio.current_time()
         try:
             sender_disco = disco.sender_key(data)
         except RemoteProtocolError as exc:
@@ -407,7 +410,7 @@ class MagicConn:
         peer = self.paths.peers.get(node_key)
         if peer is None or not peer.disco_key:
             return {"latency_ms": None, "path": None, "error": "peer has no disco key"}
-        now = time.monotonic()
+        now = trio.current_time()
         addr, region = self.paths.paths_for_send(node_key, now)
         path: PathTag = ("udp", addr) if addr is not None and not region else ("derp", region)
         if path == ("derp", 0):
@@ -430,14 +433,19 @@ class MagicConn:
         return {"latency_ms": (result[0] - now) * 1000, "path": _describe(result[1])}
 
     async def _disco_timer(self) -> None:
+        """Disco's timers: sleeps to the next ping, heartbeat, probe or CallMeMaybe due,
+        or until something makes one due at once (`PathChooser.wake`)."""
         while True:
             self._disco_wake = trio.Event()
             self.paths.wake = False
-            now = time.monotonic()
-            for action in self.paths.poll(now, have_endpoints=bool(self.local_endpoints or
-                                                                     self.stun_endpoints)):
+            now = trio.current_time()
+            have_endpoints = bool(self.local_endpoints or self.stun_endpoints)
+            for action in self.paths.poll(now, have_endpoints=have_endpoints):
                 self._do(action)
-            with trio.move_on_after(max(0.0, self.paths.next_deadline(now) - now)):
+            # (a millisecond at least: a deadline that float rounding puts a hair early
+            # must not spin, and under a MockClock time must be able to move)
+            deadline = max(self.paths.next_deadline(now, have_endpoints), now + 0.001)
+            with trio.move_on_at(deadline):
                 await self._disco_wake.wait()
 
     # ------------------------------------------------------------------- STUN
@@ -462,7 +470,7 @@ class MagicConn:
                 self.stats["stun.resolve_failed"] += 1
                 continue
             txid = os.urandom(12)
-            self._stun_tx[txid] = time.monotonic()
+            self._stun_tx[txid] = trio.current_time()
             self._send_udp(stun.binding_request(txid), (ip, port))
 
     async def _resolve_ipv4(self, host: str) -> str | None:
@@ -494,11 +502,23 @@ class MagicConn:
         self._endpoints_ready.set()
 
     async def _stun_loop(self) -> None:
+        """STUN our home region: until the first answer at 0.5 s, then doubling (a server
+        that stays silent is not asked twice a second forever), then every 25 s. With no
+        STUN server in the map, wait for a new map."""
+        retry = STUN_RETRY
         while True:
+            self._stun_servers_changed = trio.Event()
+            if not self._stun_servers():
+                await self._stun_servers_changed.wait()
+                continue
             await self._send_stun()
-            with trio.move_on_after(STUN_RETRY if not self._endpoints_ready.is_set() else ENDPOINT_REFRESH):
-                await trio.sleep_forever()
-            self._stun_tx = {t: s for t, s in self._stun_tx.items() if time.monotonic() - s < 10}
+            if self._endpoints_ready.is_set():
+                delay = ENDPOINT_REFRESH
+            else:
+                delay, retry = retry, min(retry * 2, ENDPOINT_REFRESH)
+            with trio.move_on_after(delay):
+                await self._stun_servers_changed.wait()
+            self._stun_tx = {t: s for t, s in self._stun_tx.items() if trio.current_time() - s < 10}
 
     async def wait_endpoints(self, timeout: float) -> None:
         with trio.move_on_after(timeout):

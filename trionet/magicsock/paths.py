@@ -27,6 +27,7 @@ a second instead of five.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Iterable
 
@@ -136,8 +137,12 @@ class PathChooser:
             peer.best_addr, peer.trust_until, peer.pending = None, 0.0, {}
             peer.disco_key = disco_key
             peer.heard, peer.first_active = False, None
+            self.wake = True
         peer.home_derp = home_derp
-        peer.endpoints = set(endpoints)
+        endpoints = set(endpoints)
+        if endpoints != peer.endpoints:
+            peer.endpoints = endpoints
+            self.wake = True  # new candidates: ping them now if the peer is active
         return peer
 
     def remove_peer(self, node_key: bytes) -> None:
@@ -149,6 +154,8 @@ class PathChooser:
         peer = self.peers.get(node_key)
         if peer is None:
             return None, 0
+        if now - peer.last_active > SESSION_ACTIVE_TIMEOUT:
+            self.wake = True  # traffic to an idle peer: its pings are due again
         peer.last_active = now
         if not peer.heard and peer.first_active is None:
             peer.first_active = now
@@ -285,9 +292,33 @@ class PathChooser:
         return (not peer.heard and peer.disco_key is not None and peer.first_active is not None
                 and now - peer.first_active <= FIRST_CONTACT_WINDOW)
 
-    def next_deadline(self, now: float) -> float:
-        """The driver polls at least this often: 1 s keeps every rule above on time,
-        except first-contact probes, which want `FIRST_CONTACT_PROBE`."""
-        if any(self._probing(peer, now) for peer in self.peers.values()):
-            return now + FIRST_CONTACT_PROBE
-        return now + 1.0
+    def next_deadline(self, now: float, have_endpoints: bool = True) -> float:
+        """When `poll` next has work: the earliest probe, heartbeat, ping or CallMeMaybe
+        due to a peer while it is still active (math.inf when none is). Whatever makes
+        work due sooner (traffic to an idle peer, new endpoints or disco key from the
+        netmap, a first authentic disco message) sets `wake`, and the driver polls at once.
+        (The expiry of pending pings and learned addresses is housekeeping: it waits
+        for the next poll.)"""
+        best = math.inf
+        for peer in self.peers.values():
+            if peer.disco_key is None:
+                continue
+            idle_at = peer.last_active + SESSION_ACTIVE_TIMEOUT
+            if now > idle_at:
+                continue
+            region = peer.home_derp or peer.last_derp_region
+            due: list[float] = []
+            if region and self._probing(peer, now):
+                due.append(peer.last_probe + FIRST_CONTACT_PROBE)
+            if peer.direct(now):
+                assert peer.best_addr is not None
+                due.append(peer.last_ping.get(peer.best_addr, -1e9) + HEARTBEAT_INTERVAL)
+                due.append(math.nextafter(peer.trust_until, math.inf))  # then candidates again
+            else:
+                due += [peer.last_ping.get(addr, -1e9) + DISCO_PING_INTERVAL for addr in peer.candidates()]
+                if have_endpoints and region:
+                    due.append(peer.last_call_me_maybe + CALL_ME_MAYBE_INTERVAL)
+            for t in due:
+                if t <= idle_at and t < best:
+                    best = t
+        return best

@@ -67,7 +67,7 @@ def ping(tx_id: bytes | None = None) -> disco.Ping:
     return disco.Ping(tx_id=tx_id or os.urandom(12), node_key=b"\x01" * 32)
 
 
-def test_a_restarted_peers_old_disco_packets_are_counted_not_fatal() -> None:
+async def test_a_restarted_peers_old_disco_packets_are_counted_not_fatal() -> None:
     conn, peer = make_conn(), Peer()
     sent = Sent(conn)
     add(conn, peer)
@@ -88,7 +88,7 @@ def test_a_restarted_peers_old_disco_packets_are_counted_not_fatal() -> None:
     assert conn.stats["disco.ping_in"] == 2
 
 
-def test_a_replayed_ping_from_the_same_address_is_answered_once() -> None:
+async def test_a_replayed_ping_from_the_same_address_is_answered_once() -> None:
     conn, peer = make_conn(), Peer()
     sent = Sent(conn)
     add(conn, peer)
@@ -99,7 +99,7 @@ def test_a_replayed_ping_from_the_same_address_is_answered_once() -> None:
     assert conn.stats["disco.duplicate_ping"] == 99
 
 
-def test_a_ping_replayed_from_many_forged_sources_learns_a_bounded_set() -> None:
+async def test_a_ping_replayed_from_many_forged_sources_learns_a_bounded_set() -> None:
     conn, peer = make_conn(), Peer()
     Sent(conn)
     add(conn, peer)
@@ -111,7 +111,7 @@ def test_a_ping_replayed_from_many_forged_sources_learns_a_bounded_set() -> None
     assert len(path.last_ping_rx) <= MAX_LEARNED + 1
 
 
-def test_call_me_maybe_counts_only_through_derp_from_its_owner_and_pings_a_bounded_number() -> None:
+async def test_call_me_maybe_counts_only_through_derp_from_its_owner_and_pings_a_bounded_number() -> None:
     conn, peer, other = make_conn(), Peer(), Peer()
     sent = Sent(conn)
     add(conn, peer)
@@ -128,7 +128,7 @@ def test_call_me_maybe_counts_only_through_derp_from_its_owner_and_pings_a_bound
     assert len(sent.udp) == MAX_CALL_ME_MAYBE_ENDPOINTS  # one ping per endpoint it kept
 
 
-def test_a_churning_peer_table_keeps_exactly_one_box_per_current_peer() -> None:
+async def test_a_churning_peer_table_keeps_exactly_one_box_per_current_peer() -> None:
     conn = make_conn()
     Sent(conn)
     peers = [Peer() for _ in range(50)]
@@ -150,7 +150,7 @@ def test_a_churning_peer_table_keeps_exactly_one_box_per_current_peer() -> None:
     assert not any(k.startswith("internal_error") for k in conn.stats)
 
 
-def test_garbage_that_is_neither_wireguard_stun_nor_disco_is_counted() -> None:
+async def test_garbage_that_is_neither_wireguard_stun_nor_disco_is_counted() -> None:
     conn = make_conn()
     for first in (b"\x00", b"\x05", b"T", b"\xff"):
         conn._on_udp_datagram(first + b"\x00" * 40, ("udp", PEER_ADDR))

@@ -137,7 +137,7 @@ def test_a_run_too_big_for_the_route_goes_one_by_one_and_gso_stays_on() -> None:
     assert udp.stats["send.udp_gso_refused"] == 2
 
 
-def test_a_burst_to_one_peer_uses_its_path_once_and_one_write_when_corked() -> None:
+async def test_a_burst_to_one_peer_uses_its_path_once_and_one_write_when_corked() -> None:
     conn = make_conn()
     a = receiver()
     conn.paths = FixedPath(a.getsockname())  # type: ignore[assignment]

@@ -15,6 +15,7 @@ on both sides (the peer learns each new key and traffic carries on), and a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -124,7 +125,11 @@ class Relay:
         self.relay = FakeRelay()
         self.nursery = nursery
         self.scope: trio.CancelScope | None = None
-        self.relay.after_login = lambda stream, who: nursery.start_soon(self._keepalive, stream)
+        self.relay.after_login = self._logged_in
+
+    def _logged_in(self, stream: trio.SocketStream, who: bytes) -> None:
+        with contextlib.suppress(RuntimeError):  # the test is over and its nursery closing
+            self.nursery.start_soon(self._keepalive, stream)
 
     async def _keepalive(self, stream: trio.SocketStream) -> None:
         try:
@@ -218,6 +223,8 @@ async def test_two_nodes_through_a_simulated_day(tmp_path: Path, monkeypatch: py
                 "handshakes": a.wg.counters["handshakes_completed"] + b.wg.counters["handshakes_completed"],
                 "derp_outage_attempts": derp_attempts_after - derp_attempts_before,
                 "derp_connected": derp_stats(b)["connected"],
+                "keys_agree": all(server.records[n.config.hostname]["Key"]
+                                  == keys.format_key("nodekey:", n.keys.node_public) for n in (a, b) if n.keys),
                 "internal_errors": {k: v for n in (a, b) for k, v in flat(n.statistics()).items()
                                     if "internal_error" in k and v},
             }
@@ -228,7 +235,9 @@ async def test_two_nodes_through_a_simulated_day(tmp_path: Path, monkeypatch: py
     assert not result["failures"], result["failures"]
     # 6-hour keys renewed a third of their life early: every 4 hours on each side
     assert result["a_renewals"] >= 5 and result["b_renewals"] >= 5, result
-    assert result["renewals"] == result["a_renewals"] + result["b_renewals"]
+    # (a renewal the server saw may be asked again if its session ended before the answer)
+    assert result["renewals"] >= result["a_renewals"] + result["b_renewals"]
+    assert result["keys_agree"], "the server and each node hold the same current node key"
     # each exchange found the session stale (more than 180 s idle): a new handshake each time
     assert result["handshakes"] >= result["exchanges"] * 0.9, result
     # redials during a 10-minute outage follow the backoff (1, 2, 4 ... 60 s): about 14, not 600

@@ -11,6 +11,7 @@ from pathlib import Path
 import attrs
 
 from trionet.errors import ConfigError
+from trionet.netaddr import parse_port, split_host_port
 
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "trionet"
 
@@ -78,21 +79,17 @@ class NodeConfig:
 
 
 def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigError(f"{what}: {text!r} is not a port number (1-65535)")
-    return int(text)
+    try:
+        return parse_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if not rest.startswith(":"):
-            raise ConfigError(f"{what}: expected [IPv6]:PORT, got {text!r}")
-        return host, _port(rest[1:], what)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
-    return host, _port(port, what)
+    try:
+        return split_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def parse_listen(text: str, what: str, default_bind: str = "127.0.0.1") -> Listen:

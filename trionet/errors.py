@@ -59,11 +59,6 @@ def find_trionet_error(exc: BaseException) -> TrionetError | None:
 
     Nurseries wrap errors in groups; the user should still see one clear line.
     """
-    if isinstance(exc, TrionetError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = find_trionet_error(inner)
-            if found is not None:
-                return found
-    return None
+    from trionet.exc_groups import leaves  # (that module needs nothing of ours: no cycle)
+
+    return next((e for e in leaves(exc) if isinstance(e, TrionetError)), None)

@@ -36,8 +36,10 @@ from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.control.netmap import Netmap, legacy_derp_region
 from trionet.control.session import ControlSession
 from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
+from trionet.exc_groups import contains
 from trionet.filter import PacketFilter
 from trionet.magicsock.conn import MagicConn, PathTag
+from trionet.netaddr import split_host_port
 from trionet.netstack import NetStack
 from trionet.rejects import RejectLog
 from trionet.status import Status, StatusMachine
@@ -169,7 +171,7 @@ class Node:
                 task_status.started()
                 await trio.sleep_forever()
         except BaseException as exc:
-            if find_trionet_error(exc) is None and _contains(exc, trio.TooSlowError):
+            if find_trionet_error(exc) is None and contains(exc, trio.TooSlowError):
                 raise StartTimeout(self._start_timeout_message()) from None
             raise
         finally:
@@ -552,19 +554,11 @@ def _node_json(node: Any) -> dict[str, Any]:
     }
 
 
-def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
-    if isinstance(exc, kind):
-        return True
-    return isinstance(exc, BaseExceptionGroup) and any(_contains(e, kind) for e in exc.exceptions)
-
-
 def _split_endpoint(text: str) -> tuple[str, int] | None:
+    """An endpoint from the netmap ("ip:port", "[ipv6]:port"); None when it is not one."""
     try:
-        if text.startswith("["):
-            host, _, port = text[1:].partition("]:")
-        else:
-            host, _, port = text.rpartition(":")
+        host, port = split_host_port(text)
         ipaddress.ip_address(host)
-        return host, int(port)
     except ValueError:
         return None
+    return host, port

@@ -37,6 +37,7 @@ from trionet import __version__, proto
 from trionet.clock import wall
 from trionet.control.netmap import Netmap, NetmapChange
 from trionet.errors import AuthError, ConfigError, ControlError, RemoteProtocolError, TransportError
+from trionet.http1 import read_response_head
 from trionet.keys import ZERO_NODE_KEY, format_key, parse_key, public_of
 from trionet.noise.core import RESPONSE_LEN, Initiator
 from trionet.noise.stream import NoiseStream
@@ -91,35 +92,13 @@ async def _open_stream(url: str, ca_file: str | None) -> tuple[trio.abc.Stream, 
         raise TransportError(f"cannot reach login server {url}: {exc.strerror or exc}") from exc
 
 
-async def _read_http_head(stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise TransportError("login server closed the connection before answering")
-        buf += data
-        if len(buf) > 65536:
-            raise RemoteProtocolError("HTTP response head too long")
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError) as exc:
-        raise RemoteProtocolError(f"not an HTTP response: {lines[0][:80]!r}") from exc
-    headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    return status, headers, rest
-
-
 async def fetch_server_key(url: str, ca_file: str | None) -> bytes:
     stream, netloc = await _open_stream(url, ca_file)
     try:
         await stream.send_all(f"GET /key?v={CAPVER} HTTP/1.1\r\nHost: {netloc}\r\n"
                               f"User-Agent: trionet/{__version__}\r\nConnection: close\r\n\r\n".encode())
         with trio.fail_after(CONNECT_TIMEOUT):
-            status, headers, body = await _read_http_head(stream)
+            status, headers, body = await read_response_head(stream, "the login server", receive_size=65536)
             while True:
                 try:
                     data = await stream.receive_some(65536)
@@ -425,7 +404,7 @@ async def open_session(config: Any, state: Any) -> AsyncIterator[ControlConnecti
             f"POST /ts2021 HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: tailscale-control-protocol\r\n"
             f"Connection: upgrade\r\nX-Tailscale-Handshake: {msg}\r\nContent-Length: 0\r\n\r\n".encode())
         with trio.fail_after(CONNECT_TIMEOUT):
-            status, headers, rest = await _read_http_head(stream)
+            status, headers, rest = await read_response_head(stream, "the login server", receive_size=65536)
             if status != 101 or headers.get("upgrade", "").lower() != "tailscale-control-protocol":
                 raise ControlError(f"{url}/ts2021 answered HTTP {status}, not an upgrade")
             while len(rest) < RESPONSE_LEN:

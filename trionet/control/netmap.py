@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import attrs
 
+from trionet.netaddr import split_host_port
 from trionet.proto import DERPMap, MapResponse, Node
 
 DERP_MAGIC_IP = "127.3.3.40"
@@ -35,10 +36,11 @@ class NetmapChange:
 
 def legacy_derp_region(text: str) -> int:
     """"127.3.3.40:<region>" -> region (0 when absent or malformed)."""
-    host, _, port = text.rpartition(":")
-    if host == DERP_MAGIC_IP and port.isdigit():
-        return int(port)
-    return 0
+    try:
+        host, port = split_host_port(text)
+    except ValueError:
+        return 0
+    return port if host == DERP_MAGIC_IP else 0
 
 
 @attrs.define

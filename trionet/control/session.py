@@ -34,8 +34,10 @@ from typing import Any
 
 import trio
 
+from trionet.backoff import backoff_delay
 from trionet.clock import trio_time_of, wall
 from trionet.errors import AuthError, ConfigError, TrionetError
+from trionet.exc_groups import first_leaf
 from trionet.status import Status, StatusMachine
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,6 @@ def renewal_due(expiry: float, key_since: float | None, now: float) -> float:
     since = key_since if key_since is not None and key_since < expiry else now
     lifetime = max(expiry - since, 0.0)
     return expiry - min(RENEW_BEFORE, lifetime * RENEW_LIFETIME_FRACTION)
-
-
-def backoff(failures: int, rng: random.Random) -> float:
-    """min(2^n, 60) seconds plus up to a second of jitter."""
-    return float(min(2 ** max(failures - 1, 0), 60)) + rng.random()
 
 
 class ControlSession:
@@ -117,7 +114,7 @@ class ControlSession:
             except Exception as caught:  # nurseries wrap errors in groups: look inside
                 if self._session_got_netmap:
                     failures = 0  # that session worked: start the backoff afresh
-                exc = _unwrap(caught)
+                exc = first_leaf(caught, AuthError, ConfigError, TrionetError)
                 if isinstance(exc, (AuthError, ConfigError)):
                     # The server refused us or our config is wrong: retrying cannot help.
                     self._give_up(exc)
@@ -129,7 +126,7 @@ class ControlSession:
                     self._give_up(exc if isinstance(exc, TrionetError) else _as_transport(exc))
                     return
                 failures += 1
-                delay = backoff(failures, self.rng)
+                delay = backoff_delay(failures - 1, self.rng)
                 log.warning("control connection lost (%s); reconnecting in %.1f s", exc, delay)
                 self.status.move(Status.RECONNECTING, f"{exc}; retry in {delay:.1f} s")
                 await trio.sleep(delay)
@@ -260,25 +257,6 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "never"
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The most telling error inside nested exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        leaves: list[BaseException] = []
-        stack: list[BaseException] = [exc]
-        while stack:
-            e = stack.pop()
-            if isinstance(e, BaseExceptionGroup):
-                stack.extend(e.exceptions)
-            else:
-                leaves.append(e)
-        for kind in (AuthError, ConfigError, TrionetError):
-            for leaf in leaves:
-                if isinstance(leaf, kind):
-                    return leaf
-        return leaves[0] if leaves else exc
-    return exc
 
 
 def _as_transport(exc: BaseException) -> TrionetError:

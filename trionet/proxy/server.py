@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import trio
 
 from trionet.errors import ConfigError, RemoteProtocolError, TrionetError
+from trionet.netaddr import split_host_port
 from trionet.netstack.driver import TcpStream
 from trionet.proxy import socks5
 from trionet.rejects import RejectLog
@@ -695,21 +696,6 @@ def _parse_http_head(head: bytes) -> tuple[str, str, str, list[bytes]]:
     return method, target, version, lines[1:]
 
 
-def _split_host_port(hostport: str, default: int) -> tuple[str, int]:
-    if hostport.startswith("["):
-        host, _, rest = hostport[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else default
-    else:
-        host, sep, text = hostport.rpartition(":")
-        if not sep or not text.isdigit():
-            host, port = hostport, default
-        else:
-            port = int(text)
-    if not host or not 0 < port < 65536:
-        raise ValueError(f"bad host:port {hostport[:80]!r}")
-    return host, port
-
-
 def _http_error(status: str) -> bytes:
     return f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".encode()
 
@@ -734,11 +720,11 @@ class HttpProxy(Proxy):
                 head = await reader.read_head("head", MAX_HTTP_HEADER)
             method, target, version, headers = _parse_http_head(head)
             if method == "CONNECT":
-                host, port = _split_host_port(target, 443)
+                host, port = split_host_port(target, 443)
                 first = b""
             elif target.startswith("http://"):
                 hostport, _, path = target[len("http://"):].partition("/")
-                host, port = _split_host_port(hostport, 80)
+                host, port = split_host_port(hostport, 80)
                 kept = [h for h in headers if not h.lower().startswith((b"proxy-", b"connection:"))]
                 first = b"\r\n".join([f"{method} /{path} {version}".encode(), *kept,
                                       b"Connection: close", b"", b""])

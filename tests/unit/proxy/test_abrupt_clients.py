@@ -24,6 +24,7 @@ import trio.testing
 
 from tests.unit.netstack.simlink import B4, linked_stacks
 from trionet.errors import ConfigError
+from trionet.netaddr import split_host_port
 from trionet.netstack import NetStack, TcpConfig
 from trionet.netstack.driver import TcpStream
 from trionet.node import _NamedUdp
@@ -497,10 +498,10 @@ async def test_http_client_resets_after_200(net: Net) -> None:
 
 async def test_http_bad_port_is_a_400() -> None:
     with pytest.raises(ValueError):
-        server._split_host_port("peer:99999", 80)
+        split_host_port("peer:99999", 80)
     with pytest.raises(ValueError):
-        server._split_host_port("[::1]:x", 80)
-    assert server._split_host_port("[fd7a::1]:8080", 80) == ("fd7a::1", 8080)
+        split_host_port("[::1]:x", 80)
+    assert split_host_port("[fd7a::1]:8080", 80) == ("fd7a::1", 8080)
 
 
 # ---------------------------------------------------------------------- --forward

@@ -90,7 +90,7 @@ class FakeConnection:
     def __init__(self, server: FakeHeadscale, hostname: str, state: Any) -> None:
         self.server, self.hostname, self.state = server, hostname, state
 
-    async def register(self, renew_to: bytes | None = None) -> None:
+    async def register(self, renew_to: bytes | None = None) -> proto.RegisterResponse:
         record = self.server.record(self.hostname)
         key = keys.public_of(renew_to) if renew_to is not None else self.state.node_public
         if renew_to is not None:
@@ -100,6 +100,7 @@ class FakeConnection:
         self.state.node_key_since = wall()
         self.server._bump()
         await trio.lowlevel.checkpoint()
+        return proto.RegisterResponse(MachineAuthorized=True)
 
     async def lite_update(self, endpoints: list[str], types: list[int], home_region: int) -> None:
         self.server.record(self.hostname)["Endpoints"] = list(endpoints)

@@ -9,6 +9,7 @@ reconnect/backoff)::
     state = load_or_create_state(Path(state_dir))       # keys.State
     async with open_session(config, state) as conn:     # GET /key, /ts2021, Noise, HTTP/2
         await conn.register()                           # -> proto.RegisterResponse; AuthError on bad keys
+                                                        # (AuthURL set: log in there, then register(followup=URL))
         await conn.lite_update(endpoints, types, home)  # Stream:false, OmitPeers:true
         async for netmap, change in conn.map_updates(magic):
             ...                                         # Netmap, NetmapChange per non-keepalive message
@@ -25,6 +26,7 @@ server -> RemoteProtocolError; the server ending the stream -> StreamEnded.
 from trionet.control.client import (
     CAPVER,
     ControlConnection,
+    LoginFollowupFailed,
     NodeKeyExpired,
     StreamEnded,
     fetch_server_key,
@@ -32,5 +34,5 @@ from trionet.control.client import (
 )
 from trionet.control.netmap import Netmap, NetmapChange
 
-__all__ = ["CAPVER", "ControlConnection", "Netmap", "NetmapChange", "NodeKeyExpired", "StreamEnded",
-           "fetch_server_key", "open_session"]
+__all__ = ["CAPVER", "ControlConnection", "LoginFollowupFailed", "Netmap", "NetmapChange", "NodeKeyExpired",
+           "StreamEnded", "fetch_server_key", "open_session"]

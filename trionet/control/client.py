@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import platform
 import ssl
 import struct
@@ -35,8 +36,9 @@ import zstandard
 
 from trionet import __version__, proto
 from trionet.clock import wall
+from trionet.control.login import check_login_url
 from trionet.control.netmap import Netmap, NetmapChange
-from trionet.errors import AuthError, ConfigError, ControlError, RemoteProtocolError, TransportError
+from trionet.errors import AuthError, ConfigError, ControlError, RemoteProtocolError, TransportError, TrionetError
 from trionet.http1 import read_response_head
 from trionet.keys import ZERO_NODE_KEY, format_key, parse_key, public_of
 from trionet.noise.core import RESPONSE_LEN, Initiator
@@ -51,6 +53,11 @@ CAPVER = 116
 EARLY_MAGIC = b"\xff\xff\xffTS"
 CONNECT_TIMEOUT = 15.0
 MAX_MAP_MESSAGE = 64 << 20
+# A Followup register waits on the server for an admin, minutes on end, so it has
+# no timeout of ours; an HTTP/2 PING this often, answered within LIVENESS_TIMEOUT,
+# proves the connection under it alive (a dead path would otherwise wait forever).
+LIVENESS_INTERVAL = 30.0
+LIVENESS_TIMEOUT = 15.0
 
 
 class NodeKeyExpired(AuthError):
@@ -59,6 +66,11 @@ class NodeKeyExpired(AuthError):
 
 class StreamEnded(TransportError):
     """The server ended the map stream; reconnect."""
+
+
+class LoginFollowupFailed(ControlError):
+    """The server answered a login Followup with an HTTP error (Headscale 0.26 once it
+    forgot the registration: 404); a fresh registration gets a new login URL."""
 
 
 def _split_server(url: str) -> tuple[str, str, int, bool]:
@@ -146,6 +158,7 @@ class H2Connection:
         self.responses: dict[int, trio.MemorySendChannel[Any]] = {}
         self.flow = trio.Event()
         self.closed: BaseException | None = None
+        self.pings: dict[bytes, trio.Event] = {}  # outstanding PINGs by their opaque data
 
     async def _flush(self) -> None:
         data = self.h2.data_to_send()
@@ -192,6 +205,10 @@ class H2Connection:
                 ch.send_nowait(("data", ev.data))
         elif isinstance(ev, h2.events.StreamEnded) and ch:
             ch.send_nowait(("end", None))
+        elif isinstance(ev, h2.events.PingAckReceived):
+            acked = self.pings.get(bytes(ev.ping_data or b""))
+            if acked is not None:
+                acked.set()
         elif isinstance(ev, h2.events.StreamReset) and ch:
             ch.send_nowait(("error", TransportError(f"control reset the request (code {ev.error_code})")))
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -231,6 +248,20 @@ class H2Connection:
         finally:
             self.responses.pop(sid, None)
 
+    async def ping(self) -> None:
+        """An HTTP/2 PING; returns when the server has acknowledged it."""
+        if self.closed is not None:
+            raise TransportError(f"control connection is closed: {self.closed}")
+        opaque = os.urandom(8)
+        acked = self.pings[opaque] = trio.Event()
+        try:
+            async with self.lock:
+                self.h2.ping(opaque)
+                await self._flush()
+            await acked.wait()
+        finally:
+            del self.pings[opaque]
+
     async def simple(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
         async with self.request(method, path, body) as events:
             status, out = 0, b""
@@ -266,12 +297,19 @@ class ControlConnection:
         return {"Hostname": self.config.hostname, "OS": "linux", "IPNVersion": f"trionet-{__version__}",
                 "GoArch": platform.machine(), "NetInfo": {"PreferredDERP": home_region}}
 
-    async def register(self, renew_to: bytes | None = None) -> proto.RegisterResponse:
+    async def register(self, renew_to: bytes | None = None, followup: str = "") -> proto.RegisterResponse:
         """Register our node key; with `renew_to`, ask the server to replace it by that key.
 
         A renewal names the current key as OldNodeKey (tailscaled's doLogin with
         regen). Headscale 0.23 answers a key refresh without MachineAuthorized,
         so for a renewal "no error, no AuthURL, not expired" is success.
+
+        Without an auth key the server may answer with an AuthURL: an admin has to
+        approve this node. That response is returned as it is (nothing committed);
+        the caller shows the URL and asks again with `followup` set to it, which
+        the server holds until the login is approved, rejected or expired
+        (Headscale 0.23 holds it 5 s). A Followup has no timeout of ours (see
+        LIVENESS_INTERVAL); an HTTP error to one is LoginFollowupFailed.
         """
         current = self.state.node_public
         new = public_of(renew_to) if renew_to is not None else current
@@ -280,14 +318,24 @@ class ControlConnection:
                                "Hostinfo": self.hostinfo()}
         if self.config.auth_key:
             req["Auth"] = {"AuthKey": self.config.auth_key}
-        log.debug("register: node key %s%s, auth key %s", req["NodeKey"],
+        if followup:
+            req["Followup"] = followup
+        log.debug("register: node key %s%s, auth key %s%s", req["NodeKey"],
                   f" (renewing {req['OldNodeKey']})" if renew_to else "",
-                  "given" if self.config.auth_key else "none")
-        status, body = await self.h2.simple("POST", "/machine/register", json.dumps(req).encode())
+                  "given" if self.config.auth_key else "none", f", following up {followup}" if followup else "")
+        body_out = json.dumps(req).encode()
+        if followup:
+            status, body = await self._post_while_alive("/machine/register", body_out)
+        else:
+            status, body = await self.h2.simple("POST", "/machine/register", body_out)
         # The server may quote what we sent; whatever it says, the auth key is not repeated.
         text = _scrub(body.decode(errors="replace").strip(), self.config.auth_key)
         log.debug("register: HTTP %d, %d bytes", status, len(body))
-        refused = "renew the node key" if renew_to else "accept the auth key"
+        refused = ("renew the node key" if renew_to else "accept the auth key" if self.config.auth_key
+                   else "register this node")
+        if followup and status != 200:
+            raise LoginFollowupFailed(f"the login server answered the login follow-up with HTTP {status}: "
+                                      f"{_reason(text) or text[:200]}")
         if status == 401:
             raise AuthError(f"the login server did not {refused}: {_reason(text) or 'HTTP 401'}")
         if status != 200:
@@ -302,8 +350,12 @@ class ControlConnection:
             raise NodeKeyExpired("this node's key has expired; start it with a reusable auth key "
                                  "(--authkey) to log in again")
         if resp.AuthURL:
-            raise AuthError(f"the login server wants an interactive login at {resp.AuthURL}; "
-                            "use a pre-auth key (--authkey)")
+            url = check_login_url(resp.AuthURL)
+            if self.config.auth_key:  # the server did not take our key and asks for a person instead
+                raise AuthError(f"the login server wants an interactive login at {url} "
+                                "instead of taking the auth key")
+            log.debug("register: the login server asks for an interactive login at %s", url)
+            return resp
         if not resp.MachineAuthorized and renew_to is None:
             raise AuthError("the login server did not authorize this node (no or invalid auth key)")
         self.state.extra["registered_server"] = self.config.login_server
@@ -311,6 +363,42 @@ class ControlConnection:
             self.state.node_key_since = wall()
         await self.state.save_async()  # off the loop: an fsync can take long on a busy disk
         return resp
+
+    async def _post_while_alive(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST and wait for the answer however long the server holds it, as long as
+        the connection answers PINGs; TransportError as soon as it stops answering."""
+        answer: tuple[int, bytes] | None = None
+        failure: Exception | None = None
+        dead = False
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                nonlocal dead
+                while True:
+                    await trio.sleep(LIVENESS_INTERVAL)
+                    alive = False
+                    try:
+                        with trio.move_on_after(LIVENESS_TIMEOUT):
+                            await self.h2.ping()
+                            alive = True
+                    except (TrionetError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the connection is gone: as good as no answer
+                    if not alive:
+                        dead = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch)
+            try:
+                answer = await self.h2.simple("POST", path, body)
+            except Exception as exc:  # raised after the nursery, not wrapped in a group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if dead or answer is None:
+            raise TransportError(f"the control connection stopped answering while waiting for a login "
+                                 f"(no PING answer in {LIVENESS_TIMEOUT:.0f} s)")
+        return answer
 
     def map_request(self, endpoints: list[str], types: list[int], home: int, stream: bool) -> dict[str, Any]:
         req: dict[str, Any] = {"Version": CAPVER, "NodeKey": self.node_key, "DiscoKey": self.disco_key,

@@ -21,6 +21,18 @@ the auth key (Headscale 0.29 rotates only with a valid auth key; 0.23 also
 without one while the key is unexpired). WireGuard and DERP switch to the
 new key at once; streams in the netstack live on. An expired key is renewed
 the same way; when the server refuses, the status is Error with the reason.
+
+Interactive login (no auth key; protocol-notes-next §19): when the server
+answers a register with an AuthURL, the status turns NeedsLogin with that URL
+and the session asks again with Followup=URL, the same node key (a pending
+one, if the old key had expired) and no Auth. Headscale 0.23 answers each
+Followup after 5 s with the same URL; 0.29 holds it until an admin approves,
+rejects or the registration expires, and then gives a new URL, which is shown
+in its turn. Same URL again, or an HTTP error: back off (n^2 x 10 ms, at most
+30 s, as tailscaled). Once approved: Registering, the map stream, Running.
+While a login is pending, a lost connection is not fatal even before the
+first netmap: the session reconnects (backoff at most 30 s) and follows the
+same URL. A key that expires later, with no auth key, leads back here.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import trio
 
 from trionet.backoff import backoff_delay
 from trionet.clock import trio_time_of, wall
+from trionet.control.login import LOGIN_BACKOFF_MAX, login_backoff_delay
 from trionet.errors import AuthError, ConfigError, TrionetError
 from trionet.exc_groups import first_leaf
 from trionet.status import Status, StatusMachine
@@ -94,6 +107,8 @@ class ControlSession:
         self._renewed_against: float | None = None  # the expiry our last renewal tried to push back
         self._hold_until_expiry: float | None = None  # renewal refused or not honoured for this expiry
         self._last_renewal = float("-inf")
+        self.login_url: str | None = None  # set while an interactive login waits for an admin
+        self.logins = 0  # interactive logins completed
 
     def __repr__(self) -> str:  # the config and state it holds carry secrets: name neither
         return f"<ControlSession {self.config.login_server} {self.status.status.value}>"
@@ -122,11 +137,13 @@ class ControlSession:
                 if not isinstance(exc, (TrionetError, OSError, trio.BrokenResourceError,
                                         trio.ClosedResourceError)):
                     log.exception("control session failed unexpectedly; reconnecting")
-                if not self.connected_once:
+                if not self.connected_once and self.login_url is None:
                     self._give_up(exc if isinstance(exc, TrionetError) else _as_transport(exc))
                     return
                 failures += 1
-                delay = backoff_delay(failures - 1, self.rng)
+                # a person may be about to approve us: ask again sooner than a map stream would
+                delay = backoff_delay(failures - 1, self.rng,
+                                      cap=LOGIN_BACKOFF_MAX if self.login_url is not None else 60.0)
                 log.warning("control connection lost (%s); reconnecting in %.1f s", exc, delay)
                 self.status.move(Status.RECONNECTING, f"{exc}; retry in {delay:.1f} s")
                 await trio.sleep(delay)
@@ -164,23 +181,30 @@ class ControlSession:
 
     # ------------------------------------------------------------ key renewal
     async def _register(self, conn: Any) -> None:
-        """Register; or renew the node key when a renewal is pending or the key expired."""
+        """Register; or renew the node key when a renewal is pending or the key expired;
+        or, when the server asks for one, an interactive login."""
         from trionet.control import NodeKeyExpired
 
         pending = self.state.pending_node_private
+        if self.login_url is not None:  # the connection broke while we waited for an admin
+            await self._login(conn, pending, self.login_url)
+            return
         expired = self.key_expiry is not None and self.key_expiry <= wall()
         if pending is None:
             try:
-                await conn.register()
-                return
+                resp = await conn.register()
             except NodeKeyExpired:
-                if not self.config.auth_key:
-                    raise
-                log.warning("our node key has expired; logging in again with the auth key")
+                # Without an auth key the new key goes through an interactive login (tailscaled's regen).
+                log.warning("our node key has expired; logging in again %s",
+                            "with the auth key" if self.config.auth_key else "(interactive: no auth key)")
                 expired = True
                 pending = await self.state.begin_node_key_renewal()
+            else:
+                if resp.AuthURL:  # a new node, or (Headscale 0.23) one whose key expired
+                    await self._login(conn, None, resp.AuthURL)
+                return
         try:
-            await conn.register(renew_to=pending)
+            resp = await conn.register(renew_to=pending)
         except AuthError as exc:
             await self.state.abandon_node_key_renewal()
             if expired:
@@ -191,6 +215,24 @@ class ControlSession:
             self._hold_until_expiry = self.key_expiry
             await conn.register()
             return
+        if resp.AuthURL:
+            if expired:
+                await self._login(conn, pending, resp.AuthURL)
+                return
+            # A planned renewal without an auth key (Headscale 0.29 wants a person for a new
+            # key): not worth an admin's time while the current key is good; log in when it expires.
+            await self.state.abandon_node_key_renewal()
+            log.warning("node key renewal needs an interactive login; keeping the current key until it "
+                        "expires at %s", _when(self.key_expiry))
+            self._hold_until_expiry = self.key_expiry
+            resp = await conn.register()
+            if resp.AuthURL:
+                await self._login(conn, None, resp.AuthURL)
+            return
+        await self._renewed(expired)
+
+    async def _renewed(self, expired: bool) -> None:
+        """The server took our pending node key: it is ours now, everywhere."""
         await self.state.finish_node_key_renewal(wall())
         self.renewals += 1
         self._renewed_against = self.key_expiry
@@ -201,6 +243,50 @@ class ControlSession:
                  _when(self.key_expiry))
         if self.on_node_key_changed is not None:
             self.on_node_key_changed(self.state.node_private)
+
+    async def _login(self, conn: Any, renew_to: bytes | None, url: str) -> None:
+        """Show the login URL and follow it up until an admin approves this node.
+
+        `renew_to`: the pending node key the login is for (our current key when None)."""
+        from trionet.control import LoginFollowupFailed
+
+        repeats = 0  # answers in a row that changed nothing
+        while True:
+            self._show_login(url)
+            try:
+                resp = await conn.register(renew_to=renew_to, followup=url)
+            except LoginFollowupFailed as exc:
+                # The server lost the registration (Headscale 0.26 answers 404 once it expired):
+                # start a new one rather than follow a dead URL forever.
+                repeats += 1
+                delay = login_backoff_delay(repeats, self.rng)
+                log.warning("%s; asking for a new login URL in %.1f s", exc, delay)
+                await trio.sleep(delay)
+                resp = await conn.register(renew_to=renew_to)
+                if resp.AuthURL:
+                    url = resp.AuthURL
+                    continue
+            if not resp.AuthURL:
+                break
+            if resp.AuthURL == url:
+                repeats += 1
+                await trio.sleep(login_backoff_delay(repeats, self.rng))
+            else:  # expired or rejected (Headscale 0.29): a new registration, a new URL
+                repeats = 0
+                log.info("the login server replaced the login URL")
+                url = resp.AuthURL
+        self.login_url = None
+        self.logins += 1
+        log.info("login approved")
+        self.status.move(Status.REGISTERING, "login approved")
+        if renew_to is not None:
+            await self._renewed(expired=True)
+
+    def _show_login(self, url: str) -> None:
+        if url != self.login_url:
+            log.info("waiting for a login at %s", url)
+        self.login_url = url  # before the status moves: listeners read it (the node's start deadline)
+        self.status.move(Status.NEEDS_LOGIN, f"log in at {url}", login_url=url)
 
     def _note_expiry(self, me: Any) -> None:
         expiry = parse_go_time(getattr(me, "KeyExpiry", None)) if me is not None else None

@@ -36,6 +36,9 @@ HOST may be a MagicDNS name (web-server.ts.test), a short name (web-server)
 or a tailnet IP. Listeners bind 127.0.0.1 unless you give BIND:PORT.
 The auth key may also come from $TRIONET_AUTHKEY; file:PATH keeps it out of
 the process list. State (keys, 0600) lives in --state-dir.
+
+Without an auth key, `up` prints a login URL and the Headscale command that
+approves it, and waits (as long as it takes) until an admin has done so.
 """
 
 
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EPILOG_UP, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--login-server", required=True, metavar="URL", help="Headscale URL")
     up.add_argument("--authkey", "--auth-key", dest="authkey", metavar="KEY",
-                    help="pre-auth key, or file:PATH (default: $TRIONET_AUTHKEY)")
+                    help="pre-auth key, or file:PATH (default: $TRIONET_AUTHKEY; "
+                    "none: log in interactively, approved on the Headscale server)")
     state_arg(up)
     up.add_argument("--hostname", help="node name in the tailnet (default: this host's name)")
     up.add_argument("--ca-file", type=Path, help="CA bundle for the login server and DERP (PEM)")
@@ -80,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--udp-port", type=int, default=0, help="WireGuard/disco UDP port (default: random)")
     up.add_argument("--udp-bind", default="", metavar="ADDR", help="bind UDP to this address only")
     up.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                    help="give up when not connected within this time (default: 60)")
+                    help="give up when not connected within this time (default: 60); "
+                    "waiting for a login approval does not count")
     up.add_argument("--json", action="store_true", help="print status changes as JSON lines")
 
     for name, helptext in (("status", "show this node and its peers"), ("peers", "list peers")):
@@ -197,6 +202,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     me = st.get("self") or {}
     addrs = ",".join(a.split("/")[0] for a in me.get("addresses", []))
     print(f"{st['status']}{': ' + st['reason'] if st.get('reason') else ''}")
+    if st.get("login_url"):
+        from trionet.control.login import login_instructions
+
+        print(login_instructions(st["login_url"]))
     print(f"{addrs:<16} {me.get('name', '?'):<30} home DERP {st.get('home_derp') or '-'}")
     for p in st.get("peers", []):
         print(_fmt_peer(p))

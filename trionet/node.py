@@ -3,6 +3,12 @@
     async with trionet.Node(login_server=URL, auth_key=KEY, state_dir=DIR) as node:
         stream = await node.open_tcp_stream("peer-name", 80)
 
+Without an auth key the login server may ask for an interactive login: the
+status turns NeedsLogin with the URL (`status()["login_url"]`, the status
+listeners' `StatusChange.login_url`, `await node.wait_login_url()`), and the
+start waits for the admin however long it takes: the start timeout counts
+only outside NeedsLogin, afresh once the login is approved.
+
 The node is a nursery tree (architecture.md): control + map stream, the
 WireGuard timer, magicsock (UDP reader, DERP connections, disco), the
 netstack timer and whatever listeners the caller starts. Leaving the
@@ -42,7 +48,7 @@ from trionet.magicsock.conn import MagicConn, PathTag
 from trionet.netaddr import split_host_port
 from trionet.netstack import NetStack
 from trionet.rejects import RejectLog
-from trionet.status import Status, StatusMachine
+from trionet.status import Status, StatusChange, StatusMachine
 from trionet.wg import WgDevice
 
 if TYPE_CHECKING:
@@ -113,6 +119,9 @@ class Node:
         self._outbound: list[bytes] = []  # the current netstack step's packets, sent at its end
         self._attached: list[StatisticsSource] = []
         self._wg_sleep: trio.CancelScope | None = None  # the WireGuard timer task's sleep, to its deadline
+        self._start_scope: trio.CancelScope | None = None  # the start timeout, until Running
+        self._status_changed = trio.Event()  # set (and replaced) on every status change
+        self.status_machine.listeners.append(self._on_status_change)
 
     # --------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Node:
@@ -166,8 +175,14 @@ class Node:
                 await nursery.start(self.magic.run)
                 nursery.start_soon(self.control.run)
                 nursery.start_soon(self._wg_timer)
-                with trio.fail_after(self.config.start_timeout):
-                    await self._wait_running(self.control)
+                with trio.CancelScope(deadline=trio.current_time() + self.config.start_timeout) as start:
+                    self._start_scope = start
+                    try:
+                        await self._wait_running(self.control)
+                    finally:
+                        self._start_scope = None
+                if start.cancelled_caught:
+                    raise trio.TooSlowError
                 task_status.started()
                 await trio.sleep_forever()
         except BaseException as exc:
@@ -188,6 +203,32 @@ class Node:
             stuck.new.value if stuck else status.status.value)
         return (f"not connected after {self.config.start_timeout:g} s (still {where}); "
                 f"is {self.config.login_server} answering? (--timeout to wait longer)")
+
+    def _on_status_change(self, change: StatusChange) -> None:
+        """Wake `wait_login_url`; and while an admin has yet to approve our login,
+        the start timeout is off (tailscale up waits for a login as long as it takes)."""
+        self._status_changed.set()
+        self._status_changed = trio.Event()
+        start = self._start_scope
+        if start is None:
+            return
+        if self.control is not None and self.control.login_url is not None:
+            start.deadline = math.inf
+        elif start.deadline == math.inf:  # approved: the rest of the start gets the whole timeout
+            start.deadline = trio.current_time() + self.config.start_timeout
+
+    async def wait_login_url(self, after: str | None = None) -> str:
+        """The URL at which to log this node in, once the login server asks for one
+        (at once if it already has). `after`: wait for a URL other than this one;
+        Headscale 0.29 replaces a URL whose registration expired or was rejected.
+        TransportError if the node stops or fails first."""
+        while True:
+            url = self.status_machine.login_url
+            if url and url != after:
+                return url
+            if self.status_machine.status in (Status.STOPPED, Status.ERROR):
+                raise TransportError(f"the node is {self.status_machine.status.value}: no login to wait for")
+            await self._status_changed.wait()
 
     async def _wait_running(self, control: ControlSession) -> None:
         """Until the first netmap, or the control session gives up (its error, raised)."""
@@ -473,6 +514,7 @@ class Node:
             "status": self.status_machine.status.value,
             "reason": self.status_machine.reason,
             "since": self.status_machine.since,
+            "login_url": self.status_machine.login_url or None,  # while NeedsLogin: where to log in
             "self": _node_json(me) if me else None,
             "node_key": keymod.format_key("nodekey:", self.keys.node_public) if self.keys else None,
             "key_expiry": me.KeyExpiry if me else None,
@@ -511,7 +553,8 @@ class Node:
     def statistics(self) -> dict[str, Any]:
         return {
             "node": dict(self.stats),
-            "control": ({"reconnects": self.control.reconnects, "node_key_renewals": self.control.renewals}
+            "control": ({"reconnects": self.control.reconnects, "node_key_renewals": self.control.renewals,
+                         "interactive_logins": self.control.logins}
                         if self.control is not None else {}),
             "filter_drops": dict(self.filter.drops),
             "magicsock": self.magic.statistics() if self.magic else {},

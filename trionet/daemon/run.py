@@ -2,7 +2,8 @@
 
 run_daemon (root nursery)          <- SIGINT/SIGTERM cancel here
 |-- ipc server                     (status, peers, ping, down)
-|-- status printer                 (one line per change; a progress line while connecting)
+|-- status printer                 (one line per change; a progress line while connecting;
+|                                   the login URL and its approval command, once per URL)
 `-- node scope                     <- `trionet down` cancels here, waits, answers, then the root
     |-- Node.run                   (control, map stream, wg, magicsock, netstack)
     `-- proxies                    (--forward, --socks5, --http-proxy, --serve)
@@ -24,6 +25,7 @@ from typing import Any
 import trio
 
 from trionet.config import NodeConfig
+from trionet.control.login import login_instructions
 from trionet.daemon import ipc
 from trionet.errors import ConfigError, TrionetError, find_trionet_error
 from trionet.node import Node
@@ -81,19 +83,31 @@ async def _signals(stop: trio.CancelScope) -> None:
 
 
 class _StatusPrinter:
-    """One line per status change; --json: one JSON object per change on stdout."""
+    """One line per status change; --json: one JSON object per change on stdout.
+
+    A login URL (NeedsLogin) is also told on stderr in words, with the Headscale
+    command that approves it, once per URL: a reconnect while waiting shows the
+    same URL again in the status, not in a second set of instructions."""
 
     QUIET_BEFORE_RUNNING = (Status.ERROR, Status.SHUTTING_DOWN, Status.STOPPED)
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self.ran = False
+        self.told_login_url = ""
 
     def __call__(self, change: StatusChange) -> None:
         self.ran = self.ran or change.new is Status.RUNNING
+        if change.login_url and change.login_url != self.told_login_url:
+            self.told_login_url = change.login_url
+            clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # the progress line, if any
+            sys.stderr.write(f"{clear}\n{login_instructions(change.login_url)}\n")
+            sys.stderr.flush()
         if self.as_json:
-            print(json.dumps({"status": change.new.value, "reason": change.reason, "at": change.at}),
-                  flush=True)
+            doc: dict[str, Any] = {"status": change.new.value, "reason": change.reason, "at": change.at}
+            if change.login_url:
+                doc["login_url"] = change.login_url
+            print(json.dumps(doc), flush=True)
             return
         tail = f": {change.reason}" if change.reason else ""
         # A start that fails is told once, by the CLI's last line; not here as well.

@@ -283,8 +283,8 @@ class ControlSession:
             await self._renewed(expired=True)
 
     def _show_login(self, url: str) -> None:
-        if url != self.login_url:
-            log.info("waiting for a login at %s", url)
+        if url != self.login_url:  # the status line (NeedsLogin) tells it at info level
+            log.debug("waiting for a login at %s", url)
         self.login_url = url  # before the status moves: listeners read it (the node's start deadline)
         self.status.move(Status.NEEDS_LOGIN, f"log in at {url}", login_url=url)
 

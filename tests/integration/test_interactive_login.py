@@ -154,3 +154,37 @@ def test_an_expired_registration_gives_a_new_url_that_is_shown_and_approved(
         assert [u for u, _ in daemon.told_logins()][:2] == [first_url, second_url]
     finally:
         daemon.stop()
+
+
+def test_an_expired_key_without_an_auth_key_asks_for_a_login_again(
+        stack: Stack, peer_files: PeerServices, tmp_path: Path) -> None:
+    hostname = f"py-relogin-{stack.version.replace('.', '')}"
+    daemon = LoginDaemon(stack, tmp_path / "state", "--socks5", "11092", hostname=hostname)
+    try:
+        _, command = daemon.wait_told(1)
+        assert command is not None
+        approve(stack, command)
+        first_key = daemon.wait_running()["node_key"]
+        node = stack.node_by_hostname(hostname)
+        assert node is not None
+        stack.headscale("nodes", "expire", "--identifier", str(node["id"]))  # the admin expires our key
+
+        url, command = daemon.wait_told(2)  # told again (on 0.23 it is the same machine-key URL)
+        assert command is not None and command.startswith(_expected_command_start(stack)), command
+        status = daemon.status()
+        assert (status["status"], status["login_url"]) == ("NeedsLogin", url)
+        approve(stack, command)
+        status = daemon.wait_running()
+        assert status["node_key"] != first_key  # a new node key, as tailscaled's regen
+        assert stack.node_by_hostname(hostname)["node_key"] == status["node_key"]  # type: ignore[index]
+        assert status["stats"]["control"]["interactive_logins"] == 2
+
+        out = tmp_path / "blob"
+        got = subprocess.run(["curl", "-sS", "--max-time", "120", "--retry", "5", "--retry-all-errors",
+                              "-o", str(out), "--socks5-hostname", "127.0.0.1:11092",
+                              f"http://ts1:{HTTP_PORT}/blob"], capture_output=True)
+        assert got.returncode == 0, got.stderr
+        assert sha256_file(out) == peer_files.blob_sha256
+    finally:
+        daemon.stop()
+        forget_node(stack, hostname)

@@ -86,8 +86,10 @@ class _StatusPrinter:
     """One line per status change; --json: one JSON object per change on stdout.
 
     A login URL (NeedsLogin) is also told on stderr in words, with the Headscale
-    command that approves it, once per URL: a reconnect while waiting shows the
-    same URL again in the status, not in a second set of instructions."""
+    command that approves it, once per URL and login: a reconnect while waiting
+    shows the same URL again in the status, not in a second set of instructions;
+    a later login (an expired key) is told again, even with the same URL
+    (Headscale 0.23's URL is the machine key's, the same every time)."""
 
     QUIET_BEFORE_RUNNING = (Status.ERROR, Status.SHUTTING_DOWN, Status.STOPPED)
 
@@ -98,6 +100,8 @@ class _StatusPrinter:
 
     def __call__(self, change: StatusChange) -> None:
         self.ran = self.ran or change.new is Status.RUNNING
+        if change.new is Status.RUNNING:
+            self.told_login_url = ""
         if change.login_url and change.login_url != self.told_login_url:
             self.told_login_url = change.login_url
             clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # the progress line, if any

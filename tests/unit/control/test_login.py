@@ -134,6 +134,17 @@ def test_up_tells_each_login_url_once_on_stderr_and_in_json_lines(capsys: pytest
     assert all("login_url" not in doc for doc in lines if doc["status"] != "NeedsLogin")
 
 
+def test_a_later_login_is_told_again_even_with_the_same_url(capsys: pytest.CaptureFixture[str]) -> None:
+    machine = StatusMachine(listeners=[_StatusPrinter(as_json=False)])
+    machine.move(Status.CONNECTING)
+    machine.move(Status.REGISTERING)
+    machine.move(Status.NEEDS_LOGIN, "log in", login_url=HS023_URL)
+    machine.move(Status.REGISTERING, "login approved")
+    machine.move(Status.RUNNING)
+    machine.move(Status.NEEDS_LOGIN, "key expired", login_url=HS023_URL)  # 0.23: the machine key's URL again
+    assert capsys.readouterr().err.count(HS023_URL) == 2
+
+
 # --------------------------------------------------------------------- client
 class ScriptedH2:
     """The HTTP/2 side of a ControlConnection: records requests, answers from a script."""

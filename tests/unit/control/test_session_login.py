@@ -100,7 +100,12 @@ def _session(tmp_path: Path, auth_key: str | None = None,
 
 async def _run_until_running(session: ControlSession) -> None:
     settled = trio.Event()
-    session.status.listeners.append(lambda change: change.new in (Status.RUNNING, Status.ERROR) and settled.set())
+
+    def settle(change: StatusChange) -> None:
+        if change.new in (Status.RUNNING, Status.ERROR):
+            settled.set()
+
+    session.status.listeners.append(settle)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
         await settled.wait()
@@ -295,7 +300,12 @@ async def test_a_node_waits_for_its_login_beyond_the_start_timeout(
     monkeypatch.setattr(control, "open_session", fake.open_session)
     node = _node(tmp_path)
     told: list[str] = []
-    node.status_machine.listeners.append(lambda change: change.login_url and told.append(change.login_url))
+
+    def tell(change: StatusChange) -> None:
+        if change.login_url:
+            told.append(change.login_url)
+
+    node.status_machine.listeners.append(tell)
     async with trio.open_nursery() as nursery:
         async def watch_login() -> None:
             told.append(await node.wait_login_url())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from . import WireError, ones_sum
+from . import WireError
+from . import pseudo_sum as pseudo_sum  # (the TCP/UDP pseudo-header is summed alike for v4 and v6)
 
 HEADER = struct.Struct("!IHBB16s16s")
 HEADER_LEN = 40
@@ -39,7 +40,3 @@ def parse(buf: memoryview) -> Ipv6Header:
 def build_header(src: bytes, dst: bytes, next_header: int, payload_len: int,
                  hop_limit: int = 64) -> bytes:
     return HEADER.pack(6 << 28, payload_len, next_header, hop_limit, src, dst)
-
-
-def pseudo_sum(src: bytes, dst: bytes, next_header: int, length: int) -> int:
-    return ones_sum(src + dst) + next_header + length

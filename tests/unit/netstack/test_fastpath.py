@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Callable
 
@@ -29,7 +30,8 @@ from .simlink import B4, Pipe, linked_stacks
 
 STATE = ("state", "rcv_nxt", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "ts_recent",
          "_ack_pending", "_ack_now", "delack_at", "rto_at", "persist_at", "fin_received",
-         "_ooo_starts", "dupacks", "_sacked", "in_recovery", "reo_at", "_lost_high", "tlp_at",
+         "reassembly.starts", "recovery.dupacks", "recovery.scoreboard.blocks", "in_recovery",
+         "recovery.reo_at", "recovery.lost_high", "recovery.tlp_at",
          "last_rcv", "keepalive_at", "_ka_probes", "ooo_bytes")
 
 
@@ -62,7 +64,7 @@ class _Side:
     def state(self) -> list[dict[str, object]]:
         states = []
         for conn in self.conns:
-            s = {k: getattr(conn, k) for k in STATE}
+            s = {k: operator.attrgetter(k)(conn) for k in STATE}
             s["rbuf"] = bytes(conn.rbuf)
             s["stats"] = dict(conn.stats)
             states.append(s)

@@ -291,7 +291,7 @@ class StackCore:
         exp_seq = exp_ack = space = nbytes = last_seq = last_wnd = any_wnd = 0
         last_ts: int | None = None
         for p in packets:
-            conn = None
+            conn = known = None  # known: the connection of a segment with other options (SACK)
             if len(p) >= 40:
                 if len(p) >= 52:  # the timestamp option too, if it is there (else payload bytes)
                     vihl, total, ff, proto, flow, seq, ack, off, flags, wnd, kind, ts_word, ts_ecr = unpack_ts(p)
@@ -305,10 +305,12 @@ class StackCore:
                     if hlen == 32 and kind == TS_WORD:
                         ts_val = ts_word
                     elif hlen != 20:
+                        if 20 < hlen <= total - 20:
+                            known = conn  # not for a run: on_segment, once its options are parsed
                         conn = None
-                    if conn is not None and verify and not checksums_ok(
+                    if verify and (conn is not None or known is not None) and not checksums_ok(
                             p, total, self._pseudo_base(flow[:4], flow[4:8], 6)):
-                        conn = None  # _input counts the drop
+                        conn = known = None  # _input counts the drop
             if conn is not None:
                 plen = total - 20 - hlen
                 if conn is not run:  # load this connection's prediction (`run`: the one loaded)
@@ -339,11 +341,22 @@ class StackCore:
                 self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
                 payloads = []
             run = None
-            if conn is not None:
+            if known is not None:  # (and conn is None)
+                if admit is not None and not admit(p):
+                    continue
+                self.stats["ip_in"] += 1
+                try:
+                    opts = wtcp.parse_options(memoryview(p)[40:20 + hlen])
+                except WireError as e:
+                    self._drop(e.reason)
+                    continue
+                conn = known
+            elif conn is not None:
                 if admit is not None and not admit(p):
                     continue
                 opts = wtcp.NO_OPTIONS if ts_val is None else wtcp.TcpOptions(ts_val=ts_val, ts_ecr=ts_ecr)
                 self.stats["ip_in"] += 1
+            if conn is not None:
                 self.stats["tcp_in"] += 1
                 try:
                     conn.on_segment(seq, ack, flags, wnd, opts, memoryview(p)[20 + hlen:], now)

@@ -112,7 +112,7 @@ async def receive_round(node: Node, peer: WgDevice) -> tuple[float, float, int]:
     node.stack = stack
     now = trio.current_time()
     conn = stack.core.tcp_connect(ipaddress.ip_address(B_IP), 80, now)
-    stack._after(conn)
+    stack.after_core_call(conn)
     port, peer_seq = conn.key[3], 7000
     path = ("udp", ("127.0.0.1", 9))
 
@@ -137,7 +137,7 @@ async def receive_round(node: Node, peer: WgDevice) -> tuple[float, float, int]:
         node._on_wireguard(datagrams[i:i + GRO_BATCH], None, path)
         node._flush_inbound()
         got += len(conn.read(1 << 22, trio.current_time()))
-        stack._after(conn)
+        stack.after_core_call(conn)
     cpu = time.process_time() - c0
     assert got == len(packets) * payload, (got, len(packets) * payload, node.stats, node.wg.drops if node.wg else None)
     cipher = ChaCha20Poly1305(os.urandom(32))

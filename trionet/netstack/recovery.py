@@ -1,6 +1,8 @@
 """TCP loss recovery, sender side: which sent bytes are lost, and resending them.
 
-Here (``LossRecovery``, one per connection): SACK processing into the scoreboard;
+Here (``LossRecovery``, one per connection): the scoreboard and the
+retransmissions in flight it owns (the connection merges each ACK's SACK blocks
+with ``SackScoreboard.note``; a cumulative ACK and reneging are handled here);
 loss detection (RFC 6675 IsLost, three duplicate ACKs, NewReno partial ACKs, and a
 RACK-style reordering timer, RFC 8985); entering and leaving fast recovery; the
 pipe estimate and the retransmission of holes while it is below cwnd (RFC 6675,

@@ -41,6 +41,8 @@ class Reassembly:
     latest arrivals, newest first; ``nbytes`` the bytes held. ``stats`` is the
     connection's counter dict (``ooo_dropped``, ``ooo_pruned`` go there)."""
 
+    __slots__ = ("blocks", "nbytes", "pieces", "recent", "starts", "stats")  # one per connection: small
+
     def __init__(self, stats: dict[str, int]) -> None:
         self.pieces: dict[int, bytearray] = {}
         self.starts: list[int] = []  # sorted

@@ -45,6 +45,10 @@ class LossRecovery:
     ``dupacks`` and ``lt_extra`` (the RFC 3042 limited-transmit allowance) are
     counted by the connection's ACK processing."""
 
+    __slots__ = ("conn", "dupacks", "in_recovery", "lost_high", "lt_extra", "recover", "relost_round",
+                 "reo_at", "reo_mark", "retransmitted", "rto_recovery", "rtx_high", "scoreboard", "stats",
+                 "tlp_at", "tlp_high")  # one per connection: small
+
     def __init__(self, conn: TcpConnection) -> None:
         self.conn = conn
         self.stats = conn.stats

@@ -32,6 +32,8 @@ class SackScoreboard:
     ``nbytes``: their total. ``stats`` is the connection's counter dict
     (``sack_blocks_ignored`` goes there)."""
 
+    __slots__ = ("blocks", "nbytes", "stats")  # one per connection: small
+
     def __init__(self, stats: dict[str, int]) -> None:
         self.blocks: list[tuple[int, int]] = []
         self.nbytes = 0
@@ -100,6 +102,8 @@ class Retransmissions:
     cut out of them (``cut``), so their bytes (``nbytes``), and the oldest mark with
     its count (``min_mark``, ``min_count``), are kept as they change: an ACK never
     walks the list."""
+
+    __slots__ = ("entries", "min_count", "min_mark", "nbytes")
 
     def __init__(self) -> None:
         self.entries: list[list[int]] = []

@@ -416,16 +416,16 @@ class StackCore:
                 else:
                     raise WireError("unknown_protocol")
             elif v == 6:
-                h6 = wip6.parse(buf)
-                if h6.dst not in self._local:
+                plen6, nxt6, _hops, src6, dst6 = wip6.unpack(buf)
+                if dst6 not in self._local:
                     raise WireError("not_for_us")
-                body = buf[40:40 + h6.payload_len]
-                if h6.next_header == 6:
-                    self._tcp_in(6, h6.src, h6.dst, body, now)
-                elif h6.next_header == 17:
-                    self._udp_in(6, h6.src, h6.dst, body)
+                body = buf[40:40 + plen6]
+                if nxt6 == 6:
+                    self._tcp_in(6, src6, dst6, body, now)
+                elif nxt6 == 17:
+                    self._udp_in(6, src6, dst6, body)
                 else:
-                    self._icmp_in(6, h6.src, h6.dst, body)
+                    self._icmp_in(6, src6, dst6, body)
             else:
                 raise WireError("bad_ip_version")
         except WireError as e:
@@ -434,9 +434,8 @@ class StackCore:
     # -------------------------------------------------------------------- TCP
     def _tcp_in(self, v: int, src: bytes, dst: bytes, seg: memoryview, now: float) -> None:
         n = len(seg)
-        sport, dport, seq, ack, hlen, flags, wnd = wtcp.unpack(
+        sport, dport, seq, ack, hlen, flags, wnd, opts = wtcp.unpack(
             seg, self._pseudo_base(src, dst, 6) + n if self.verify_checksums else None)
-        opts = wtcp.NO_OPTIONS if hlen == 20 else wtcp.parse_options(seg[20:hlen])
         key = (src, sport, dst, dport)
         conn = self.conns.get(key)
         self.stats["tcp_in"] += 1

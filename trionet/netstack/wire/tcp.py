@@ -56,10 +56,11 @@ class TcpOptions(NamedTuple):
 NO_OPTIONS = TcpOptions()
 
 
-def unpack(buf: memoryview, pseudo: int | None) -> tuple[int, int, int, int, int, int, int]:
+def unpack(buf: memoryview, pseudo: int | None) -> tuple[int, int, int, int, int, int, int, TcpOptions]:
     """Check a TCP segment and return its fields as a plain tuple (what ``parse``
-    names): header length always, the checksum unless ``pseudo`` (the pseudo-header
-    sum, length included) is None."""
+    names) and its options: header length always, the checksum unless ``pseudo``
+    (the pseudo-header sum, length included) is None. A lone timestamp option (the
+    usual case) takes one unpack; anything else, ``parse_options``."""
     if len(buf) < HEADER_LEN:
         raise WireError("tcp_short")
     sport, dport, seq, ack, off, flags, wnd, _ck, _urg = HEADER.unpack_from(buf)
@@ -68,21 +69,24 @@ def unpack(buf: memoryview, pseudo: int | None) -> tuple[int, int, int, int, int
         raise WireError("tcp_bad_header_len")
     if pseudo is not None and (pseudo + ones_sum(buf)) % 0xFFFF != 0:
         raise WireError("tcp_bad_checksum")
-    return sport, dport, seq, ack, hlen, flags, wnd
+    if hlen == HEADER_LEN:
+        opts = NO_OPTIONS
+    elif hlen == 32 and buf[20:24] == TS_PREFIX:
+        val, ecr = _II.unpack_from(buf, 24)
+        opts = TcpOptions(ts_val=val, ts_ecr=ecr)
+    else:
+        opts = parse_options(buf[HEADER_LEN:hlen])
+    return sport, dport, seq, ack, hlen, flags, wnd, opts
 
 
 def parse(buf: memoryview, pseudo: int) -> TcpHeader:
-    """Check a TCP segment (header length and checksum)."""
-    return TcpHeader._make(unpack(buf, pseudo))
+    """Check a TCP segment (header length, checksum and options)."""
+    return TcpHeader._make(unpack(buf, pseudo)[:7])
 
 
 def parse_options(opts: memoryview) -> TcpOptions:
-    """Parse the options area; unknown kinds are skipped, malformed ones raise. A
-    lone timestamp (the usual case) takes one unpack."""
+    """Parse the options area; unknown kinds are skipped, malformed ones raise."""
     n = len(opts)
-    if n == 12 and opts[:4] == TS_PREFIX:
-        val, ecr = _II.unpack_from(opts, 4)
-        return TcpOptions(ts_val=val, ts_ecr=ecr)
     mss: int | None = None
     wscale: int | None = None
     sack_perm = False

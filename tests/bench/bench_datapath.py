@@ -104,6 +104,7 @@ def send_round(node: Node | None) -> tuple[float, int]:
     h = Harness(TcpConfig(send_buffer=8 << 20))
     h.connect(mss=MSS, wscale=8)
     if node is not None:
+        node._flush_outbound()  # what an earlier round left (the receive round's RST) is not this round's
         h.stack.output = node._on_ip_out
     conn = h.conn
     assert conn.snd_mss == MSS, conn.snd_mss

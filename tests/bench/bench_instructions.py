@@ -56,7 +56,7 @@ def _receive(rounds: int, state: Path) -> int:
                              verify_checksums=False)
             node.stack = stack
             conn = stack.core.tcp_connect(ipaddress.ip_address(bd.B_IP), 80, trio.current_time())
-            stack._after(conn)
+            stack.after_core_call(conn)
             port = conn.key[3]
             syn_ack = make_segment(80, port, 7000, conn.iss + 1, wtcp.SYN | wtcp.ACK, 65535,
                                    options=wtcp.build_options(mss=bd.MSS, wscale=7, sack_perm=True, ts=(1, 0)))
@@ -84,7 +84,7 @@ def _receive(rounds: int, state: Path) -> int:
                 node._on_wireguard(batch, None, path)
                 node._flush_inbound()
                 conn.read(1 << 22, trio.current_time())
-                stack._after(conn)
+                stack.after_core_call(conn)
         return int(prepared[0][3])
 
     return trio.run(main)

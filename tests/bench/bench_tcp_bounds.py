@@ -102,8 +102,8 @@ def sack_row(history: int, rounds: int) -> dict[str, Any]:
             h.stack.deliver(ack, 0.01)
             h.out.clear()
         timed = _crafted_acks(conn, TIMED_ACKS, rng)
-        before = len(conn._sacked)
-        rtx = len(conn._rtx)
+        before = len(conn.recovery.scoreboard.blocks)
+        rtx = len(conn.recovery.retransmitted.entries)
         out = h.out
         sent = 0
         c0 = time.process_time()
@@ -162,7 +162,7 @@ def ooo_row(window: int) -> dict[str, Any]:
     held = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     return {"window": window, "segments": len(segments), "bytes_sent": sent_bytes,
-            "ooo_bytes": conn.ooo_bytes, "pieces": len(conn._ooo), "held_bytes": held,
+            "ooo_bytes": conn.ooo_bytes, "pieces": len(conn.reassembly.pieces), "held_bytes": held,
             "held_per_window": held / window,
             "pruned_or_dropped": conn.stats.get("ooo_pruned", 0) + conn.stats.get("ooo_dropped", 0)}
 

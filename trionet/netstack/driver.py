@@ -63,18 +63,20 @@ class NetStack:
     def deliver(self, packet: bytes | bytearray | memoryview) -> None:
         """Process one inbound IP packet now (no await)."""
         self.core.deliver(packet, trio.current_time())
-        self._after()
+        self.after_core_call()
 
     def deliver_many(self, packets: Iterable[bytes | bytearray | memoryview],
                      admit: Callable[[bytes | bytearray | memoryview], bool] | None = None) -> None:
         """Process a batch; ACKs go out once at the end of it. ``admit``: see
         ``StackCore.deliver_many``."""
         self.core.deliver_many(packets, trio.current_time(), admit)
-        self._after()
+        self.after_core_call()
 
-    def _after(self, conn: TcpConnection | None = None) -> None:
-        """Wake the tasks of what the core touched; bring the timer task forward if a
-        touched connection (or ``conn``, which the caller just used) now needs it sooner.
+    def after_core_call(self, conn: TcpConnection | None = None) -> None:
+        """Call after calling into ``core`` directly (every method here does): wake the
+        tasks of what the core touched; bring the timer task forward if a touched
+        connection (or ``conn``, which the caller just used) now needs it sooner; then
+        ``output_done``.
 
         Only connections the core touched or the caller names can have moved a deadline
         earlier, so this looks at those, not at every connection: with hundreds of
@@ -105,6 +107,8 @@ class NetStack:
         if self._output_done is not None:
             self._output_done()
 
+    _after = after_core_call  # the old name, still used by tests/unit/proxy/test_abrupt_clients.py
+
     async def run(self) -> None:
         """The timer task: run it in a nursery for the stack's lifetime."""
         while True:
@@ -114,7 +118,7 @@ class NetStack:
                 await trio.sleep_forever()
             self._timer_scope = None
             self.core.on_timer(trio.current_time())
-            self._after()
+            self.after_core_call()
 
     def statistics(self) -> dict[str, int]:
         return self.core.statistics()
@@ -123,13 +127,13 @@ class NetStack:
     async def open_tcp_stream(self, ip: IPAddress | str, port: int) -> TcpStream:
         conn = self.core.tcp_connect(ipaddress.ip_address(ip), port, trio.current_time())
         stream = TcpStream(self, conn)
-        self._after(conn)
+        self.after_core_call(conn)
         try:
             while conn.state in (State.SYN_SENT, State.SYN_RECEIVED):
                 await stream._wait()
         except BaseException:
             conn.abort(trio.current_time(), "cancelled")
-            self._after()
+            self.after_core_call()
             raise
         if conn.state is State.CLOSED or conn.error is not None:
             raise TransportError(f"connect to {ip}:{port} failed: {conn.error or 'closed'}")
@@ -155,7 +159,7 @@ class NetStack:
         key, w = self.core.ping_start(ipaddress.ip_address(ip), payload)
         ev = trio.Event()
         w.waker = ev.set
-        self._after()
+        self.after_core_call()
         try:
             with trio.move_on_after(timeout):
                 await ev.wait()
@@ -193,7 +197,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         reads and writes raise). ``idle=None`` turns keepalive off. For proxied
         connections whose peer may vanish without a FIN or RST."""
         self._conn.set_keepalive(idle, interval, count, trio.current_time())
-        self._stack._after(self._conn)
+        self._stack.after_core_call(self._conn)
 
     @property
     def local_address(self) -> tuple[IPAddress, int]:
@@ -233,7 +237,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
                     raise self._broken()
                 if off < total:
                     off += conn.send(mv[off:], trio.current_time())
-                    self._stack._after(conn)
+                    self._stack.after_core_call(conn)
                 if off >= total:
                     break
                 await self._wait()
@@ -273,7 +277,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("stream closed")
                 if conn.rbuf:
                     data = conn.read(max_bytes or 65536, trio.current_time())
-                    self._stack._after(conn)
+                    self._stack.after_core_call(conn)
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 if conn.error is not None:
@@ -294,7 +298,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         if not self._eof_sent:
             self._eof_sent = True
             self._conn.close(trio.current_time())
-            self._stack._after(self._conn)
+            self._stack.after_core_call(self._conn)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -302,7 +306,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
             conn = self._conn
             conn.release(trio.current_time())
             self._lot.unpark_all()
-            self._stack._after(conn)
+            self._stack.after_core_call(conn)
         await trio.lowlevel.checkpoint()
 
     async def abort(self, reason: str = "aborted") -> None:
@@ -352,7 +356,7 @@ class TcpListener(trio.abc.Listener[TcpStream]):
         if not self._core.closed:
             self._stack.core.tcp_unlisten(self._core, trio.current_time())
             self._lot.unpark_all()
-            self._stack._after()
+            self._stack.after_core_call()
         await trio.lowlevel.checkpoint()
 
 
@@ -375,7 +379,7 @@ class UdpEndpoint:
         await trio.lowlevel.checkpoint()
         self._stack.core.udp_send(self._core, data, ipaddress.ip_address(address[0]),
                                   address[1])
-        self._stack._after()
+        self._stack.after_core_call()
 
     async def receive(self) -> tuple[bytes, tuple[IPAddress, int]]:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -11,7 +11,14 @@ counted as ``internal_error.<kind>`` (``RejectLog``), its connection (if it
 had one) is aborted, and the batch goes on. What a peer can make it hold is
 bounded: connections in total and per remote address, half-open ones per
 listener (the oldest go first), out-of-order bytes and SACK state per
-connection (see ``tcp``), queued datagrams per UDP socket in count and bytes.
+connection (see ``reassembly`` and ``scoreboard``), queued datagrams per UDP
+socket in count and bytes.
+
+Here: routing and the tables (connections by key and, for the IPv4 fast path, by
+the 12 bytes that name them in a packet), the receive fast path's loop, listeners
+and their backlogs, UDP sockets, ICMP echo, the limits. Headers are read and built
+by ``wire`` (the fast paths' fused IPv4+TCP codec: ``wire.ipv4_tcp``); a
+connection's TCP is ``tcp.TcpConnection``.
 """
 
 from __future__ import annotations
@@ -20,45 +27,25 @@ import collections
 import ipaddress
 import logging
 import random
-import struct
 import zlib
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from ..errors import LocalProtocolError, TransportError
 from ..rejects import RejectLog
-from .tcp import MASK, NOT_FAST, State, TcpConfig, TcpConnection
-from .wire import WireError, ones_sum
+from .tcp import NOT_FAST, State, TcpConfig, TcpConnection
+from .wire import WireError, pseudo_sum
 from .wire import icmp as wicmp
 from .wire import ipv4 as wip4
 from .wire import ipv6 as wip6
 from .wire import tcp as wtcp
 from .wire import udp as wudp
-from .wire.tcp import ACK, PSH, RST, SYN
+from .wire.ipv4_tcp import FAST_RX, FAST_RX_TS, checksums_ok, emit_run, flow_key
+from .wire.tcp import ACK, MASK, PSH, RST, SYN, TS_WORD
 
 logger = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_IP4 = struct.Struct("!BBHHHBBH4s4s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_TS_FAST = b"\x01\x01\x08\x0a"
-_IP4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")  # IPv4 without options, then TCP without options
-_II = struct.Struct("!II")
-#: IPv4 header without options + the fixed part of a TCP header, for the fast path:
-#: version/IHL, total length, flags/fragment offset, protocol, the flow (src, dst,
-#: ports); seq, ack, data offset, flags, window.
-_FAST4 = struct.Struct("!BxH2xHxB2x12sIIBBH")
-_FAST4_TS = struct.Struct("!BxH2xHxB2x12sIIBBH4xIII")  # and NOP NOP TS 10, TSval, TSecr at 40
-_PORTS = struct.Struct("!HH")
-
-
-def _flow4(key: tuple[bytes, int, bytes, int]) -> bytes:
-    """An IPv4 connection's key as its packets spell it (see ``StackCore._flows4``)."""
-    remote, rport, local, lport = key
-    return remote + local + _PORTS.pack(rport, lport)
-
-
-_TS_KIND = 0x0101080A
 
 
 class PacketInfo(NamedTuple):
@@ -236,7 +223,7 @@ class StackCore:
         k = (src, dst, proto)
         v = self._pseudo.get(k)
         if v is None:
-            v = (ones_sum(src + dst) + proto) % 0xFFFF
+            v = pseudo_sum(src, dst, proto, 0) % 0xFFFF
             if len(self._pseudo) > 4096:
                 self._pseudo.clear()
             self._pseudo[k] = v
@@ -297,14 +284,14 @@ class StackCore:
         flows = self._flows4
         verify = self.verify_checksums
         batch = self._batch
-        unpack = _FAST4.unpack_from
-        unpack_ts = _FAST4_TS.unpack_from
+        unpack = FAST_RX.unpack_from  # (the layouts and what the fields are: wire.ipv4_tcp)
+        unpack_ts = FAST_RX_TS.unpack_from
         run: TcpConnection | None = None  # the connection whose run is being gathered
         payloads: list[memoryview] = []
         exp_seq = exp_ack = space = nbytes = last_seq = last_wnd = any_wnd = 0
         last_ts: int | None = None
         for p in packets:
-            conn = None
+            conn = known = None  # known: the connection of a segment with other options (SACK)
             if len(p) >= 40:
                 if len(p) >= 52:  # the timestamp option too, if it is there (else payload bytes)
                     vihl, total, ff, proto, flow, seq, ack, off, flags, wnd, kind, ts_word, ts_ecr = unpack_ts(p)
@@ -315,14 +302,15 @@ class StackCore:
                     conn = flows.get(flow)  # (a connection's local address is one of ours)
                     hlen = (off >> 4) * 4
                     ts_val: int | None = None
-                    if hlen == 32 and kind == _TS_KIND:
+                    if hlen == 32 and kind == TS_WORD:
                         ts_val = ts_word
                     elif hlen != 20:
+                        if 20 < hlen <= total - 20:
+                            known = conn  # not for a run: on_segment, once its options are parsed
                         conn = None
-                    if conn is not None and verify and (ones_sum(memoryview(p)[:20]) != 0 or (
-                            self._pseudo_base(flow[:4], flow[4:8], 6) + total - 20
-                            + ones_sum(memoryview(p)[20:])) % 0xFFFF):
-                        conn = None  # _input counts the drop
+                    if verify and (conn is not None or known is not None) and not checksums_ok(
+                            p, total, self._pseudo_base(flow[:4], flow[4:8], 6)):
+                        conn = known = None  # _input counts the drop
             if conn is not None:
                 plen = total - 20 - hlen
                 if conn is not run:  # load this connection's prediction (`run`: the one loaded)
@@ -353,11 +341,22 @@ class StackCore:
                 self._end_run(run, payloads, nbytes, last_seq, last_wnd, any_wnd, last_ts)
                 payloads = []
             run = None
-            if conn is not None:
+            if known is not None:  # (and conn is None)
+                if admit is not None and not admit(p):
+                    continue
+                self.stats["ip_in"] += 1
+                try:
+                    opts = wtcp.parse_options(memoryview(p)[40:20 + hlen])
+                except WireError as e:
+                    self._drop(e.reason)
+                    continue
+                conn = known
+            elif conn is not None:
                 if admit is not None and not admit(p):
                     continue
                 opts = wtcp.NO_OPTIONS if ts_val is None else wtcp.TcpOptions(ts_val=ts_val, ts_ecr=ts_ecr)
                 self.stats["ip_in"] += 1
+            if conn is not None:
                 self.stats["tcp_in"] += 1
                 try:
                     conn.on_segment(seq, ack, flags, wnd, opts, memoryview(p)[20 + hlen:], now)
@@ -402,17 +401,7 @@ class StackCore:
         v = buf[0] >> 4
         try:
             if v == 4:
-                # inline fast path of wire.ipv4.parse
-                if len(buf) < 20:
-                    raise WireError("ipv4_short")
-                vihl, _t, total, _id, ff, _ttl, proto, _ck, src, dst = _IP4.unpack_from(buf)
-                ihl = (vihl & 0xF) * 4
-                if ihl < 20 or ihl > len(buf):
-                    raise WireError("ipv4_bad_header_len")
-                if total < ihl or total > len(buf):
-                    raise WireError("ipv4_bad_total_len")
-                if self.verify_checksums and ones_sum(buf[:ihl]) != 0:
-                    raise WireError("ipv4_bad_checksum")
+                ihl, total, _id, ff, _ttl, proto, src, dst = wip4.unpack(buf, self.verify_checksums)
                 if dst not in self._local:
                     raise WireError("not_for_us")
                 if ff & 0x3FFF:
@@ -427,16 +416,16 @@ class StackCore:
                 else:
                     raise WireError("unknown_protocol")
             elif v == 6:
-                h6 = wip6.parse(buf)
-                if h6.dst not in self._local:
+                plen6, nxt6, _hops, src6, dst6 = wip6.unpack(buf)
+                if dst6 not in self._local:
                     raise WireError("not_for_us")
-                body = buf[40:40 + h6.payload_len]
-                if h6.next_header == 6:
-                    self._tcp_in(6, h6.src, h6.dst, body, now)
-                elif h6.next_header == 17:
-                    self._udp_in(6, h6.src, h6.dst, body)
+                body = buf[40:40 + plen6]
+                if nxt6 == 6:
+                    self._tcp_in(6, src6, dst6, body, now)
+                elif nxt6 == 17:
+                    self._udp_in(6, src6, dst6, body)
                 else:
-                    self._icmp_in(6, h6.src, h6.dst, body)
+                    self._icmp_in(6, src6, dst6, body)
             else:
                 raise WireError("bad_ip_version")
         except WireError as e:
@@ -445,22 +434,8 @@ class StackCore:
     # -------------------------------------------------------------------- TCP
     def _tcp_in(self, v: int, src: bytes, dst: bytes, seg: memoryview, now: float) -> None:
         n = len(seg)
-        if n < 20:
-            raise WireError("tcp_short")
-        sport, dport, seq, ack, off, flags, wnd, _ck, _u = _TCP.unpack_from(seg)
-        hlen = (off >> 4) * 4
-        if hlen < 20 or hlen > n:
-            raise WireError("tcp_bad_header_len")
-        if self.verify_checksums and (
-                self._pseudo_base(src, dst, 6) + n + ones_sum(seg)) % 0xFFFF != 0:
-            raise WireError("tcp_bad_checksum")
-        if hlen == 20:
-            opts = wtcp.NO_OPTIONS
-        elif hlen == 32 and seg[20:24] == _TS_FAST:
-            val, ecr = _II.unpack_from(seg, 24)
-            opts = wtcp.TcpOptions(ts_val=val, ts_ecr=ecr)
-        else:
-            opts = wtcp.parse_options(seg[20:hlen])
+        sport, dport, seq, ack, hlen, flags, wnd, opts = wtcp.unpack(
+            seg, self._pseudo_base(src, dst, 6) + n if self.verify_checksums else None)
         key = (src, sport, dst, dport)
         conn = self.conns.get(key)
         self.stats["tcp_in"] += 1
@@ -549,7 +524,7 @@ class StackCore:
                              self.tcp_config, now)
         self.conns[key] = conn
         if len(key[0]) == 4:
-            self._flows4[_flow4(key)] = conn
+            self._flows4[flow_key(*key)] = conn
         self._peer_conns[key[0]] = self._peer_conns.get(key[0], 0) + 1
         return conn
 
@@ -560,7 +535,7 @@ class StackCore:
         if self.conns.get(key) is conn:
             del self.conns[key]
             if len(key[0]) == 4:
-                self._flows4.pop(_flow4(key), None)
+                self._flows4.pop(flow_key(*key), None)
             left = self._peer_conns[key[0]] - 1
             if left:
                 self._peer_conns[key[0]] = left
@@ -581,52 +556,23 @@ class StackCore:
                      options: bytes, data: memoryview, mss: int, push_last: bool) -> int:
         rip, rport, lip, lport = conn.key
         pb = self._pseudo_base(lip, rip, 6)
+        stats = self.stats
+        if len(lip) == 4:
+            # both headers in one pack, both checksums summed from the field values
+            count, self._ident = emit_run(self.output, lip, rip, lport, rport, seq, ack, flags, window,
+                                          options, data, mss, push_last, pb, self._ident)
+            stats["tcp_out"] += count
+            stats["ip_out"] += count
+            return count
         size = len(data)
         count = 0
-        stats = self.stats
-        if len(lip) != 4:
-            for off in range(0, size or 1, mss):
-                piece = data[off:off + mss]
-                last = flags | PSH if push_last and off + mss >= size else flags
-                hdr = wtcp.build(lport, rport, seq + off, ack, last, window, options, piece, pb)
-                stats["tcp_out"] += 1
-                self._ip_out(lip, rip, 6, hdr, piece)
-                count += 1
-            return count
-        # IPv4: both headers in one pack, both checksums summed from the field values.
-        # What every segment of the run shares is summed once.
-        hlen = 20 + len(options)
-        ack &= 0xFFFFFFFF
-        off_flags = (hlen << 10) | flags
-        shared = pb + hlen + lport + rport + (ack >> 16) + (ack & 0xFFFF) + off_flags + window
-        if options:
-            shared += ones_sum(options)
-        # the IPv4 header's words: pseudo-header sum minus the protocol, plus
-        # 0x4500 (version, IHL), 0x4000 (DF), 0x4006 (TTL 64, TCP); then length, ident
-        ip_shared = pb + 0xC500 + 20 + hlen
-        output = self.output
-        pack = _IP4_TCP.pack
-        ident = self._ident
         for off in range(0, size or 1, mss):
             piece = data[off:off + mss]
-            plen = len(piece)
-            sq = (seq + off) & 0xFFFFFFFF
-            total = shared + plen + (sq >> 16) + (sq & 0xFFFF)
-            fl = off_flags
-            if push_last and off + mss >= size:
-                fl |= PSH
-                total += fl - off_flags
-            if plen:
-                total += ones_sum(piece)
-            ident = (ident + 1) & 0xFFFF
-            ip_len = 20 + hlen + plen
-            hdr = pack(0x45, 0, ip_len, ident, 0x4000, 64, 6, ~((ip_shared + plen + ident) % 0xFFFF) & 0xFFFF,
-                       lip, rip, lport, rport, sq, ack, fl, window, ~(total % 0xFFFF) & 0xFFFF, 0)
-            output(b"".join((hdr, options, piece)) if options or plen else hdr)
+            last = flags | PSH if push_last and off + mss >= size else flags
+            hdr = wtcp.build(lport, rport, seq + off, ack, last, window, options, piece, pb)
+            stats["tcp_out"] += 1
+            self._ip_out(lip, rip, 6, hdr, piece)
             count += 1
-        self._ident = ident
-        stats["tcp_out"] += count
-        stats["ip_out"] += count
         return count
 
     def tcp_established(self, conn: TcpConnection) -> None:

@@ -1,4 +1,17 @@
-"""The TCP state machine (RFC 9293), sans-IO.
+"""The TCP connection (RFC 9293), sans-IO: its state machine, input and output.
+
+Here: the state table and every transition; opening, the application's calls
+(send, read, close, release, abort, keepalive settings); segment arrival (window
+checks, ACK processing, the window update, FIN); the receive fast path's header
+prediction; output (new data in MSS-sized runs, pure ACKs with SACK blocks,
+timestamps, the advertised window); the timers (``on_timer``: retransmission
+timeout with its backoff, zero-window probe, keepalive, delayed ACK, TIME-WAIT
+and FIN-WAIT-2) and the RTT estimate behind the RTO (RFC 6298, RFC 7323).
+
+Elsewhere: which bytes are lost and resending them, SACK scoreboard, RACK and the
+tail loss probe (``recovery``, ``scoreboard``); out-of-order data held for
+reassembly (``reassembly``); the congestion window (``congestion``); the receive
+buffer (``rbuf``); header formats (``wire``); IP routing (``stack``).
 
 Rules of this file: a :class:`TcpConnection` takes segments and time in
 (``on_segment(..., now)``, ``on_timer(now)``) and hands segments out through the
@@ -14,46 +27,19 @@ and wrapped only on the wire, so comparisons are ordinary ``<``.
 
 from __future__ import annotations
 
-import bisect
 import enum
-import struct
 from collections.abc import Callable
 from typing import Protocol
 
 from ..errors import LocalProtocolError
 from .congestion import NewReno
 from .rbuf import RecvBuffer
+from .reassembly import Reassembly
+from .recovery import LossRecovery
 from .wire import tcp as wtcp
-from .wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpOptions
+from .wire.tcp import ACK, FIN, MASK, PSH, RST, SYN, TIMESTAMP, TS_WORD, URG, TcpOptions
 
-MASK = 0xFFFFFFFF
-_TS_PREFIX = b"\x01\x01\x08\x0a"
-_II = struct.Struct("!II")
-_INF = 1 << 62  # above every sequence number: a bisect key's second half
-
-#: Out-of-order data is kept as disjoint pieces inside the receive window: a byte
-#: that arrives twice is stored once and the total never exceeds the window (Linux
-#: tcp_data_queue_ofo trims a new skb against its neighbours and drops those it
-#: covers). A piece costs ~100 bytes beyond its data, so a peer sending one-byte
-#: segments with gaps between them meets this cap; past it the highest piece goes
-#: (Linux tcp_prune_ofo_queue prunes from the top too), or the new one if it is the
-#: highest.
-OOO_MAX_PIECES = 1024
-#: A piece that continues the one before it is appended to it up to this size, so
-#: the usual burst after one loss is a few pieces, not one per segment.
-OOO_COALESCE = 64 << 10
-#: and the piece after a new one is joined to it up to this size (a copy: kept small)
-OOO_JOIN_NEXT = 2048
-#: The sender's SACK scoreboard holds at most this many disjoint blocks (gVisor's
-#: sack_scoreboard.go maxSACKBlocks is 100 too). What does not fit is forgotten,
-#: which costs at most a retransmission of bytes the peer already holds; the bound
-#: keeps the cost of one ACK flat however many blocks a peer sent before (Linux
-#: CVE-2019-11478: crafted SACKs fragmenting the retransmit queue).
-SACK_SCOREBOARD_MAX = 100
-#: Retransmissions remembered in one recovery (their ranges are disjoint, one per
-#: hole or so: at most about one more than the scoreboard's blocks, unless a peer
-#: keeps moving its holes).
-RTX_MAX = 2 * SACK_SCOREBOARD_MAX
+_TS_PACK = TIMESTAMP.pack
 
 
 class State(enum.Enum):
@@ -184,6 +170,11 @@ class TcpConnection:
         self.user: object | None = None  # the driver's stream object
         self.waker: Callable[[], object] | None = None
         self.app_closed = False  # close() called: incoming data gets a RST
+        self.stats = {"segments_in": 0, "segments_out": 0, "retransmits": 0,
+                      "fast_retransmits": 0, "rto_timeouts": 0, "dupacks": 0,
+                      "sack_retransmits": 0, "tlp_probes": 0, "lost_retransmits": 0,
+                      "sack_blocks_in": 0, "sack_blocks_ignored": 0,
+                      "ooo_pruned": 0, "ooo_dropped": 0, "keepalive_probes": 0}
         self._local_mss = mss
         self.snd_mss = min(536, mss)
         # send side
@@ -204,12 +195,7 @@ class TcpConnection:
         self.rcv_nxt = 0
         self.rbuf = RecvBuffer()
         self.fin_received = False
-        # out-of-order data: disjoint pieces by their first sequence number
-        self._ooo: dict[int, bytearray] = {}
-        self._ooo_starts: list[int] = []  # sorted
-        self._ooo_blocks: list[list[int]] = []  # merged [left, right) of _ooo, sorted
-        self._ooo_recent: list[int] = []  # starts of the latest out-of-order arrivals, newest first
-        self.ooo_bytes = 0  # bytes in _ooo
+        self.reassembly = Reassembly(self.stats)  # out-of-order data
         self._rcv_adv_edge = 0
         # options
         self.ts_ok = False
@@ -239,51 +225,31 @@ class TcpConnection:
         self._ka_probes = 0
         # congestion
         self.cc = NewReno(self.snd_mss)
-        self.dupacks = 0
         # the window's use: the largest flight in the round trip that ends when
         # snd_una reaches _flight_round_end, and when data last went out
         self._flight_high = 0
         self._flight_round_end = 0
         self._data_sent_at = now
-        # Loss recovery (RFC 6675 with RFC 6937 PRR; after an RTO, RFC 6675 5.1: the
-        # scoreboard is kept and only what was not SACKed is resent). ``in_recovery``
-        # covers both; ``_rto_recovery`` says it began with a timeout (cwnd then grows
-        # in slow start instead of following PRR).
-        self.in_recovery = False
-        self._rto_recovery = False
-        self.recover = 0
-        self._sacked: list[tuple[int, int]] = []  # SACK scoreboard, merged, > snd_una
-        self._sacked_bytes = 0
-        #: every byte below this that is not SACKed is lost (RFC 6675 IsLost, the
-        #: reordering timer, a tail loss probe's answer or an RTO moved it up)
-        self._lost_high = 0
-        #: retransmissions still in flight in this recovery: [start, end, snd_max when
-        #: sent], sorted and disjoint; SACKs of data sent after one of them say whether
-        #: it was lost in turn. What is SACKed is cut out of them (``_rtx_cut``), so
-        #: their bytes, and the oldest mark with its count, are kept as they change:
-        #: an ACK never walks the list.
-        self._rtx: list[list[int]] = []
-        self._rtx_bytes = 0
-        self._rtx_min_mark = _INF
-        self._rtx_min_count = 0
-        self._rtx_high = 0  # holes below were all retransmitted (a search hint)
-        self._relost_round = 0
-        # RACK-lite (RFC 8985): a hole below SACKed data is lost once a reordering
-        # window has passed since the SACK showed it
-        self.reo_at: float | None = None
-        self._reo_mark = 0
-        # tail loss probe (RFC 8985 7): no ACK for 2 RTTs -> resend the last segment
-        self.tlp_at: float | None = None
-        self._tlp_high = 0  # snd_max when the outstanding probe went out (0: none)
-        self._lt_extra = 0  # RFC 3042 limited transmit allowance
+        # loss recovery: SACK scoreboard, lost ranges, RACK and TLP timers
+        self.recovery = LossRecovery(self)
         # acks
         self._ack_pending = 0
         self._ack_now = False
-        self.stats = {"segments_in": 0, "segments_out": 0, "retransmits": 0,
-                      "fast_retransmits": 0, "rto_timeouts": 0, "dupacks": 0,
-                      "sack_retransmits": 0, "tlp_probes": 0, "lost_retransmits": 0,
-                      "sack_blocks_in": 0, "sack_blocks_ignored": 0,
-                      "ooo_pruned": 0, "ooo_dropped": 0, "keepalive_probes": 0}
+
+    @property
+    def ooo_bytes(self) -> int:
+        """Out-of-order bytes held for reassembly."""
+        return self.reassembly.nbytes
+
+    @property
+    def in_recovery(self) -> bool:
+        """In fast recovery or the recovery after a timeout (``recovery.in_recovery``)."""
+        return self.recovery.in_recovery
+
+    @property
+    def data_end(self) -> int:
+        """The sequence number just past the queued data (where the FIN goes)."""
+        return self.sbuf_seq + len(self.sbuf)
 
     # ------------------------------------------------------------ state table
     def _transition(self, event: Event) -> None:
@@ -444,16 +410,10 @@ class TcpConnection:
 
     def _closed(self) -> None:
         self.rto_at = self.delack_at = self.persist_at = None
-        self.keepalive_at = self.timewait_at = self.tlp_at = self.reo_at = None
+        self.keepalive_at = self.timewait_at = None
         self.sbuf = bytearray()
-        self._ooo.clear()
-        self._ooo_starts.clear()
-        self._ooo_blocks.clear()
-        self._ooo_recent.clear()
-        self.ooo_bytes = 0
-        self._sacked = []
-        self._sacked_bytes = 0
-        self._rtx_reset()
+        self.reassembly.clear()
+        self.recovery.clear()
         self.host.tcp_closed(self)
 
     # ------------------------------------------------------------- receiving
@@ -473,8 +433,9 @@ class TcpConnection:
         cfg = self.config
         rn = self.rcv_nxt
         wl1 = self.snd_wl1
-        if (self.state is not S.ESTABLISHED or self._ooo_starts or self.app_closed
-                or self._sacked or self.in_recovery or self.dupacks >= 3  # on_segment would look for losses
+        rec = self.recovery
+        if (self.state is not S.ESTABLISHED or self.reassembly.starts or self.app_closed
+                or rec.scoreboard.blocks or rec.in_recovery or rec.dupacks >= 3  # on_segment would look for losses
                 or wl1 > rn or (wl1 == rn and self.snd_wl2 > self.snd_una)):
             return None  # (the last two: the run's first segment would not update the window)
         return rn & MASK, self.snd_una & MASK, cfg.recv_buffer - len(self.rbuf)
@@ -577,7 +538,7 @@ class TcpConnection:
             self._ack_now = True
             st = self.state
             if st is S.FIN_WAIT_1:
-                fin_acked = self.snd_una == self.snd_max and self.snd_nxt == self._fin_seq() + 1
+                fin_acked = self.snd_una == self.snd_max and self.snd_nxt == self.data_end + 1
                 self._transition(E.RCV_FIN_ACK_OF_FIN if fin_acked else E.RCV_FIN)
             elif st in (S.ESTABLISHED, S.FIN_WAIT_2):
                 self._transition(E.RCV_FIN)
@@ -586,9 +547,6 @@ class TcpConnection:
         elif flags & FIN and st is S.TIME_WAIT:
             self._ack_now = True
             self.timewait_at = now + 2 * self.config.msl
-
-    def _fin_seq(self) -> int:
-        return self.sbuf_seq + len(self.sbuf)
 
     def _enter_time_wait(self, now: float) -> None:
         self.rto_at = self.persist_at = self.keepalive_at = None
@@ -662,16 +620,19 @@ class TcpConnection:
     def _process_ack(self, seq: int, ack: int, wnd: int, plen: int, flags: int,
                      opts: TcpOptions, now: float) -> None:
         una = self.snd_una
-        sacked_before = self._sacked_bytes
-        probe_high = self._tlp_high
+        rec = self.recovery
+        board = rec.scoreboard
+        sacked_before = board.nbytes
+        probe_high = rec.tlp_high
         if opts.sack and self.sack_ok:
             # (at most 4 blocks: the options area holds no more, Linux TCP_NUM_SACKS)
             self.stats["sack_blocks_in"] += len(opts.sack)
-            self._note_sack(opts.sack, ack)
+            # into the scoreboard, and out of the retransmissions in flight
+            board.note(opts.sack, una, max(ack, una), self.snd_max, rec.retransmitted)
         # the answer to the probe itself, not any ACK that arrives while it is out (a late
         # one after a stall carries reordering, not news of a lost tail)
         after_probe = probe_high != 0 and (ack >= probe_high or (
-            bool(self._sacked) and self._sacked[-1][1] >= probe_high))
+            bool(board.blocks) and board.blocks[-1][1] >= probe_high))
         if ack > una:
             acked = ack - una
             self.snd_una = ack
@@ -686,46 +647,30 @@ class TcpConnection:
                 self._ts_rtt_sample(opts.ts_ecr, now)
             else:
                 self._rtt_sample(ack, now)
-            sb = self._sacked
-            if sb and sb[0][0] <= ack:
-                k = bisect.bisect_right(sb, (ack, _INF))  # the blocks that start at or below ack
-                if sb[k - 1][1] > ack:
-                    # the peer ACKs up to data it had SACKed: it dropped what it held
-                    # out of order (RFC 2018 reneging). Only this ACK's blocks still hold,
-                    # and what it held may be a hole again: search for holes from here.
-                    self._sacked = []
-                    self._sacked_bytes = 0
-                    if opts.sack and self.sack_ok:
-                        self._note_sack(opts.sack, ack)
-                    self._rtx_high = ack
-                    self.stats["sack_reneging"] = self.stats.get("sack_reneging", 0) + 1
-                else:  # each block leaves once: no walk over the rest
-                    self._sacked_bytes -= sum([r - left for left, r in sb[:k]])
-                    del sb[:k]
-            delivered = acked + self._sacked_bytes - sacked_before
+            if board.blocks or rec.retransmitted.entries:
+                rec.on_cumulative_ack(ack, opts.sack if self.sack_ok else ())
+            delivered = acked + board.nbytes - sacked_before
             flight_high = self._flight_high
             if ack >= self._flight_round_end:  # a round trip ended: measure the next one
                 self._flight_round_end = self.snd_nxt
                 self._flight_high = self.snd_nxt - ack
-            if self._rtx:
-                self._trim_rtx()  # (what is ACKed leaves them from the front)
-            self.dupacks = 0
-            self._lt_extra = 0
-            if self.in_recovery and not self._rto_recovery:
-                if ack >= self.recover:
-                    self._exit_recovery()
+            rec.dupacks = 0
+            rec.lt_extra = 0
+            if rec.in_recovery and not rec.rto_recovery:
+                if ack >= rec.recover:
+                    rec.exit()
             else:
                 self.cc.on_ack(acked, False, flight_high)  # after an RTO: slow start
-                if self.in_recovery and ack >= self.recover:
-                    self._exit_recovery()
-            self._tlp_high = 0
+                if rec.in_recovery and ack >= rec.recover:
+                    rec.exit()
+            rec.tlp_high = 0
             if ack >= self.snd_max:
-                self.rto_at = self.tlp_at = self.reo_at = None
+                self.rto_at = rec.tlp_at = rec.reo_at = None
             else:
                 self.rto_at = now + self.rto
-                self._arm_tlp(now)
+                rec.arm_tlp(now)
             self._persist_backoff = 0
-            if self.fin_queued and ack == self._fin_seq() + 1:
+            if self.fin_queued and ack == self.data_end + 1:
                 st = self.state
                 if st in (S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK):
                     self._transition(E.RCV_ACK_OF_FIN)
@@ -740,16 +685,16 @@ class TcpConnection:
                         return
         elif (ack == una and plen == 0 and not flags & FIN and self.snd_max > una
               and (wnd == self.snd_wnd or opts.sack)):
-            self.dupacks += 1
+            rec.dupacks += 1
             self.stats["dupacks"] += 1
-            delivered = self._sacked_bytes - sacked_before if self.sack_ok else self.snd_mss
-            if not self.in_recovery and self.dupacks < 3:
-                self._lt_extra = self.dupacks * self.snd_mss  # limited transmit
+            delivered = board.nbytes - sacked_before if self.sack_ok else self.snd_mss
+            if not rec.in_recovery and rec.dupacks < 3:
+                rec.lt_extra = rec.dupacks * self.snd_mss  # limited transmit
         else:
-            delivered = self._sacked_bytes - sacked_before
-        if self.snd_max > self.snd_una and (self._sacked or self.dupacks >= 3
-                                             or self.in_recovery):
-            self._detect_loss(now, delivered, after_probe, ack > una)
+            delivered = board.nbytes - sacked_before
+        if self.snd_max > self.snd_una and (board.blocks or rec.dupacks >= 3
+                                             or rec.in_recovery):
+            rec.detect_loss(now, delivered, after_probe, ack > una)
         # window update (RFC 9293 SND.WL1/WL2 rule)
         if self.snd_wl1 < seq or (self.snd_wl1 == seq and self.snd_wl2 <= ack):
             self.snd_wnd = wnd
@@ -757,330 +702,6 @@ class TcpConnection:
             self.snd_wl2 = ack
             if wnd > 0:
                 self.persist_at = None
-
-    def _note_sack(self, blocks: tuple[tuple[int, int], ...], ack: int) -> None:
-        """Merge an ACK's blocks into the scoreboard: a binary search and the blocks a
-        new one swallows per block, never a walk over the rest (gVisor's scoreboard
-        is a btree for the same reason); full, a block that would be a new entry is
-        forgotten."""
-        base = self.snd_una
-        floor = max(ack, base)
-        snd_max = self.snd_max
-        sb = self._sacked
-        for lw, rw in blocks:
-            d = (lw - base) & MASK
-            left = base + (d - (1 << 32) if d & 0x80000000 else d)
-            right = left + ((rw - lw) & MASK)
-            if right <= floor or right > snd_max or left >= right:
-                continue  # D-SACK, stale or bogus
-            i = bisect.bisect_left(sb, (left,))
-            if i and sb[i - 1][1] >= left:  # joins the block before
-                i -= 1
-                left = sb[i][0]
-            j = i
-            swallowed = 0
-            n = len(sb)
-            while j < n and sb[j][0] <= right:
-                r = sb[j][1]
-                if r > right:
-                    right = r
-                swallowed += r - sb[j][0]
-                j += 1
-            if j == i and n >= SACK_SCOREBOARD_MAX:
-                self.stats["sack_blocks_ignored"] += 1
-                continue
-            grown = right - left - swallowed
-            if grown:
-                sb[i:j] = ((left, right),)
-                self._sacked_bytes += grown
-                if self._rtx:
-                    self._rtx_cut(left, right)
-
-    # ------------------------------------------------------------ loss recovery
-    def _detect_loss(self, now: float, delivered: int, after_probe: bool,
-                     advanced: bool) -> None:
-        """Mark holes lost (RFC 6675 IsLost, RFC 8985 RACK-TLP in a simple form),
-        enter recovery, and let PRR size the window for this ACK."""
-        una = self.snd_una
-        mss = self.snd_mss
-        lost = self._lost_high
-        sb = self._sacked
-        if sb:
-            # RFC 6675 IsLost: DupThresh (3) SACKed blocks above, or more than
-            # (DupThresh - 1) * SMSS bytes: a walk down from the top of 3 blocks at most
-            acc = 0
-            edge = 0
-            for n, (left, right) in enumerate(reversed(sb)):
-                acc += right - left
-                if acc > 2 * mss or n == 2:
-                    edge = left
-                    break
-            if after_probe:
-                # the answer to a tail loss probe: every hole below the SACKed data
-                # was sent a probe timeout (two RTTs) ago or more
-                edge = max(edge, sb[-1][0])
-            if edge > lost:
-                lost = edge
-            if edge and self._rtx_min_mark <= edge:
-                self._relost(edge + 1)
-            top = sb[-1][1]
-            if self.reo_at is None and (
-                    sb[-1][0] > max(lost, una)
-                    or self._rtx_min_mark < top):  # a retransmission sent before top was
-                self.reo_at = now + self._reo_wnd()
-                self._reo_mark = top
-        if self.dupacks >= 3 or (advanced and self.in_recovery and not self.sack_ok):
-            # three duplicate ACKs, or a NewReno partial ACK: the next segment is lost
-            lost = max(lost, min(una + mss, self.snd_max))
-        self._lost_high = lost
-        entered = False
-        if not self.in_recovery and lost > una:
-            self._enter_recovery()
-            entered = True
-        # PRR sizes the window on ACKs that deliver data (and the one that starts
-        # recovery); a window update or the peer's own data is no licence to send more
-        # (Linux tcp_cwnd_reduction)
-        if self.in_recovery and not self._rto_recovery and (delivered > 0 or entered):
-            self.cc.on_recovery_ack(max(delivered, 0), self._pipe())
-
-    def _reo_wnd(self) -> float:
-        srtt = self.srtt if self.srtt is not None else self.rto
-        return max(srtt / 4, 0.001)
-
-    def _relost(self, limit: int) -> None:
-        """Retransmissions sent before data that has since been SACKed (their snd_max
-        mark below ``limit``) are lost too: send them again."""
-        if self._rtx_min_mark >= limit:
-            return  # none is that old
-        keep = []
-        lost = False
-        for e in self._rtx:
-            if e[2] < limit:
-                self.stats["lost_retransmits"] += 1
-                self._rtx_bytes -= e[1] - e[0]
-                lost = True
-                if e[0] < self._rtx_high:
-                    self._rtx_high = e[0]
-            else:
-                keep.append(e)
-        self._rtx = keep
-        self._rtx_recount()
-        if lost and self.in_recovery and not self._rto_recovery \
-                and self.snd_una >= self._relost_round:
-            # a retransmission lost too: the window we recover into is still more
-            # than the path holds; reduce again, at most once a round trip
-            self._relost_round = self.snd_max
-            self.cc.on_enter_recovery(min(self._pipe(), self.cc.ssthresh))
-
-    def _trim_rtx(self) -> None:
-        """Forget the retransmissions SND.UNA passed (from the front: each leaves once)."""
-        una = self.snd_una
-        rtx = self._rtx
-        k = 0
-        n = len(rtx)
-        while k < n and rtx[k][1] <= una:
-            self._rtx_bytes -= rtx[k][1] - rtx[k][0]
-            k += 1
-        gone = rtx[:k]
-        del rtx[:k]
-        if rtx and rtx[0][0] < una:
-            self._rtx_bytes -= una - rtx[0][0]
-            rtx[0][0] = una
-        for e in gone:
-            self._rtx_mark_removed(e[2])
-
-    def _rtx_cut(self, left: int, right: int) -> None:
-        """[left, right) is SACKed: no retransmission in it is in flight any more. Only
-        the entries that overlap it are looked at (and each leaves or shrinks)."""
-        rtx = self._rtx
-        i = bisect.bisect_right(rtx, [left, _INF])
-        if i and rtx[i - 1][1] > left:
-            i -= 1
-        j = i
-        n = len(rtx)
-        if j >= n or rtx[j][0] >= right:
-            return
-        kept: list[list[int]] = []
-        changes: list[tuple[int, int]] = []  # (mark, entries it has now less the one it had)
-        while j < n and rtx[j][0] < right:
-            s, e, m = rtx[j]
-            pieces = 0
-            if s < left:
-                kept.append([s, left, m])
-                pieces += 1
-            if e > right:
-                kept.append([right, e, m])
-                pieces += 1
-            self._rtx_bytes -= min(e, right) - max(s, left)
-            if pieces != 1:
-                changes.append((m, pieces - 1))
-            j += 1
-        rtx[i:j] = kept
-        for m, delta in changes:
-            if delta > 0:
-                self._rtx_mark_added(m)
-            else:
-                self._rtx_mark_removed(m)
-        if len(rtx) > RTX_MAX:
-            self._rtx_drop_lowest()
-
-    def _rtx_drop_lowest(self) -> None:
-        # below _rtx_high it is not sent again, only counted out of the pipe (a peer
-        # that keeps moving its holes gets here)
-        e = self._rtx.pop(0)
-        self._rtx_bytes -= e[1] - e[0]
-        self._rtx_mark_removed(e[2])
-
-    def _rtx_mark_added(self, mark: int) -> None:
-        if mark < self._rtx_min_mark:
-            self._rtx_min_mark = mark
-            self._rtx_min_count = 1
-        elif mark == self._rtx_min_mark:
-            self._rtx_min_count += 1
-
-    def _rtx_mark_removed(self, mark: int) -> None:
-        if mark == self._rtx_min_mark:
-            self._rtx_min_count -= 1
-            if not self._rtx_min_count:
-                self._rtx_recount()  # (only when the last of the oldest goes)
-
-    def _rtx_recount(self) -> None:
-        marks = [e[2] for e in self._rtx]
-        self._rtx_min_mark = min(marks, default=_INF)
-        self._rtx_min_count = marks.count(self._rtx_min_mark)
-
-    def _rtx_reset(self) -> None:
-        self._rtx = []
-        self._rtx_bytes = 0
-        self._rtx_min_mark = _INF
-        self._rtx_min_count = 0
-
-    def _enter_recovery(self) -> None:
-        self.in_recovery = True
-        self._rto_recovery = False
-        self.recover = self.snd_max
-        self.cc.on_enter_recovery(self.snd_max - self.snd_una)
-        self.stats["fast_retransmits"] += 1
-        self._lt_extra = 0
-        self._rtx_high = self.snd_una
-        self.tlp_at = None
-        self._tlp_high = 0
-
-    def _exit_recovery(self) -> None:
-        self.in_recovery = False
-        if not self._rto_recovery:
-            self.cc.on_exit_recovery()
-        self._rto_recovery = False
-
-    def _pipe(self) -> int:
-        """RFC 6675 pipe: bytes thought to be in the network."""
-        una = self.snd_una
-        out = self.snd_max - una
-        sb = self._sacked
-        sacked = self._sacked_bytes if self.sack_ok else min(self.dupacks * self.snd_mss, out)
-        lost = 0
-        lh = self._lost_high
-        if lh > una:
-            # what is SACKed below lh, from the total and what lies above it (lh sits
-            # near the top: IsLost marks up to 3 blocks below it)
-            above = 0
-            for left, right in reversed(sb):
-                if right <= lh:
-                    break
-                above += right - max(left, lh)
-            lost = lh - una - (self._sacked_bytes - above)
-        # retransmitted bytes not SACKed since (SACKs cut them out as they come)
-        return max(out - sacked - lost + self._rtx_bytes, 0)
-
-    def _next_hole(self) -> tuple[int, int] | None:
-        """The first lost byte range not SACKed and not yet retransmitted, up to an MSS."""
-        x = max(self._rtx_high, self.snd_una)
-        lim = min(self._lost_high, self.snd_max)
-        sb = self._sacked
-        rtx = self._rtx
-        i = k = 0
-        while x < lim:  # past the SACKed block or retransmission that holds x, if one does
-            i = bisect.bisect_right(sb, (x, _INF))
-            if i and sb[i - 1][1] > x:
-                x = sb[i - 1][1]
-                continue
-            k = bisect.bisect_right(rtx, [x, _INF])
-            if k and rtx[k - 1][1] > x:
-                x = rtx[k - 1][1]
-                continue
-            break
-        if x >= lim:
-            return None
-        end = min(x + self.snd_mss, lim)
-        if i < len(sb) and sb[i][0] < end:
-            end = sb[i][0]
-        if k < len(rtx) and rtx[k][0] < end:
-            end = rtx[k][0]
-        return x, end
-
-    def _retransmit(self, start: int, end: int, now: float) -> int:
-        """Send [start, end) again (the FIN if that is what it covers); its length."""
-        data_end = self.sbuf_seq + len(self.sbuf)
-        n = min(end, data_end) - start
-        if n > 0:
-            off = start - self.sbuf_seq
-            # a range that runs past the data covers the FIN, if it was sent: carry it
-            # along, as the segment that first went out with it may be what was lost
-            fin = end > data_end and self.fin_queued and self.snd_max > data_end
-            self._emit_data(start, memoryview(self.sbuf)[off:off + n], now, fin)
-            n += fin
-        elif self.fin_queued and start == data_end and self.snd_max > data_end:
-            self._emit(FIN | ACK, start, self.rcv_nxt, self._wnd_field(), self._ts_opt(now),
-                       b"")
-            self._ack_pending = 0
-            self._ack_now = False
-            n = 1
-        else:
-            return 0
-        self.stats["retransmits"] += 1
-        if self._rtt_seq is not None and start < self._rtt_seq:
-            self._rtt_seq = None  # Karn
-        return n
-
-    def _recovery_output(self, now: float) -> int:
-        """Resend lost holes while pipe < cwnd; returns the window left for new data."""
-        pipe = self._pipe()
-        cwnd = self.cc.cwnd
-        sent = 0
-        while pipe < cwnd:
-            hole = self._next_hole()
-            if hole is None:
-                break
-            start, end = hole
-            n = self._retransmit(start, end, now)
-            if n <= 0:
-                break
-            rtx = self._rtx
-            i = bisect.bisect_left(rtx, [start])
-            mark = self.snd_max
-            self._rtx_bytes += n  # (a hole: none of it is SACKed)
-            if i and rtx[i - 1][1] == start:  # extends a run of retransmissions
-                e = rtx[i - 1]
-                old, e[1], e[2] = e[2], start + n, mark
-                if old != mark:
-                    self._rtx_mark_added(mark)
-                    self._rtx_mark_removed(old)
-            else:
-                rtx.insert(i, [start, start + n, mark])
-                self._rtx_mark_added(mark)
-                if len(rtx) > RTX_MAX:
-                    self._rtx_drop_lowest()
-            self._rtx_high = start + n
-            if self.sack_ok:
-                self.stats["sack_retransmits"] += 1
-            pipe += n
-            sent += n
-        if sent:
-            if not self._rto_recovery:
-                self.cc.on_recovery_sent(sent)
-            if self.rto_at is None:
-                self.rto_at = now + self.rto
-        return min(self.snd_nxt - self.snd_una + max(cwnd - pipe, 0), self.snd_wnd)
 
     def _on_data(self, seq: int, payload: memoryview, now: float) -> None:
         rn = self.rcv_nxt
@@ -1101,156 +722,17 @@ class TcpConnection:
         if seq == rn:
             self.rbuf.append(payload)
             self.rcv_nxt = end
-            if self._ooo_starts:
-                self._drain_ooo()
+            if self.reassembly.starts:
+                self.rcv_nxt = self.reassembly.take_ready(end, self.rbuf)
                 self._ack_now = True  # RFC 5681 4.2: a segment that fills a hole
             else:
                 self._ack_pending += 1
         else:
-            self._store_ooo(seq, payload)
-            recent = self._ooo_recent
-            recent.insert(0, seq)
-            del recent[8:]
+            self.reassembly.add(seq, payload)
             # RFC 5681 4.2: every out-of-order segment is ACKed at once, not once per
             # batch: the sender counts these duplicate ACKs, and each one carries the
             # block of the segment that caused it first (RFC 2018)
             self._send_ack(now)
-
-    def _store_ooo(self, seq: int, payload: memoryview) -> None:
-        """Keep the bytes of an out-of-order segment that no piece holds yet (the
-        segment lies inside the window: see ``_on_data``)."""
-        end = seq + len(payload)
-        blocks = self._ooo_blocks
-        gaps: list[tuple[int, int]] = []
-        i = bisect.bisect_right(blocks, [seq, _INF])  # the first block that starts above seq
-        x = seq
-        if i and blocks[i - 1][1] > x:
-            x = blocks[i - 1][1]
-        n = len(blocks)
-        while x < end:
-            if i < n and blocks[i][0] < end:
-                left, right = blocks[i]
-                if left > x:
-                    gaps.append((x, left))
-                x = right
-                i += 1
-            else:
-                gaps.append((x, end))
-                break
-        for start, stop in gaps:
-            if self._put_ooo(start, payload[start - seq:stop - seq]):
-                self._add_ooo_block(start, stop)
-            else:
-                self.stats["ooo_dropped"] += 1
-
-    def _put_ooo(self, start: int, data: memoryview) -> bool:
-        """Store ``data`` (bytes no piece holds) from ``start``: appended to the piece
-        that ends there if that is still small, else as a piece of its own; a small
-        piece that starts where it ends is joined to it (segments that overlap at
-        random would otherwise leave a piece per gap they filled)."""
-        starts = self._ooo_starts
-        ooo = self._ooo
-        end = start + len(data)
-        j = bisect.bisect_left(starts, start)
-        nxt = ooo.get(end) if j < len(starts) and starts[j] == end else None
-        if nxt is not None and len(nxt) > OOO_JOIN_NEXT:
-            nxt = None  # (joining copies it: only small ones)
-        if j:
-            prev = ooo[starts[j - 1]]
-            if starts[j - 1] + len(prev) == start and len(prev) < OOO_COALESCE:
-                prev += data
-                if nxt is not None:
-                    prev += nxt
-                    del ooo[end], starts[j]
-                self.ooo_bytes += len(data)
-                return True
-        if nxt is not None:  # the next piece now starts here
-            piece = bytearray(data)
-            piece += nxt
-            del ooo[end]
-            starts[j] = start
-            ooo[start] = piece
-            self.ooo_bytes += len(data)
-            return True
-        if len(starts) >= OOO_MAX_PIECES:
-            if j == len(starts):
-                return False  # the highest: nothing above it to make room
-            self._prune_ooo_top()
-        starts.insert(j, start)
-        ooo[start] = bytearray(data)
-        self.ooo_bytes += len(data)
-        return True
-
-    def _prune_ooo_top(self) -> None:
-        """Forget the highest piece, SACKed or not (RFC 2018 lets a receiver renege)."""
-        top = self._ooo_starts.pop()
-        self.ooo_bytes -= len(self._ooo.pop(top))
-        blk = self._ooo_blocks[-1]  # the piece is the end of the top block
-        if blk[0] >= top:
-            self._ooo_blocks.pop()
-        else:
-            blk[1] = top
-        self.stats["ooo_pruned"] += 1
-
-    def _add_ooo_block(self, left: int, right: int) -> None:
-        blocks = self._ooo_blocks
-        i = bisect.bisect_left(blocks, [left])
-        if i > 0 and blocks[i - 1][1] >= left:
-            i -= 1
-            b = blocks[i]
-            if right > b[1]:
-                b[1] = right
-        else:
-            b = [left, right]
-            blocks.insert(i, b)
-        while i + 1 < len(blocks) and blocks[i + 1][0] <= b[1]:
-            if blocks[i + 1][1] > b[1]:
-                b[1] = blocks[i + 1][1]
-            del blocks[i + 1]
-
-    def _drain_ooo(self) -> None:
-        starts = self._ooo_starts
-        ooo = self._ooo
-        i = 0
-        while i < len(starts) and starts[i] <= self.rcv_nxt:
-            s = starts[i]
-            d = ooo.pop(s)
-            self.ooo_bytes -= len(d)
-            end = s + len(d)
-            if end > self.rcv_nxt:
-                # a whole piece is handed over as it is (nobody else holds it)
-                self.rbuf.append(d if s == self.rcv_nxt else memoryview(d)[self.rcv_nxt - s:])
-                self.rcv_nxt = end
-            i += 1
-        del starts[:i]
-        blocks = self._ooo_blocks
-        j = 0
-        while j < len(blocks) and blocks[j][0] <= self.rcv_nxt:
-            j += 1
-        del blocks[:j]
-
-    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
-        """Up to 4 blocks (3 beside timestamps): the one holding the latest
-        out-of-order segment first, then those of the arrivals before it (RFC 2018),
-        then the highest others."""
-        blocks = self._ooo_blocks
-        limit = 3 if self.ts_ok else 4
-        out: list[tuple[int, int]] = []
-        for s in self._ooo_recent:
-            i = bisect.bisect_right(blocks, [s, 1 << 62]) - 1
-            if i >= 0 and blocks[i][1] > s:
-                b = (blocks[i][0], blocks[i][1])
-                if b not in out:
-                    out.append(b)
-                    if len(out) == limit:
-                        return tuple(out)
-        for blk in reversed(blocks):
-            b = (blk[0], blk[1])
-            if b not in out:
-                out.append(b)
-                if len(out) == limit:
-                    break
-        return tuple(out)
 
     # --------------------------------------------------------------- sending
     def _ts_now(self, now: float) -> int:
@@ -1259,7 +741,7 @@ class TcpConnection:
     def _ts_opt(self, now: float) -> bytes:
         if not self.ts_ok:
             return b""
-        return _TS_PREFIX + _II.pack(self._ts_now(now) & MASK, self.ts_recent & MASK)
+        return _TS_PACK(TS_WORD, self._ts_now(now) & MASK, self.ts_recent & MASK)
 
     def _wnd_field(self) -> int:
         space = self._rcv_space()
@@ -1286,12 +768,13 @@ class TcpConnection:
         if st in _SEND_STATES:
             mss = self.snd_mss
             data_end = self.sbuf_seq + len(self.sbuf)
-            if self.in_recovery:
-                win = self._recovery_output(now)
+            rec = self.recovery
+            if rec.in_recovery:
+                win = rec.retransmit_lost(now)
             else:
                 if self.snd_nxt == self.snd_una < data_end and now - self._data_sent_at > self.rto:
                     self.cc.on_idle()
-                win = min(self.cc.cwnd + self._lt_extra, self.snd_wnd)
+                win = min(self.cc.cwnd + rec.lt_extra, self.snd_wnd)
             nxt0 = self.snd_nxt
             mv = memoryview(self.sbuf)
             sent = False
@@ -1342,8 +825,8 @@ class TcpConnection:
                     self._flight_high = self.snd_nxt - self.snd_una
                 if self.rto_at is None:
                     self.rto_at = now + self.rto
-                    self._arm_tlp(now)
-                if self.in_recovery and not self._rto_recovery:
+                    rec.arm_tlp(now)
+                if rec.in_recovery and not rec.rto_recovery:
                     self.cc.on_recovery_sent(self.snd_nxt - nxt0)
             if (self.snd_wnd == 0 and data_end > self.snd_nxt and self.snd_nxt == self.snd_una
                     and self.persist_at is None):
@@ -1355,15 +838,54 @@ class TcpConnection:
 
     def _send_ack(self, now: float) -> None:
         opts = b""
-        if self.sack_ok and self._ooo_starts:
+        if self.sack_ok and self.reassembly.starts:
+            # up to 4 blocks (3 beside timestamps)
             ts = (self._ts_now(now), self.ts_recent) if self.ts_ok else None
-            opts = wtcp.build_options(ts=ts, sack=self._sack_blocks())
+            opts = wtcp.build_options(ts=ts, sack=self.reassembly.sack_blocks(3 if self.ts_ok else 4))
         elif self.ts_ok:
             opts = self._ts_opt(now)
         self._emit(ACK, self.snd_nxt, self.rcv_nxt, self._wnd_field(), opts, b"")
         self._ack_pending = 0
         self._ack_now = False
         self.delack_at = None
+
+    def retransmit(self, start: int, end: int, now: float) -> int:
+        """Send [start, end) again (the FIN if that is what it covers), whatever the
+        windows say (loss recovery decides); its length."""
+        data_end = self.sbuf_seq + len(self.sbuf)
+        n = min(end, data_end) - start
+        if n > 0:
+            off = start - self.sbuf_seq
+            # a range that runs past the data covers the FIN, if it was sent: carry it
+            # along, as the segment that first went out with it may be what was lost
+            fin = end > data_end and self.fin_queued and self.snd_max > data_end
+            self._emit_data(start, memoryview(self.sbuf)[off:off + n], now, fin)
+            n += fin
+        elif self.fin_queued and start == data_end and self.snd_max > data_end:
+            self._emit(FIN | ACK, start, self.rcv_nxt, self._wnd_field(), self._ts_opt(now),
+                       b"")
+            self._ack_pending = 0
+            self._ack_now = False
+            n = 1
+        else:
+            return 0
+        self.stats["retransmits"] += 1
+        if self._rtt_seq is not None and start < self._rtt_seq:
+            self._rtt_seq = None  # Karn
+        return n
+
+    def send_new(self, limit: int, now: float) -> int:
+        """Up to ``limit`` bytes of queued data never sent, as one segment, within the
+        peer's window but whatever cwnd says (a tail loss probe); how many went."""
+        nxt = self.snd_nxt
+        n = min(limit, self.sbuf_seq + len(self.sbuf) - nxt, self.snd_una + self.snd_wnd - nxt)
+        if n <= 0:
+            return 0
+        self._emit_data(nxt, memoryview(self.sbuf)[nxt - self.sbuf_seq:nxt - self.sbuf_seq + n], now)
+        self.snd_nxt = nxt + n
+        if self.snd_nxt > self.snd_max:
+            self.snd_max = self.snd_nxt
+        return n
 
     def _persist_interval(self) -> float:
         return min(max(self.rto, self.config.min_rto) * (1 << self._persist_backoff),
@@ -1372,8 +894,9 @@ class TcpConnection:
     # ----------------------------------------------------------------- timers
     def next_deadline(self) -> float | None:
         best: float | None = None
+        rec = self.recovery
         for t in (self.rto_at, self.delack_at, self.persist_at, self.keepalive_at,
-                  self.timewait_at, self.tlp_at, self.reo_at):
+                  self.timewait_at, rec.tlp_at, rec.reo_at):
             if t is not None and (best is None or t < best):
                 best = t
         return best
@@ -1388,10 +911,14 @@ class TcpConnection:
             self._on_rto(now)
             if self.state is S.CLOSED:
                 return
-        if self.tlp_at is not None and now >= self.tlp_at:
-            self._on_tlp(now)
-        if self.reo_at is not None and now >= self.reo_at:
-            self._on_reo(now)
+        rec = self.recovery
+        if rec.tlp_at is not None and now >= rec.tlp_at:
+            if self.state in _SEND_STATES:
+                rec.on_tlp_timer(now)
+            else:
+                rec.tlp_at = None
+        if rec.reo_at is not None and now >= rec.reo_at:
+            rec.on_reo_timer(now)
         if self.persist_at is not None and now >= self.persist_at:
             self.persist_at = None
             if self.snd_wnd == 0 and self.sbuf_seq + len(self.sbuf) > self.snd_nxt:
@@ -1464,78 +991,6 @@ class TcpConnection:
             self.rto_at = now + self.rto
             return
         self.cc.on_rto(self.snd_max - self.snd_una, repeated=self.retries > 1)
-        # RFC 6675 5.1: everything not SACKed is lost; resend it in order, from a
-        # window of one segment, skipping what the peer holds. A scoreboard whose
-        # first block starts at SND.UNA means the peer reneged: forget it.
-        if self._sacked and self._sacked[0][0] <= self.snd_una:
-            self._sacked = []
-            self._sacked_bytes = 0
-        self.in_recovery = True
-        self._rto_recovery = True
-        self.recover = self.snd_max
-        self.dupacks = 0
-        self._lost_high = self.snd_max
-        self._rtx_reset()
-        self._rtx_high = self.snd_una
-        self.tlp_at = self.reo_at = None
-        self._tlp_high = 0
-        self._lt_extra = 0
+        self.recovery.on_rto()  # everything not SACKed is lost: output() resends it
         self.output(now)
         self.rto_at = now + self.rto
-
-    def _pto(self) -> float:
-        """RFC 8985 7.2: two RTTs, plus a worst-case delayed ACK for a lone segment."""
-        srtt = self.srtt if self.srtt is not None else self.rto
-        extra = 0.2 if self.snd_max - self.snd_una <= self.snd_mss else 0.002
-        return max(2 * srtt + extra, 0.01)
-
-    def _arm_tlp(self, now: float) -> None:
-        if self.sack_ok and not self.in_recovery and self.srtt is not None:
-            t = now + self._pto()
-            rto_at = self.rto_at
-            self.tlp_at = t if rto_at is None or t < rto_at else None
-
-    def _on_tlp(self, now: float) -> None:
-        """No ACK for a probe timeout: send one segment so that the peer's answer
-        (with SACK) shows a lost tail, instead of waiting for the RTO."""
-        self.tlp_at = None
-        una = self.snd_una
-        if self.in_recovery or una >= self.snd_max or self.state not in _SEND_STATES:
-            return
-        data_end = self.sbuf_seq + len(self.sbuf)
-        nxt = self.snd_nxt
-        n = min(self.snd_mss, data_end - nxt, una + self.snd_wnd - nxt)
-        if n > 0:  # new data, even beyond cwnd
-            self._emit_data(nxt, memoryview(self.sbuf)[nxt - self.sbuf_seq:nxt - self.sbuf_seq + n],
-                            now)
-            self.snd_nxt = nxt + n
-            if self.snd_nxt > self.snd_max:
-                self.snd_max = self.snd_nxt
-        else:  # the last segment sent, again (queued data past it may not fit the window)
-            start = max(una, min(data_end, self.snd_max) - self.snd_mss)
-            if start >= data_end:
-                start = data_end  # only the FIN is outstanding
-            if not self._retransmit(start, self.snd_max, now):  # an MSS of data at most, and the FIN if sent
-                return
-        self._tlp_high = self.snd_max
-        self.stats["tlp_probes"] += 1
-        self.rto_at = now + self.rto
-
-    def _on_reo(self, now: float) -> None:
-        """The reordering window passed: holes below what was SACKed then are lost."""
-        self.reo_at = None
-        sb = self._sacked
-        una = self.snd_una
-        if not sb or una >= self.snd_max:
-            return
-        mark = self._reo_mark
-        if mark > self._lost_high:
-            self._lost_high = mark
-        self._relost(mark)
-        if not self.in_recovery and self._lost_high > una and self._next_hole() is not None:
-            self._enter_recovery()
-            self.cc.on_recovery_ack(0, self._pipe())
-        top = sb[-1][1]
-        if top > mark:
-            self.reo_at = now + self._reo_wnd()
-            self._reo_mark = top

@@ -30,10 +30,9 @@ def parse_out(packet: bytes) -> Seg:
     mv = memoryview(packet)
     ip = wip4.parse(mv)
     body = mv[ip.header_len:ip.total_len]
-    h = wtcp.parse(body, wip4.pseudo_sum(ip.src, ip.dst, 6, len(body)))
-    opts = wtcp.parse_options(body[20:h.header_len])
-    return Seg(h.src_port, h.dst_port, h.seq, h.ack, h.flags, h.window, opts,
-               bytes(body[h.header_len:]))
+    sport, dport, seq, ack, hlen, flags, window, opts = wtcp.unpack(
+        body, wip4.pseudo_sum(ip.src, ip.dst, 6, len(body)))
+    return Seg(sport, dport, seq, ack, flags, window, opts, bytes(body[hlen:]))
 
 
 def make_segment(sport: int, dport: int, seq: int, ack: int, flags: int, window: int,

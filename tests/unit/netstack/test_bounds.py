@@ -18,8 +18,10 @@ import trio
 import trio.testing
 
 from trionet.netstack.driver import TcpStream
+from trionet.netstack.reassembly import OOO_MAX_PIECES
+from trionet.netstack.scoreboard import RTX_MAX, SACK_SCOREBOARD_MAX
 from trionet.netstack.stack import ConnectionLimitError, StackCore
-from trionet.netstack.tcp import OOO_MAX_PIECES, RTX_MAX, SACK_SCOREBOARD_MAX, State, TcpConfig, TcpConnection
+from trionet.netstack.tcp import State, TcpConfig, TcpConnection
 from trionet.netstack.wire import ipv4 as wip4
 from trionet.netstack.wire import tcp as wtcp
 from trionet.netstack.wire import udp as wudp
@@ -53,12 +55,12 @@ def _data(h: Harness, now: float, pseq: int, seq: int, off: int, n: int) -> byte
 def _check_ooo(conn: TcpConnection, base: int) -> None:
     """Pieces disjoint and sorted, blocks their exact union, bytes the stream's, the
     total inside the window."""
-    starts = conn._ooo_starts
-    assert starts == sorted(conn._ooo) and len(starts) <= OOO_MAX_PIECES
+    starts = conn.reassembly.starts
+    assert starts == sorted(conn.reassembly.pieces) and len(starts) <= OOO_MAX_PIECES
     total = 0
     union: list[list[int]] = []
     for s in starts:
-        piece = conn._ooo[s]
+        piece = conn.reassembly.pieces[s]
         assert s > conn.rcv_nxt and len(piece) > 0
         assert bytes(piece) == PATTERN[s - base:s - base + len(piece)], "a stored byte is wrong"
         if union:
@@ -68,7 +70,7 @@ def _check_ooo(conn: TcpConnection, base: int) -> None:
         else:
             union.append([s, s + len(piece)])
         total += len(piece)
-    assert conn._ooo_blocks == union
+    assert conn.reassembly.blocks == union
     assert conn.ooo_bytes == total
     assert conn.rcv_nxt + conn.config.recv_buffer - len(conn.rbuf) >= (union[-1][1] if union else 0)
     assert total <= conn.config.recv_buffer - len(conn.rbuf)
@@ -103,12 +105,12 @@ def test_20000_overlapping_out_of_order_segments_stay_in_the_window_stored_once(
         assert conn.ooo_bytes == covered.count(1)  # everything that came is kept, once
     else:
         assert conn.stats["ooo_pruned"] + conn.stats["ooo_dropped"] > 0
-        assert len(conn._ooo) <= OOO_MAX_PIECES
+        assert len(conn.reassembly.pieces) <= OOO_MAX_PIECES
     # the holes filled in order: the stream comes out exactly, once
     for off in range(0, window, 1200):
         h.stack.deliver(_data(h, 0.5, pseq, seq, off, min(1200, window - off)), 0.5)
         h.out.clear()
-    assert conn.ooo_bytes == 0 and not conn._ooo and not conn._ooo_blocks
+    assert conn.ooo_bytes == 0 and not conn.reassembly.pieces and not conn.reassembly.blocks
     assert conn.rcv_nxt == pseq + window
     assert conn.read(window + 1, 0.6) == PATTERN[:window]
 
@@ -119,12 +121,12 @@ def test_one_byte_pieces_meet_the_piece_cap_highest_first() -> None:
         h.stack.deliver(_data(h, 0.1, pseq, seq, 3 + 3 * k, 1), 0.1)
         h.out.clear()
     _check_ooo(conn, pseq)
-    assert len(conn._ooo) == OOO_MAX_PIECES
+    assert len(conn.reassembly.pieces) == OOO_MAX_PIECES
     assert conn.stats["ooo_dropped"] == 2 * OOO_MAX_PIECES  # each new one was the highest
     # a low one arrives: the highest piece makes room (Linux prunes from the top too)
     h.stack.deliver(_data(h, 0.2, pseq, seq, 1, 1), 0.2)
-    assert conn.stats["ooo_pruned"] == 1 and len(conn._ooo) == OOO_MAX_PIECES
-    assert conn._ooo_starts[-1] == pseq + 3 + 3 * (OOO_MAX_PIECES - 2)
+    assert conn.stats["ooo_pruned"] == 1 and len(conn.reassembly.pieces) == OOO_MAX_PIECES
+    assert conn.reassembly.starts[-1] == pseq + 3 + 3 * (OOO_MAX_PIECES - 2)
     _check_ooo(conn, pseq)
     for off in range(0, 12_000, 1000):  # the peer resends: the stream is whole
         h.stack.deliver(_data(h, 0.5, pseq, seq, off, 1000), 0.5)
@@ -168,15 +170,17 @@ def _sack_ack(conn: TcpConnection, pseq: int, blocks: list[tuple[int, int]]) -> 
 def _check_rtx(conn: TcpConnection) -> None:
     """Retransmissions in flight: sorted, disjoint, none of it SACKed, within their cap;
     the bytes and the oldest mark kept beside them are theirs."""
-    rtx = conn._rtx
+    held = conn.recovery.retransmitted
+    rtx = held.entries
     assert len(rtx) <= RTX_MAX
     assert all(e[0] < e[1] for e in rtx) and all(a[1] <= b[0] for a, b in itertools.pairwise(rtx))
-    assert conn._rtx_bytes == sum(e[1] - e[0] for e in rtx)
+    assert held.nbytes == sum(e[1] - e[0] for e in rtx)
     marks = [e[2] for e in rtx]
-    assert conn._rtx_min_mark == min(marks, default=conn._rtx_min_mark)
-    assert conn._rtx_min_count == marks.count(conn._rtx_min_mark)
+    assert held.min_mark == min(marks, default=held.min_mark)
+    assert held.min_count == marks.count(held.min_mark)
+    sacked = conn.recovery.scoreboard.blocks
     for s, e, _m in rtx:
-        assert all(r <= s or left >= e for left, r in conn._sacked), "a SACKed byte counted as in flight"
+        assert all(r <= s or left >= e for left, r in sacked), "a SACKed byte counted as in flight"
 
 
 def _model_insert(model: list[list[int]], left: int, right: int) -> None:
@@ -211,18 +215,18 @@ def test_scoreboard_merges_exactly_and_keeps_its_cap() -> None:
         if conn.state is not State.ESTABLISHED:
             break
     assert conn.stats["sack_blocks_in"] == sent == 10_000
-    sb = conn._sacked
+    sb = conn.recovery.scoreboard.blocks
     assert [list(b) for b in sb] == model
     assert len(sb) == SACK_SCOREBOARD_MAX
     assert conn.stats["sack_blocks_ignored"] > 0
-    assert conn._sacked_bytes == sum(r - left for left, r in sb)
+    assert conn.recovery.scoreboard.nbytes == sum(r - left for left, r in sb)
     assert all(a[1] < b[0] for a, b in itertools.pairwise(sb))
     _check_rtx(conn)
     # a cumulative ACK takes the blocks below it off, and their bytes
     mid = sb[SACK_SCOREBOARD_MAX // 2][1]
     h.stack.deliver(make_segment(80, conn.key[3], pseq, mid & MASK, ACK, 65535), 0.02)
-    assert all(left > mid for left, _r in conn._sacked)
-    assert conn._sacked_bytes == sum(r - left for left, r in conn._sacked)
+    assert all(left > mid for left, _r in conn.recovery.scoreboard.blocks)
+    assert conn.recovery.scoreboard.nbytes == sum(r - left for left, r in conn.recovery.scoreboard.blocks)
 
 
 def test_blocks_outside_the_flight_are_ignored() -> None:
@@ -231,7 +235,7 @@ def test_blocks_outside_the_flight_are_ignored() -> None:
     h.stack.deliver(_sack_ack(conn, pseq, [(una - 500, una),  # D-SACK: below SND.UNA
                                            (una + 9_000, una + 20_000),  # past SND.MAX
                                            (una + 300, una + 300)]), 0.01)  # empty
-    assert conn._sacked == [] and conn._sacked_bytes == 0
+    assert conn.recovery.scoreboard.blocks == [] and conn.recovery.scoreboard.nbytes == 0
     assert conn.stats["sack_blocks_in"] == 3
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Callable
 
@@ -29,7 +30,8 @@ from .simlink import B4, Pipe, linked_stacks
 
 STATE = ("state", "rcv_nxt", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "ts_recent",
          "_ack_pending", "_ack_now", "delack_at", "rto_at", "persist_at", "fin_received",
-         "_ooo_starts", "dupacks", "_sacked", "in_recovery", "reo_at", "_lost_high", "tlp_at",
+         "reassembly.starts", "recovery.dupacks", "recovery.scoreboard.blocks", "in_recovery",
+         "recovery.reo_at", "recovery.lost_high", "recovery.tlp_at",
          "last_rcv", "keepalive_at", "_ka_probes", "ooo_bytes")
 
 
@@ -62,7 +64,7 @@ class _Side:
     def state(self) -> list[dict[str, object]]:
         states = []
         for conn in self.conns:
-            s = {k: getattr(conn, k) for k in STATE}
+            s = {k: operator.attrgetter(k)(conn) for k in STATE}
             s["rbuf"] = bytes(conn.rbuf)
             s["stats"] = dict(conn.stats)
             states.append(s)
@@ -235,6 +237,38 @@ def test_unchecked_checksums_only_when_asked() -> None:
         stack.deliver(bytes(seg), 0.01)
         assert bytes(conn.rbuf) == (b"" if verify else b"hellO")
         assert stack.stats["drop_tcp_bad_checksum"] == (1 if verify else 0)
+
+
+def test_other_options_of_a_known_connection_are_parsed_once_and_counted() -> None:
+    """An IPv4 segment of a known connection with options other than a lone timestamp
+    (an ACK with SACK blocks) goes from the fast path's unpack to its connection, not
+    through a second parse: its blocks reach the scoreboard, the filter is asked, and
+    it is counted once; one with malformed options is dropped and counted as such."""
+    side = _Side(fast=True)
+    port, our_seq = side.open()
+    conn = side.conn
+    assert conn is not None and conn.sack_ok and conn.ts_ok
+    conn.send(b"a" * 3000, 0.01)
+    side.out.clear()
+    una = conn.snd_una
+    sack = wtcp.build_options(ts=(60, 1), sack=((our_seq + 988, our_seq + 1976),))
+    asked: list[int] = []
+
+    def admit(packet: bytes | bytearray | memoryview) -> bool:
+        asked.append(len(packet))
+        return True
+
+    before = dict(side.stack.stats)
+    side.stack.deliver_many([make_segment(80, port, 7001, our_seq, ACK, 4000, options=sack)], 0.02, admit)
+    assert conn.recovery.scoreboard.blocks == [(una + 988, una + 1976)]
+    assert conn.stats["sack_blocks_in"] == 1 and asked == [20 + 20 + len(sack)]
+    stats = side.stack.stats
+    assert (stats["ip_in"] - before.get("ip_in", 0), stats["tcp_in"] - before.get("tcp_in", 0)) == (1, 1)
+    bad = b"\x02\x09\x05\xb4"  # an MSS option claiming 9 bytes
+    side.stack.deliver_many([make_segment(80, port, 7001, our_seq, ACK, 4000, options=bad)], 0.03)
+    assert stats["drop_tcp_bad_option"] == 1
+    assert (stats["ip_in"] - before.get("ip_in", 0), stats["tcp_in"] - before.get("tcp_in", 0)) == (2, 1)
+    assert conn.stats["segments_in"] == 1 + 1  # the SYN-ACK, the SACK: not the malformed one
 
 
 # ------------------------------------------------------------------ the driver

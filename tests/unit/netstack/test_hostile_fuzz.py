@@ -26,8 +26,10 @@ import struct
 
 import pytest
 
+from trionet.netstack.reassembly import OOO_MAX_PIECES
+from trionet.netstack.scoreboard import RTX_MAX, SACK_SCOREBOARD_MAX
 from trionet.netstack.stack import StackCore
-from trionet.netstack.tcp import OOO_MAX_PIECES, RTX_MAX, SACK_SCOREBOARD_MAX, State, TcpConnection
+from trionet.netstack.tcp import State, TcpConnection
 from trionet.netstack.wire import finish_checksum, ones_sum
 from trionet.netstack.wire import icmp as wicmp
 from trionet.netstack.wire import ipv4 as wip4
@@ -265,17 +267,18 @@ class World:
         assert len(st._pseudo) <= 4097 and not st.echo
         for c in st.conns.values():
             cfg = c.config
-            assert len(c._ooo) <= OOO_MAX_PIECES and len(c._sacked) <= SACK_SCOREBOARD_MAX
-            assert len(c._rtx) <= RTX_MAX and len(c._ooo_recent) <= 8
+            ooo, board, rtx = c.reassembly, c.recovery.scoreboard, c.recovery.retransmitted
+            assert len(ooo.pieces) <= OOO_MAX_PIECES and len(board.blocks) <= SACK_SCOREBOARD_MAX
+            assert len(rtx.entries) <= RTX_MAX and len(ooo.recent) <= 8
             assert c.ooo_bytes + len(c.rbuf) <= cfg.recv_buffer and len(c.sbuf) <= cfg.send_buffer
-            assert c.ooo_bytes == sum(map(len, c._ooo.values()))
-            assert c._sacked_bytes == sum(r - left for left, r in c._sacked)
-            assert c._rtx_bytes == sum(e[1] - e[0] for e in c._rtx)
-            marks = [e[2] for e in c._rtx]
-            assert (c._rtx_min_mark, c._rtx_min_count) == (
-                (min(marks), marks.count(min(marks))) if marks else (c._rtx_min_mark, 0))
-            for e in c._rtx:  # none of a retransmission in flight is SACKed
-                assert all(r <= e[0] or left >= e[1] for left, r in c._sacked)
+            assert c.ooo_bytes == sum(map(len, ooo.pieces.values()))
+            assert board.nbytes == sum(r - left for left, r in board.blocks)
+            assert rtx.nbytes == sum(e[1] - e[0] for e in rtx.entries)
+            marks = [e[2] for e in rtx.entries]
+            assert (rtx.min_mark, rtx.min_count) == (
+                (min(marks), marks.count(min(marks))) if marks else (rtx.min_mark, 0))
+            for e in rtx.entries:  # none of a retransmission in flight is SACKed
+                assert all(r <= e[0] or left >= e[1] for left, r in board.blocks)
 
     def check_accounting(self) -> None:
         stats = self.stack.statistics()

@@ -27,8 +27,8 @@ def test_a_late_ack_during_a_probe_is_not_its_answer() -> None:
     conn = h.conn
     conn.send(b"x" * 8000, 0.0)
     assert len(h.take()) == 8
-    assert conn.tlp_at is not None
-    t = conn.tlp_at
+    assert conn.recovery.tlp_at is not None
+    t = conn.recovery.tlp_at
     h.stack.on_timer(t)
     (probe,) = h.take()
     assert probe.seq - seq == 7000 and conn.stats["tlp_probes"] == 1
@@ -93,7 +93,7 @@ def test_the_probe_for_a_lost_tail_carries_the_fin_it_went_out_with() -> None:
     # the first two arrive; the last segment and the FIN are lost
     h.send(0.02, 80, port, pseq, seq + 2000, ACK)
     h.take()
-    t = conn.tlp_at
+    t = conn.recovery.tlp_at
     assert t is not None
     h.stack.on_timer(t)
     (probe,) = h.take()
@@ -110,9 +110,9 @@ def test_the_probe_resends_the_last_segment_sent_when_the_window_holds_back_the_
     assert [s.seq - seq for s in h.take()] == [0, 1000, 2000, 3000]
     h.send(0.02, 80, port, pseq, seq + 1000, ACK, window=3000)  # the window stays full
     h.take()
-    assert conn.tlp_at is not None
+    assert conn.recovery.tlp_at is not None
     rto = conn.rto_at
-    h.stack.on_timer(conn.tlp_at)
+    h.stack.on_timer(conn.recovery.tlp_at)
     (probe,) = h.take()
     assert probe.seq - seq == 3000 and len(probe.payload) == 1000
     assert conn.stats["tlp_probes"] == 1 and conn.rto_at != rto

@@ -1,6 +1,9 @@
 """Wire formats: one module per header, views over memoryviews, no behaviour.
 
-Every parser raises :class:`WireError` whose ``reason`` names the drop counter.
+``ipv4``, ``ipv6``, ``tcp``, ``udp``, ``icmp``: each header parsed (checked) and
+built; ``ipv4_tcp``: the two headers the fast paths read and write together. Here:
+the checksum arithmetic they share. Every parser raises :class:`WireError` whose
+``reason`` names the drop counter.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     if len(data) & 1:
         value <<= 8
     return value % 0xFFFF
+
+
+def pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """The ones' sum of the pseudo-header of a TCP, UDP or ICMPv6 checksum (IPv4 or
+    IPv6 addresses alike: the same words, summed)."""
+    return ones_sum(src + dst) + proto + length
 
 
 def finish_checksum(total: int) -> int:

@@ -6,6 +6,7 @@ import struct
 from typing import NamedTuple
 
 from . import WireError, finish_checksum, ones_sum
+from . import pseudo_sum as pseudo_sum  # (the TCP/UDP pseudo-header is summed alike for v4 and v6)
 
 HEADER = struct.Struct("!BBHHHBBH4s4s")
 HEADER_LEN = 20
@@ -31,8 +32,9 @@ class Ipv4Header(NamedTuple):
         return bool(self.flags_frag & (FLAG_MF | FRAG_OFFSET_MASK))
 
 
-def parse(buf: memoryview) -> Ipv4Header:
-    """Parse and check the header at the start of ``buf`` (checksum included)."""
+def unpack(buf: memoryview, verify: bool = True) -> tuple[int, int, int, int, int, int, bytes, bytes]:
+    """Check the header at the start of ``buf`` (its checksum only if ``verify``)
+    and return what ``Ipv4Header`` names, as a plain tuple."""
     if len(buf) < HEADER_LEN:
         raise WireError("ipv4_short")
     vihl, _tos, total, ident, ff, ttl, proto, _ck, src, dst = HEADER.unpack_from(buf)
@@ -43,9 +45,14 @@ def parse(buf: memoryview) -> Ipv4Header:
         raise WireError("ipv4_bad_header_len")
     if total < ihl or total > len(buf):
         raise WireError("ipv4_bad_total_len")
-    if ones_sum(buf[:ihl]) != 0:
+    if verify and ones_sum(buf[:ihl]) != 0:
         raise WireError("ipv4_bad_checksum")
-    return Ipv4Header(ihl, total, ident, ff, ttl, proto, src, dst)
+    return ihl, total, ident, ff, ttl, proto, src, dst
+
+
+def parse(buf: memoryview) -> Ipv4Header:
+    """Parse and check the header at the start of ``buf`` (checksum included)."""
+    return Ipv4Header._make(unpack(buf))
 
 
 def build_header(src: bytes, dst: bytes, proto: int, payload_len: int,
@@ -55,8 +62,3 @@ def build_header(src: bytes, dst: bytes, proto: int, payload_len: int,
     hdr = HEADER.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, ttl, proto, 0, src, dst)
     ck = finish_checksum(ones_sum(hdr))
     return hdr[:10] + ck.to_bytes(2, "big") + hdr[12:]
-
-
-def pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """The ones' sum of the pseudo-header for TCP/UDP checksums."""
-    return ones_sum(src + dst) + proto + length

@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from . import WireError, ones_sum
+from . import WireError
+from . import pseudo_sum as pseudo_sum  # (the TCP/UDP pseudo-header is summed alike for v4 and v6)
 
 HEADER = struct.Struct("!IHBB16s16s")
 HEADER_LEN = 40
@@ -23,7 +24,9 @@ class Ipv6Header(NamedTuple):
     dst: bytes
 
 
-def parse(buf: memoryview) -> Ipv6Header:
+def unpack(buf: memoryview) -> tuple[int, int, int, bytes, bytes]:
+    """Check the fixed header at the start of ``buf`` and return what ``Ipv6Header``
+    names, as a plain tuple (the stack's per-packet path: no NamedTuple to build)."""
     if len(buf) < HEADER_LEN:
         raise WireError("ipv6_short")
     vtf, plen, nxt, hops, src, dst = HEADER.unpack_from(buf)
@@ -33,13 +36,13 @@ def parse(buf: memoryview) -> Ipv6Header:
         raise WireError("ipv6_bad_payload_len")
     if nxt not in KNOWN_NEXT:
         raise WireError("ipv6_ext_header")
-    return Ipv6Header(plen, nxt, hops, src, dst)
+    return plen, nxt, hops, src, dst
+
+
+def parse(buf: memoryview) -> Ipv6Header:
+    return Ipv6Header._make(unpack(buf))
 
 
 def build_header(src: bytes, dst: bytes, next_header: int, payload_len: int,
                  hop_limit: int = 64) -> bytes:
     return HEADER.pack(6 << 28, payload_len, next_header, hop_limit, src, dst)
-
-
-def pseudo_sum(src: bytes, dst: bytes, next_header: int, length: int) -> int:
-    return ones_sum(src + dst) + next_header + length

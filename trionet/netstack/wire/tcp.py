@@ -23,7 +23,14 @@ OPT_WSCALE = 3
 OPT_SACK_PERM = 4
 OPT_SACK = 5
 OPT_TS = 8
-_TS_FAST = b"\x01\x01\x08\x0a"
+#: Sequence and acknowledgment numbers are 32 bits on the wire.
+MASK = 0xFFFFFFFF
+#: NOP, NOP, kind 8, length 10 read as one 32-bit word: how every timestamp option
+#: we send starts, and how Linux and most stacks lay it out (RFC 7323 appendix A).
+TS_WORD = 0x0101080A
+TS_PREFIX = TS_WORD.to_bytes(4, "big")
+#: that 12-byte option in one pack: TS_WORD, TSval, TSecr
+TIMESTAMP = struct.Struct("!III")
 _II = struct.Struct("!II")
 
 
@@ -49,25 +56,37 @@ class TcpOptions(NamedTuple):
 NO_OPTIONS = TcpOptions()
 
 
-def parse(buf: memoryview, pseudo: int) -> TcpHeader:
-    """Check a TCP segment (header length and checksum)."""
+def unpack(buf: memoryview, pseudo: int | None) -> tuple[int, int, int, int, int, int, int, TcpOptions]:
+    """Check a TCP segment and return its fields as a plain tuple (what ``parse``
+    names) and its options: header length always, the checksum unless ``pseudo``
+    (the pseudo-header sum, length included) is None. A lone timestamp option (the
+    usual case) takes one unpack; anything else, ``parse_options``."""
     if len(buf) < HEADER_LEN:
         raise WireError("tcp_short")
     sport, dport, seq, ack, off, flags, wnd, _ck, _urg = HEADER.unpack_from(buf)
     hlen = (off >> 4) * 4
     if hlen < HEADER_LEN or hlen > len(buf):
         raise WireError("tcp_bad_header_len")
-    if (pseudo + ones_sum(buf)) % 0xFFFF != 0:
+    if pseudo is not None and (pseudo + ones_sum(buf)) % 0xFFFF != 0:
         raise WireError("tcp_bad_checksum")
-    return TcpHeader(sport, dport, seq, ack, hlen, flags, wnd)
+    if hlen == HEADER_LEN:
+        opts = NO_OPTIONS
+    elif hlen == 32 and buf[20:24] == TS_PREFIX:
+        val, ecr = _II.unpack_from(buf, 24)
+        opts = TcpOptions(ts_val=val, ts_ecr=ecr)
+    else:
+        opts = parse_options(buf[HEADER_LEN:hlen])
+    return sport, dport, seq, ack, hlen, flags, wnd, opts
+
+
+def parse(buf: memoryview, pseudo: int) -> TcpHeader:
+    """Check a TCP segment (header length, checksum and options)."""
+    return TcpHeader._make(unpack(buf, pseudo)[:7])
 
 
 def parse_options(opts: memoryview) -> TcpOptions:
     """Parse the options area; unknown kinds are skipped, malformed ones raise."""
     n = len(opts)
-    if n == 12 and opts[:4] == _TS_FAST:
-        val, ecr = _II.unpack_from(opts, 4)
-        return TcpOptions(ts_val=val, ts_ecr=ecr)
     mss: int | None = None
     wscale: int | None = None
     sack_perm = False
@@ -122,7 +141,7 @@ def build_options(mss: int | None = None, wscale: int | None = None,
     if sack_perm:
         out += b"\x01\x01\x04\x02"
     if ts is not None:
-        out += b"\x01\x01\x08\x0a" + _II.pack(ts[0] & 0xFFFFFFFF, ts[1] & 0xFFFFFFFF)
+        out += TIMESTAMP.pack(TS_WORD, ts[0] & MASK, ts[1] & MASK)
     if wscale is not None:
         out += struct.pack("!BBBB", OPT_NOP, OPT_WSCALE, 3, wscale)
     if sack:

@@ -107,7 +107,6 @@ class NetStack:
         if self._output_done is not None:
             self._output_done()
 
-    _after = after_core_call  # the old name, still used by tests/unit/proxy/test_abrupt_clients.py
 
     async def run(self) -> None:
         """The timer task: run it in a nursery for the stack's lifetime."""

@@ -304,7 +304,7 @@ async def test_socks5_tailnet_reset_resets_the_client(net: Net) -> None:
     await eventually(lambda: net.peers() == 1, "connected to the peer")
     [peer_side] = net.b.core.conns.values()
     peer_side.abort(trio.current_time(), "test")  # the peer sends RST
-    net.b._after()
+    net.b.after_core_call()
     with pytest.raises(trio.BrokenResourceError):  # ECONNRESET: passed on, not turned into a clean EOF
         await client.receive_some(10)
     await client.aclose()

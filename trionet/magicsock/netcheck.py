@@ -9,8 +9,9 @@ asks for, and acts on the report.
   may be measured: 3 tries at 0/100/200 ms, one node after another
   (makeProbePlanInitial). An **incremental** one STUNs the 3 regions fastest
   in the last report plus the home region: 4 tries for home, 2 for the two
-  fastest, 1 for the rest, spaced by 1.2 x the last latency (at least 200 ms),
-  +50 ms a try from the third (makeProbePlan). ``NoMeasureNoHome`` regions are
+  fastest, 1 for the rest, spaced by 1.2 x the region's last latency (200 ms
+  when it has none: Go's cmp.Or, not a max), +50 ms a try from the third
+  (makeProbePlan). ``NoMeasureNoHome`` regions are
   never probed; ``Avoid`` ones only while they are home (sortRegions).
 * A region's set of tries stops at its first reply; its latency is the fastest
   reply. Once 3 regions answered, the rest get as long as the slowest of those

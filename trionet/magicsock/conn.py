@@ -54,6 +54,8 @@ DERP_MAGIC_IP = "127.3.3.40"  # tailcfg.DerpMagicIP: a DERP region as a pseudo-a
 NETCHECK_RETRY = 0.5  # after a report no STUN reply reached: again this soon, doubling ...
 NETCHECK_RETRY_MAX = 25.0  # ... up to this
 STUN_RESOLVE_TIMEOUT = 5.0
+DERP_IDLE_CLOSE = 60.0  # a link that is not home and not written to this long is closed (derpInactiveCleanupTime)
+DERP_CLEAN_INTERVAL = 15.0  # how often that is looked at while such links exist (derpCleanStaleInterval)
 
 
 _WIREGUARD_HANDSHAKE_TYPES = frozenset((b"\x01", b"\x02", b"\x03"))  # initiation, response, cookie
@@ -120,6 +122,8 @@ class MagicConn:
         self._netcheck_wake = trio.Event()
         self._netcheck_idle = False  # the loop waits for activity
         self._last_active = float("-inf")  # when WireGuard data last went out
+        self._derp_last_write: dict[int, float] = {}  # per region: when we last sent through it
+        self._non_home_links = trio.Event()  # set while a link that is not home may be idle
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -254,6 +258,7 @@ class MagicConn:
 
     def _send_derp(self, region: int, node_key: bytes, data: bytes) -> None:
         conn = self._ensure_derp(region)
+        self._derp_last_write[region] = trio.current_time()
         if conn is None:
             self.stats["send.derp_no_region"] += 1
             return
@@ -278,8 +283,32 @@ class MagicConn:
                               on_packet=partial(self._on_derp_packet, region), on_batch_end=self.end_batch,
                               on_event=partial(self._on_derp_event, region))
         self.derps[region] = conn
+        self._derp_last_write[region] = trio.current_time()
+        if region != self.home_region:
+            self._non_home_links.set()
         self._nursery.start_soon(conn.run)
         return conn
+
+    async def _derp_cleaner(self) -> None:
+        """Links to regions that are not home (a peer's home, our old home) close after a
+        minute without our writing to them, as tailscaled's cleanStaleDerp does: a region
+        left for good is not redialled forever."""
+        while True:
+            await self._non_home_links.wait()
+            await trio.sleep(DERP_CLEAN_INTERVAL)
+            now = trio.current_time()
+            for region, conn in list(self.derps.items()):
+                if region == self.home_region:
+                    continue
+                if now - self._derp_last_write.get(region, now) > DERP_IDLE_CLOSE:
+                    log.debug("DERP region %s: idle for %.0f s and not home; closing its link", region,
+                              now - self._derp_last_write.get(region, now))
+                    conn.close()
+                    del self.derps[region]
+                    self._derp_last_write.pop(region, None)
+                    self.stats["derp.idle_closed"] += 1
+            if all(region == self.home_region for region in self.derps):
+                self._non_home_links = trio.Event()
 
     def _derp_node(self, region: int) -> Any:
         """The node of `region` a DERP link dials: its first that is not STUN-only."""
@@ -300,6 +329,9 @@ class MagicConn:
         log.info("home DERP region %s -> %s (%s)", old or "none", region or "none", why)
         for r, conn in self.derps.items():
             conn.set_preferred(r == region)
+        if old in self.derps:
+            self._derp_last_write[old] = trio.current_time()  # idle from now: closed in a minute if unused
+            self._non_home_links.set()
         if region:
             self._ensure_derp(region, preferred=True)
         if self.on_endpoints_changed is not None:
@@ -712,6 +744,7 @@ class MagicConn:
             if self.udp.sock is not None:
                 nursery.start_soon(self._udp_reader)
             nursery.start_soon(self._netcheck_loop)
+            nursery.start_soon(self._derp_cleaner)
             nursery.start_soon(self._disco_timer)
             if self.derp_map is not None:
                 self.set_derp_map(self.derp_map)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import trio
+import trio.testing
 
 from trionet import keys, proto
 from trionet.magicsock import stun
@@ -149,3 +150,28 @@ async def test_late_and_forged_stun_replies_are_counted_not_taken() -> None:
     assert conn.stats["stun.unsolicited"] == 1 and conn.stats["stun.bad"] == 1
     assert conn.stun_endpoints == []
     conn.udp.close()
+
+
+async def test_a_link_that_is_not_home_closes_after_a_minute_unused(autojump_clock: trio.testing.MockClock) -> None:
+    """A peer's home region (or our old home) is dialled on demand and closed once we have
+    not written to it for 60 s (tailscaled's cleanStaleDerp); the home link stays."""
+    node, disco = keys.new_private(), keys.new_private()
+    conn = MagicConn(node, keys.public_of(node), disco, keys.public_of(disco), lambda *_: None,
+                     login_server="https://127.0.0.1:1")  # no UDP socket: nothing real to wait for
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        conn.set_derp_map(derp_map({1: 3478, 2: 3478}))
+        conn._set_home(1, "test")
+        conn._send_derp(2, b"k" * 32, b"to a peer homed in 2")
+        assert set(conn.derps) == {1, 2}
+        await trio.sleep(45)
+        conn._send_derp(2, b"k" * 32, b"still in use")
+        await trio.sleep(50)
+        assert set(conn.derps) == {1, 2}  # written to 50 s ago
+        await trio.sleep(30)
+        assert set(conn.derps) == {1} and conn.stats["derp.idle_closed"] == 1
+        # a move leaves the old home to the same fate
+        conn._set_home(2, "test")
+        await trio.sleep(90)
+        assert set(conn.derps) == {2} and conn.stats["derp.idle_closed"] == 2
+        nursery.cancel_scope.cancel()

@@ -65,6 +65,11 @@ def tailscale_dir() -> Path:
     return CACHE / f"tailscale-v{TAILSCALE_VERSION}"
 
 
+def derper_bin() -> Path:
+    """Tailscale's own DERP server, the second DERP region of tests/integration/derp_regions.py."""
+    return tailscale_dir() / "derper"
+
+
 def _go_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(GOTOOLCHAIN="local", CGO_ENABLED="0", GOFLAGS="-trimpath")
@@ -91,6 +96,8 @@ def build(versions: tuple[str, ...] = HEADSCALE_VERSIONS) -> None:
         _go_install(ts, "-tags", TS_OMIT_TAGS, "-ldflags", stamp,
                     f"tailscale.com/cmd/tailscale@v{TAILSCALE_VERSION}",
                     f"tailscale.com/cmd/tailscaled@v{TAILSCALE_VERSION}")
+    if not derper_bin().exists():
+        _go_install(ts, f"tailscale.com/cmd/derper@v{TAILSCALE_VERSION}")
     for version in versions:
         if not headscale_bin(version).exists():
             _build_headscale(version)

@@ -209,7 +209,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{addrs:<16} {me.get('name', '?'):<30} home DERP {st.get('home_derp') or '-'}")
     for p in st.get("peers", []):
         print(_fmt_peer(p))
+    for line in _fmt_derp(st.get("derp") or {}):
+        print(line)
     return 0
+
+
+def _fmt_derp(derp: dict[str, Any]) -> list[str]:
+    """The DERP regions: latency from the last netcheck, the link, which one is home."""
+    regions = derp.get("regions") or []
+    if not regions:
+        return []
+    lines = [f"DERP regions (netcheck {derp.get('last_netcheck') or 'not run yet'}):"]
+    for r in regions:
+        latency = r.get("latency_ms")
+        measured = f"{latency:.1f} ms" if latency is not None else "no answer"
+        if latency is not None and r.get("measured_by") == "https":
+            measured += " (https)"
+        home = "  home" if r.get("home") else ""
+        lines.append(f"  {r.get('id'):>5} {r.get('code') or '-':<8} {measured:<18} link {r.get('link')}{home}")
+    return lines
 
 
 def cmd_peers(args: argparse.Namespace) -> int:

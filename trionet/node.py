@@ -519,6 +519,7 @@ class Node:
             "node_key": keymod.format_key("nodekey:", self.keys.node_public) if self.keys else None,
             "key_expiry": me.KeyExpiry if me else None,
             "home_derp": self.magic.home_region if self.magic else 0,
+            "derp": self.magic.derp_status() if self.magic else None,
             "endpoints": self.magic.endpoints() if self.magic else [],
             "peers": self.peers(),
             "stats": self.statistics(),

@@ -186,3 +186,16 @@ async def test_a_library_node_that_cannot_start_raises_one_start_timeout(
     with pytest.raises(StartTimeout, match=r"^not connected after 0.5 s \(still Connecting"):
         async with node:
             pass
+
+
+def test_status_lists_derp_regions_with_latency_link_and_home() -> None:
+    lines = cli._fmt_derp({"last_netcheck": "2026-01-02T03:04:05+00:00", "regions": [
+        {"id": 900, "code": "d2", "latency_ms": 0.412, "measured_by": "stun", "home": True, "link": "connected"},
+        {"id": 999, "code": "hs", "latency_ms": None, "measured_by": None, "home": False, "link": "none"},
+        {"id": 901, "code": "d3", "latency_ms": 31.0, "measured_by": "https", "home": False, "link": "down"},
+    ]})
+    assert lines[0] == "DERP regions (netcheck 2026-01-02T03:04:05+00:00):"
+    assert lines[1].split() == ["900", "d2", "0.4", "ms", "link", "connected", "home"]
+    assert lines[2].split() == ["999", "hs", "no", "answer", "link", "none"]
+    assert lines[3].split() == ["901", "d3", "31.0", "ms", "(https)", "link", "down"]
+    assert cli._fmt_derp({}) == []

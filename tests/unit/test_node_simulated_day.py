@@ -102,7 +102,8 @@ class FakeConnection:
         await trio.lowlevel.checkpoint()
         return proto.RegisterResponse(MachineAuthorized=True)
 
-    async def lite_update(self, endpoints: list[str], types: list[int], home_region: int) -> None:
+    async def lite_update(self, endpoints: list[str], types: list[int], home_region: int,
+                          net_info: dict[str, Any] | None = None) -> None:
         self.server.record(self.hostname)["Endpoints"] = list(endpoints)
         self.server._bump()
         await trio.lowlevel.checkpoint()

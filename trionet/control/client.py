@@ -293,9 +293,11 @@ class ControlConnection:
     def node_key(self) -> str:
         return format_key("nodekey:", self.state.node_public)
 
-    def hostinfo(self, home_region: int = 0) -> dict[str, Any]:
+    def hostinfo(self, home_region: int = 0, net_info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Our Hostinfo; NetInfo carries the home region (PreferredDERP, which Headscale
+        hands our peers as our DERP region) and netcheck's latencies when given."""
         return {"Hostname": self.config.hostname, "OS": "linux", "IPNVersion": f"trionet-{__version__}",
-                "GoArch": platform.machine(), "NetInfo": {"PreferredDERP": home_region}}
+                "GoArch": platform.machine(), "NetInfo": {**(net_info or {}), "PreferredDERP": home_region}}
 
     async def register(self, renew_to: bytes | None = None, followup: str = "") -> proto.RegisterResponse:
         """Register our node key; with `renew_to`, ask the server to replace it by that key.
@@ -400,25 +402,29 @@ class ControlConnection:
                                  f"(no PING answer in {LIVENESS_TIMEOUT:.0f} s)")
         return answer
 
-    def map_request(self, endpoints: list[str], types: list[int], home: int, stream: bool) -> dict[str, Any]:
+    def map_request(self, endpoints: list[str], types: list[int], home: int, stream: bool,
+                    net_info: dict[str, Any] | None = None) -> dict[str, Any]:
         req: dict[str, Any] = {"Version": CAPVER, "NodeKey": self.node_key, "DiscoKey": self.disco_key,
                                "Endpoints": endpoints, "EndpointTypes": types,
-                               "Hostinfo": self.hostinfo(home), "Stream": stream}
+                               "Hostinfo": self.hostinfo(home, net_info), "Stream": stream}
         if stream:
             req.update(KeepAlive=True, Compress="zstd")
         else:
             req["OmitPeers"] = True
         return req
 
-    async def lite_update(self, endpoints: list[str], types: list[int], home_region: int) -> None:
-        body = json.dumps(self.map_request(endpoints, types, home_region, stream=False)).encode()
+    async def lite_update(self, endpoints: list[str], types: list[int], home_region: int,
+                          net_info: dict[str, Any] | None = None) -> None:
+        body = json.dumps(self.map_request(endpoints, types, home_region, stream=False, net_info=net_info)).encode()
         log.debug("lite update: endpoints %s, home DERP %s", endpoints, home_region)
         status, text = await self.h2.simple("POST", "/machine/map", body)
         if status != 200:
             raise ControlError(f"endpoint update failed: HTTP {status}: {text[:200]!r}")
 
     async def map_updates(self, magic: Any) -> AsyncIterator[tuple[Netmap, NetmapChange]]:
-        req = self.map_request(magic.endpoints(), magic.endpoint_types(), magic.home_region, stream=True)
+        net_info = magic.net_info() if hasattr(magic, "net_info") else None
+        req = self.map_request(magic.endpoints(), magic.endpoint_types(), magic.home_region, stream=True,
+                               net_info=net_info)
         dctx = zstandard.ZstdDecompressor()
         async with self.h2.request("POST", "/machine/map", json.dumps(req).encode()) as events:
             buf = bytearray()

@@ -127,6 +127,7 @@ class ControlSession:
                 await self._one_session()
                 failures = 0  # a planned end (key renewal): the next session starts at once
             except Exception as caught:  # nurseries wrap errors in groups: look inside
+                self._set_control_connected(False)
                 if self._session_got_netmap:
                     failures = 0  # that session worked: start the backoff afresh
                 exc = first_leaf(caught, AuthError, ConfigError, TrionetError)
@@ -150,6 +151,11 @@ class ControlSession:
                 self.status.move(Status.CONNECTING, "reconnecting to control")
                 self.reconnects += 1
 
+    def _set_control_connected(self, up: bool) -> None:
+        """magicsock moves its home DERP region only while control can tell peers of it."""
+        if hasattr(self.magic, "control_connected"):
+            self.magic.control_connected = up
+
     def _give_up(self, exc: BaseException) -> None:
         self.fatal = exc
         self.status.move(Status.ERROR, str(exc))
@@ -168,6 +174,7 @@ class ControlSession:
                 nursery.start_soon(self._renewal_timer, nursery.cancel_scope)
                 async for netmap, change in conn.map_updates(self.magic):
                     self._session_got_netmap = True
+                    self._set_control_connected(True)
                     self.on_netmap(netmap, change)
                     self._note_expiry(netmap.self_node)
                     if not self.connected_once or self.status.status is not Status.RUNNING:
@@ -333,8 +340,9 @@ class ControlSession:
             key = self._report_key()
             if key == self._reported:
                 continue
+            net_info = self.magic.net_info() if hasattr(self.magic, "net_info") else None
             await conn.lite_update(self.magic.endpoints(), self.magic.endpoint_types(),
-                                   self.magic.home_region)
+                                   self.magic.home_region, net_info=net_info)
             self._reported = key
             log.info("reported endpoints %s, home DERP %s", key[0], key[1])
 

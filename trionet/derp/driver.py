@@ -6,8 +6,9 @@ upgrade or a WebSocket) is ``transport``'s. One ``DerpConnection`` = one
 server (one region's first node), kept up by ``run()`` until cancelled.
 
 TLS is verified against the system store or ``ca_file``; SNI and the
-certificate name are the DERP ``HostName``; the TCP connection goes to
-``connect_ip`` (DERPNode.IPv4/IPv6) when given. Plain HTTP only for an
+certificate name are the DERP ``HostName`` (unless the node's ``cert_name``
+names another, or pins the certificate: transport.tls_context); the TCP
+connection goes to ``connect_ip`` (DERPNode.IPv4/IPv6) when given. Plain HTTP only for an
 ``http://`` URL, i.e. when the caller asks for it.
 
 Hot path: the reading task parses frames and calls ``on_packet(src, data)``
@@ -147,6 +148,7 @@ class DerpConnection:
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
+        cert_name: str | None = None,
         backoff: Callable[[int], float] = backoff_delay,
         open_stream: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
     ) -> None:
@@ -179,6 +181,7 @@ class DerpConnection:
         self.node_private = node_private
         self.ca_file = ca_file
         self._ssl_context = ssl_context
+        self.cert_name = cert_name or None
         self._backoff = backoff
         self._open_stream_hook = open_stream
         self.preferred = preferred
@@ -186,6 +189,8 @@ class DerpConnection:
         self.on_event = on_event
         self.on_batch_end = on_batch_end  # after the packets of one read: flush per-read batches
         self._up_since: float | None = None
+        self.last_received: float | None = None  # when the server last sent us anything (netcheck asks)
+        self.down_since: float | None = None  # not connected since then (from the first dial); None while up
         self.max_queued_bytes = max_queued_bytes
         self.connect_timeout = connect_timeout
         self.client: dc.DerpClient | None = None
@@ -294,6 +299,7 @@ class DerpConnection:
         """Connect, pump, and reconnect with backoff until cancelled or ``close()``d."""
         with trio.CancelScope() as scope:
             self._cancel = scope
+            self.down_since = trio.current_time()
             task_status.started()
             while True:
                 reason = await self._one_connection()
@@ -339,14 +345,13 @@ class DerpConnection:
             for done, _ in self._pings.values():
                 done.set()
         if was_connected:
+            self.down_since = trio.current_time()
             self._emit(dc.Disconnected(reason))
         return reason
 
     def _ssl(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            ctx = ssl.create_default_context(cafile=self.ca_file)
-            ctx.set_alpn_protocols(["http/1.1"])
-            self._ssl_context = ctx
+            self._ssl_context = transport.tls_context(self.ca_file, self.host, self.cert_name)
         return self._ssl_context
 
     def _host_header(self) -> str:
@@ -356,7 +361,8 @@ class DerpConnection:
         if self._open_stream_hook is not None:
             return await self._open_stream_hook()
         return await transport.open_stream(self.host, self.port, connect_ip=self.connect_ip,
-                                           ssl_context=self._ssl() if self.tls else None)
+                                           ssl_context=self._ssl() if self.tls else None,
+                                           cert_name=self.cert_name)
 
     async def _connect_and_pump(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -423,8 +429,9 @@ class DerpConnection:
     def _receive(self, client: dc.DerpClient, data: bytes) -> None:
         """Bytes from the server: frames parsed, packets delivered. A protocol error
         ends this link (and the driver redials); nothing here raises anything else."""
+        now = self.last_received = trio.current_time()
         try:
-            events = client.receive_data(data, trio.current_time())
+            events = client.receive_data(data, now)
         except dc.DerpProtocolError as exc:
             self._deliver(client, exc.events)
             raise
@@ -454,6 +461,7 @@ class DerpConnection:
                 self._failures = 0
                 self._up_since = trio.current_time()
                 self._restart_delay = None
+                self.down_since = None
                 self._connected.set()
                 self.stats["connects"] += 1
                 log.info("DERP %s: connected as %s", self.url, self.node_public.hex()[:16])

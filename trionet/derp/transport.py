@@ -16,6 +16,17 @@ servePlain, serveWebsocket)
 
 Each gives a `Link`: ``receive_some()`` (b"" at the end), ``send_all``, ``aclose``.
 
+A DERP node's ``CertName`` changes what its certificate must be, as tailscaled's
+tlsClient reads it (derphttp_client.go; net/tlsdial SetConfigExpectedCert,
+SetConfigExpectedCertHash): ``sha256-raw:<hex>`` pins the certificate itself (a
+derper with an IP for a host name makes itself one: cmd/derper/cert.go), and
+any other name is the one a CA-verified certificate must carry instead of the
+host name. SNI stays the host name.
+
+``https_latency`` is netcheck's probe when UDP is blocked: the time of one
+``GET /derp/latency-check`` on a fresh TLS connection (netcheck.go,
+measureHTTPSLatency).
+
 TLS is our own `TlsStream`, the ssl module's SSLObject over memory BIOs on a
 plain Trio stream, rather than trio.SSLStream: a DERP server writes about one
 TLS record per packet and an SSLObject decrypts one record per read, so the
@@ -26,6 +37,9 @@ when its incoming buffer is empty, which trio.SSLStream does not expose.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
+import ipaddress
 import ssl
 from typing import Protocol
 
@@ -37,7 +51,8 @@ from trionet.errors import RemoteProtocolError, TransportError
 from trionet.exc_groups import first_leaf
 from trionet.http1 import read_response_head
 
-__all__ = ["Link", "StreamLink", "TlsStream", "WebSocketLink", "host_websocket", "open_http_link", "open_stream"]
+__all__ = ["Link", "StreamLink", "TlsStream", "WebSocketLink", "check_server_cert", "host_websocket",
+           "https_latency", "open_http_link", "open_stream", "tls_context"]
 
 READ_SIZE = 256 << 10
 MAX_RESPONSE_HEAD = 16 << 10
@@ -167,6 +182,74 @@ class TlsStream(trio.abc.Stream):
                 await self.transport.send_all(out)
 
 
+def tls_context(ca_file: str | None, host: str, cert_name: str | None) -> ssl.SSLContext:
+    """The client context for a DERP node. With a CertName other than the host, the name
+    check (and for a pinned certificate, the chain check too) moves to `check_server_cert`."""
+    if cert_name and cert_name.startswith("sha256-raw:"):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the certificate is pinned instead
+    else:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        if cert_name and cert_name != host:
+            ctx.check_hostname = False  # the chain is still verified; the name is CertName's
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _names_of(cert: object) -> tuple[list[str], list[str]]:
+    from cryptography import x509
+
+    assert isinstance(cert, x509.Certificate)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return ([str(ip) for ip in san.get_values_for_type(x509.IPAddress)],
+            [name.lower() for name in san.get_values_for_type(x509.DNSName)])
+
+
+def _name_matches(name: str, ips: list[str], dns_names: list[str]) -> bool:
+    try:
+        return str(ipaddress.ip_address(name)) in ips
+    except ValueError:
+        pass
+    name = name.lower().rstrip(".")
+    for pattern in dns_names:
+        if pattern == name:
+            return True
+        if pattern.startswith("*.") and "." in name and name.split(".", 1)[1] == pattern[2:]:
+            return True
+    return False
+
+
+def check_server_cert(der: bytes | None, host: str, cert_name: str | None,
+                      now: datetime.datetime | None = None) -> None:
+    """After a handshake made with `tls_context`: raises TransportError unless the server's
+    certificate is what the node's CertName asks for (nothing to check without one)."""
+    from cryptography import x509
+
+    if not cert_name or cert_name == host:
+        return
+    if der is None:
+        raise TransportError("the DERP server presented no certificate")
+    cert = x509.load_der_x509_certificate(der)
+    pin = cert_name.removeprefix("sha256-raw:")
+    if pin != cert_name:
+        if hashlib.sha256(der).hexdigest() != pin.strip().lower():
+            raise TransportError("the DERP server's certificate is not the one its CertName pins")
+        name = host  # tlsdial checks the dialled name too, when there is one
+        when = now or datetime.datetime.now(datetime.UTC)
+        if when < cert.not_valid_before_utc or when > cert.not_valid_after_utc:
+            raise TransportError(f"the DERP server's pinned certificate is not valid now "
+                                 f"({cert.not_valid_before_utc} to {cert.not_valid_after_utc})")
+    else:
+        name = cert_name
+    ips, dns_names = _names_of(cert)
+    if not _name_matches(name, ips, dns_names):
+        raise TransportError(f"the DERP server's certificate is not valid for {name!r}")
+
+
 # --------------------------------------------------------------------- links
 
 
@@ -217,18 +300,41 @@ class WebSocketLink:
 
 
 async def open_stream(host: str, port: int, *, connect_ip: str | None = None,
-                      ssl_context: ssl.SSLContext | None = None) -> trio.abc.Stream:
-    """TCP to `connect_ip` (or `host`), with TLS for `host` when a context is given."""
+                      ssl_context: ssl.SSLContext | None = None, cert_name: str | None = None) -> trio.abc.Stream:
+    """TCP to `connect_ip` (or `host`), with TLS for `host` when a context is given (made by
+    `tls_context` when the node has a `cert_name`)."""
     tcp = await trio.open_tcp_stream(connect_ip or host, port)
     if ssl_context is None:
         return tcp
     stream = TlsStream(tcp, ssl_context, server_hostname=host)
     try:
         await stream.do_handshake()
+        check_server_cert(stream.ssl_object.getpeercert(binary_form=True), host, cert_name)
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
     return stream
+
+
+async def https_latency(host: str, port: int, *, connect_ip: str | None = None,
+                        ssl_context: ssl.SSLContext | None = None, cert_name: str | None = None) -> float:
+    """Seconds from sending ``GET /derp/latency-check`` to its answer's head, on a connection
+    made for it (its TCP and TLS set-up are not timed). An answer above 299 raises
+    TransportError: a proxy in the way, not a DERP server. Plain HTTP without a context."""
+    stream = await open_stream(host, port, connect_ip=connect_ip, ssl_context=ssl_context, cert_name=cert_name)
+    try:
+        # The Host is the bare host name, as Go's client sends for "https://<HostName>/...".
+        request = (f"GET /derp/latency-check HTTP/1.1\r\nHost: {host}\r\nUser-Agent: trionet\r\n"
+                   "Connection: close\r\n\r\n").encode()
+        started = trio.current_time()
+        await stream.send_all(request)
+        status, _, _ = await read_response_head(stream, f"DERP server {host}", max_size=MAX_RESPONSE_HEAD)
+        took = trio.current_time() - started
+    finally:
+        await trio.aclose_forcefully(stream)
+    if status > 299:
+        raise TransportError(f"DERP latency check at {host} answered HTTP {status}")
+    return took
 
 
 async def open_http_link(stream: trio.abc.Stream, host: str, path: str, peer: str) -> tuple[StreamLink, bytes]:

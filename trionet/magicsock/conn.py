@@ -10,13 +10,24 @@ packets to the netstack without another task hop.
 
 Path tags name where a datagram came from, so answers go back the same way:
 ``("udp", (ip, port))`` or ``("derp", region)``.
+
+netcheck (netcheck.py) measures every DERP region and picks the home one; this
+driver runs its reports over the same UDP socket (their STUN replies also give
+our public endpoint), at start, every 20-26 s while peers are active, every
+5 minutes in full, and at once when the home link breaks. A new home is told
+to control (`on_endpoints_changed`: the lite update carries PreferredDERP),
+dialled, and the old one is told it is no longer preferred. Peers homed in
+other regions are reached through a link to their region, made on demand.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import random
 import socket
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,11 +35,13 @@ from typing import Any
 
 import trio
 
+from trionet.clock import wall
 from trionet.config import is_ip
 from trionet.derp import client as derp_client
+from trionet.derp import transport as derp_transport
 from trionet.derp.driver import DerpConnection, derp_url_for_node
-from trionet.errors import RemoteProtocolError
-from trionet.magicsock import disco, stun
+from trionet.errors import RemoteProtocolError, TrionetError
+from trionet.magicsock import disco, netcheck, stun
 from trionet.magicsock.paths import Addr, CallMeMaybeAction, PathChooser, PingAction
 from trionet.magicsock.udp import UdpSocket, plain_addr
 from trionet.netaddr import join_host_port
@@ -38,9 +51,11 @@ log = logging.getLogger(__name__)
 
 PathTag = tuple[str, Any]
 DERP_MAGIC_IP = "127.3.3.40"  # tailcfg.DerpMagicIP: a DERP region as a pseudo-address
-STUN_RETRY = 0.5
-ENDPOINT_REFRESH = 25.0  # tailscaled re-STUNs about this often (endpointsFreshEnoughDuration 27 s)
+NETCHECK_RETRY = 0.5  # after a report no STUN reply reached: again this soon, doubling ...
+NETCHECK_RETRY_MAX = 25.0  # ... up to this
 STUN_RESOLVE_TIMEOUT = 5.0
+DERP_IDLE_CLOSE = 60.0  # a link that is not home and not written to this long is closed (derpInactiveCleanupTime)
+DERP_CLEAN_INTERVAL = 15.0  # how often that is looked at while such links exist (derpCleanStaleInterval)
 
 
 _WIREGUARD_HANDSHAKE_TYPES = frozenset((b"\x01", b"\x02", b"\x03"))  # initiation, response, cookie
@@ -65,6 +80,7 @@ class MagicConn:
         on_endpoints_changed: Callable[[], None] | None = None,
         on_batch_end: Callable[[], None] | None = None,
         on_peer_heard: Callable[[bytes], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.node_private = node_private
         self.node_public = node_public
@@ -90,12 +106,24 @@ class MagicConn:
         self._disco_peers: dict[bytes, tuple[bytes, disco.DiscoBox]] = {}
         self.stun_endpoints: list[Addr] = []
         self.local_endpoints: list[Addr] = []
-        self._stun_tx: dict[bytes, float] = {}
-        self._derp_ready = trio.Event()
         self._user_pings: dict[bytes, tuple[trio.Event, list[Any]]] = {}
         self._endpoints_ready = trio.Event()
         self._disco_wake = trio.Event()
-        self._stun_servers_changed = trio.Event()
+        self.rng = rng or random.Random()
+        self.netcheck = netcheck.Netcheck()
+        self.last_report: netcheck.Report | None = None
+        self.last_netcheck_wall: float | None = None
+        self.home_changes = 0
+        # Whether the control session is up: without it a new home could not be told
+        # to peers, so the home does not move (magicsock maybeSetNearestDERP).
+        self.control_connected = False
+        self._run: netcheck.ReportRun | None = None  # the report being gathered
+        self._stun_reply = trio.Event()
+        self._netcheck_wake = trio.Event()
+        self._netcheck_idle = False  # the loop waits for activity
+        self._last_active = float("-inf")  # when WireGuard data last went out
+        self._derp_last_write: dict[int, float] = {}  # per region: when we last sent through it
+        self._non_home_links = trio.Event()  # set while a link that is not home may be idle
 
     # ------------------------------------------------------------------ setup
     def bind(self) -> None:
@@ -120,15 +148,26 @@ class MagicConn:
 
     # ------------------------------------------------------------- netmap in
     def set_derp_map(self, derp_map: Any) -> None:
+        """A new DERP map: measure it (at once, in full when the home region went away)."""
         self.derp_map = derp_map
-        self._stun_servers_changed.set()
-        regions = sorted((derp_map.Regions or {}).keys()) if derp_map is not None else []
-        if regions and self.home_region not in regions:
-            # One region in Headscale's embedded map; with several, the lowest ID
-            # until latency-based choice (netcheck) exists.
-            self.home_region = int(regions[0])
-        if self.home_region:
+        regions = self._region_ids()
+        for region in [r for r in self.derps if r not in regions]:  # gone from the map
+            self.derps.pop(region).close()
+        if self.home_region and self.home_region not in regions:
+            log.info("home DERP region %s left the DERP map", self.home_region)
+            self.home_region = 0
+            self.netcheck.make_next_full()
+        if len(regions) == 1 and self.home_region != regions[0]:
+            # The only choice, whatever a report would say: no need to wait for one.
+            self._set_home(regions[0], "the only region")
+        elif self.home_region:
             self._ensure_derp(self.home_region, preferred=True)
+        self.request_netcheck()
+
+    def _region_ids(self) -> list[int]:
+        if self.derp_map is None:
+            return []
+        return sorted(int(r) for r, reg in (self.derp_map.Regions or {}).items() if reg is not None)
 
     def set_node_key(self, node_private: bytes, node_public: bytes) -> None:
         """Our node key was renewed: DERP servers know us by it, so every link reconnects."""
@@ -181,6 +220,10 @@ class MagicConn:
                             reply_path: PathTag | None = None) -> None:
         """`send_wireguard` for a burst to one peer: the path is chosen once."""
         now = trio.current_time()
+        self._last_active = now
+        if self._netcheck_idle:  # traffic again: periodic netchecks resume
+            self._netcheck_idle = False
+            self._netcheck_wake.set()
         addr, region = self.paths.paths_for_send(node_key, now)
         if self.paths.wake:
             self._disco_wake.set()
@@ -215,6 +258,7 @@ class MagicConn:
 
     def _send_derp(self, region: int, node_key: bytes, data: bytes) -> None:
         conn = self._ensure_derp(region)
+        self._derp_last_write[region] = trio.current_time()
         if conn is None:
             self.stats["send.derp_no_region"] += 1
             return
@@ -229,23 +273,76 @@ class MagicConn:
             return conn
         if self.derp_map is None or self._nursery is None:
             return None
-        reg = (self.derp_map.Regions or {}).get(region)
-        if reg is None or not reg.Nodes:
+        node = self._derp_node(region)
+        if node is None:
             return None
-        url, ip = derp_url_for_node(reg.Nodes[0], self.login_server)
+        url, ip = derp_url_for_node(node, self.login_server)
         conn = DerpConnection(url, self.node_private, ca_file=self.ca_file, connect_ip=ip,
+                              cert_name=node.CertName,
                               preferred=preferred or region == self.home_region,
                               on_packet=partial(self._on_derp_packet, region), on_batch_end=self.end_batch,
                               on_event=partial(self._on_derp_event, region))
         self.derps[region] = conn
+        self._derp_last_write[region] = trio.current_time()
+        if region != self.home_region:
+            self._non_home_links.set()
         self._nursery.start_soon(conn.run)
         return conn
+
+    async def _derp_cleaner(self) -> None:
+        """Links to regions that are not home (a peer's home, our old home) close after a
+        minute without our writing to them, as tailscaled's cleanStaleDerp does: a region
+        left for good is not redialled forever."""
+        while True:
+            await self._non_home_links.wait()
+            await trio.sleep(DERP_CLEAN_INTERVAL)
+            now = trio.current_time()
+            for region, conn in list(self.derps.items()):
+                if region == self.home_region:
+                    continue
+                if now - self._derp_last_write.get(region, now) > DERP_IDLE_CLOSE:
+                    log.debug("DERP region %s: idle for %.0f s and not home; closing its link", region,
+                              now - self._derp_last_write.get(region, now))
+                    conn.close()
+                    del self.derps[region]
+                    self._derp_last_write.pop(region, None)
+                    self.stats["derp.idle_closed"] += 1
+            if all(region == self.home_region for region in self.derps):
+                self._non_home_links = trio.Event()
+
+    def _derp_node(self, region: int) -> Any:
+        """The node of `region` a DERP link dials: its first that is not STUN-only."""
+        if self.derp_map is None:
+            return None
+        reg = (self.derp_map.Regions or {}).get(region)
+        return next((n for n in (reg.Nodes or ()) if not n.STUNOnly), None) if reg is not None else None
+
+    def _set_home(self, region: int, why: str) -> None:
+        """Make `region` home: the links learn which one is preferred, the new home is
+        dialled, and control is told (through the endpoints-changed report)."""
+        old = self.home_region
+        if region == old:
+            return
+        self.home_region = region
+        if old:
+            self.home_changes += 1
+        log.info("home DERP region %s -> %s (%s)", old or "none", region or "none", why)
+        for r, conn in self.derps.items():
+            conn.set_preferred(r == region)
+        if old in self.derps:
+            self._derp_last_write[old] = trio.current_time()  # idle from now: closed in a minute if unused
+            self._non_home_links.set()
+        if region:
+            self._ensure_derp(region, preferred=True)
+        if self.on_endpoints_changed is not None:
+            self.on_endpoints_changed()
 
     # -------------------------------------------------------------- receiving
     def _on_derp_event(self, region: int, event: Any) -> None:
         log.debug("derp region %s: %s", region, event)
-        if region == self.home_region and isinstance(event, derp_client.Connected):
-            self._derp_ready.set()
+        if region == self.home_region and isinstance(event, derp_client.Disconnected):
+            # The home link broke: maybe the network changed (tailscaled ReSTUNs on it).
+            self.request_netcheck()
 
     def _on_derp_packet(self, region: int, src: bytes, data: bytes) -> None:
         """One packet a peer sent us through DERP; never raises (the DERP link must live on)."""
@@ -448,31 +545,7 @@ class MagicConn:
             with trio.move_on_at(deadline):
                 await self._disco_wake.wait()
 
-    # ------------------------------------------------------------------- STUN
-    def _stun_servers(self) -> list[Addr]:
-        out: list[Addr] = []
-        if self.derp_map is None:
-            return out
-        region = (self.derp_map.Regions or {}).get(self.home_region)
-        for node in (region.Nodes if region else None) or []:
-            port = node.STUNPort or 3478
-            if port < 0:
-                continue
-            host = node.IPv4 or node.HostName
-            if host:
-                out.append((host, port))
-        return out
-
-    async def _send_stun(self) -> None:
-        for host, port in self._stun_servers():
-            ip = host if is_ip(host) else await self._resolve_ipv4(host)
-            if ip is None:
-                self.stats["stun.resolve_failed"] += 1
-                continue
-            txid = os.urandom(12)
-            self._stun_tx[txid] = trio.current_time()
-            self._send_udp(stun.binding_request(txid), (ip, port))
-
+    # ------------------------------------------------------- STUN and netcheck
     async def _resolve_ipv4(self, host: str) -> str | None:
         """A STUN host name's IPv4 address, looked up by Trio's resolver (in a worker
         thread: a slow DNS server must not stall the packets this task carries)."""
@@ -485,40 +558,180 @@ class MagicConn:
             log.debug("stun: cannot resolve %s: %s", host, exc)
         return None
 
+    async def _resolve_stun_hosts(self, derp_map: Any) -> dict[str, str]:
+        """IPv4 addresses of the nodes that name no IPv4 address, by host name."""
+        names = {n.HostName for reg in (derp_map.Regions or {}).values() if reg is not None
+                 for n in reg.Nodes or () if not n.IPv4 and n.HostName and not is_ip(n.HostName)}
+        out: dict[str, str] = {}
+        for name in sorted(names):
+            ip = await self._resolve_ipv4(name)
+            if ip is None:
+                self.stats["stun.resolve_failed"] += 1
+            else:
+                out[name] = ip
+        return out
+
     def _on_stun(self, data: bytes) -> None:
         try:
             txid, addr = stun.parse_response(data)
         except RemoteProtocolError as exc:
             self.rejects.reject("stun.bad", exc)
             return
-        if self._stun_tx.pop(txid, None) is None:
-            self.rejects.reject("stun.unsolicited")
+        run = self._run
+        if run is None or not run.receive(txid, plain_addr(addr), trio.current_time()):
+            self.rejects.reject("stun.unsolicited")  # no report asked, or it ended: late or forged
             return
-        ep = plain_addr(addr)
-        if ep not in self.stun_endpoints:
-            self.stun_endpoints = [ep]
-            if self.on_endpoints_changed is not None:
-                self.on_endpoints_changed()
-        self._endpoints_ready.set()
+        self.stats["stun.replies"] += 1
+        self._stun_reply.set()
 
-    async def _stun_loop(self) -> None:
-        """STUN our home region: until the first answer at 0.5 s, then doubling (a server
-        that stays silent is not asked twice a second forever), then every 25 s. With no
-        STUN server in the map, wait for a new map."""
-        retry = STUN_RETRY
+    def request_netcheck(self) -> None:
+        """Measure again now (a new map, the home link lost)."""
+        self._netcheck_wake.set()
+
+    def _active(self, now: float) -> bool:
+        return bool(self.paths.peers) and now - self._last_active < netcheck.SESSION_ACTIVE_TIMEOUT
+
+    async def _netcheck_loop(self) -> None:
+        """Reports: one at once, then every 20-26 s while peers are active (sooner, backing
+        off, while no STUN reply came), and whenever `request_netcheck` is called."""
+        retry = NETCHECK_RETRY
         while True:
-            self._stun_servers_changed = trio.Event()
-            if not self._stun_servers():
-                await self._stun_servers_changed.wait()
+            self._netcheck_wake = trio.Event()
+            if not self._region_ids():
+                await self._netcheck_wake.wait()
                 continue
-            await self._send_stun()
-            if self._endpoints_ready.is_set():
-                delay = ENDPOINT_REFRESH
+            report = await self._one_netcheck()
+            now = trio.current_time()
+            if report.udp or self.udp.sock is None:
+                retry = NETCHECK_RETRY
+                delay = netcheck.restun_delay(self.rng)
             else:
-                delay, retry = retry, min(retry * 2, ENDPOINT_REFRESH)
-            with trio.move_on_after(delay):
-                await self._stun_servers_changed.wait()
-            self._stun_tx = {t: s for t, s in self._stun_tx.items() if trio.current_time() - s < 10}
+                delay, retry = retry, min(retry * 2, NETCHECK_RETRY_MAX)
+            with trio.move_on_at(now + delay):
+                await self._netcheck_wake.wait()
+            if not self._netcheck_wake.is_set() and not self._active(trio.current_time()):
+                # Idle: no periodic reports (tailscaled stops re-STUNning) until traffic,
+                # a new map or a lost home link.
+                self._netcheck_idle = True
+                await self._netcheck_wake.wait()
+                self._netcheck_idle = False
+
+    async def _one_netcheck(self) -> netcheck.Report:
+        derp_map = self.derp_map
+        resolved = await self._resolve_stun_hosts(derp_map)
+        run = self.netcheck.begin(derp_map, trio.current_time(), have_v4=self.udp.sock is not None,
+                                  resolved=resolved)
+        self._run = run
+        try:
+            now = trio.current_time()
+            while not run.stun_done(now):
+                for send in run.due(now):
+                    self.stats["stun.requests"] += 1
+                    self._send_udp(stun.binding_request(send.txid), send.addr)
+                self._stun_reply = trio.Event()
+                with trio.move_on_at(run.next_deadline()):
+                    await self._stun_reply.wait()
+                now = trio.current_time()
+            regions = run.https_regions()
+            if regions:
+                log.debug("netcheck: no STUN reply; timing regions %s over HTTPS", regions)
+                with trio.move_on_at(run.https_deadline):
+                    async with trio.open_nursery() as nursery:
+                        for region in regions:
+                            nursery.start_soon(self._https_probe, run, region)
+        finally:
+            self._run = None
+        now = trio.current_time()
+        heard = {r: c.last_received for r, c in self.derps.items() if c.last_received is not None}
+        report = self.netcheck.finish(run, now, heard, self._unusable_regions(now))
+        self._apply_report(report)
+        return report
+
+    def _unusable_regions(self, now: float) -> list[int]:
+        return [r for r, c in self.derps.items()
+                if c.down_since is not None and now - c.down_since > netcheck.LINK_DOWN_GRACE]
+
+    async def _https_probe(self, run: netcheck.ReportRun, region: int) -> None:
+        node = self._derp_node(region)
+        if node is None:
+            return
+        url, ip = derp_url_for_node(node, self.login_server)  # where and how the DERP link would go
+        parts = urllib.parse.urlsplit(url)
+        host, tls = parts.hostname or "", parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        ctx = derp_transport.tls_context(self.ca_file, host, node.CertName) if tls else None
+        try:
+            latency = await derp_transport.https_latency(host, port, connect_ip=ip, ssl_context=ctx,
+                                                         cert_name=node.CertName)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, TrionetError) as exc:
+            self.stats["netcheck.https_failed"] += 1
+            log.debug("netcheck: HTTPS latency of region %s: %s", region, exc)
+            return
+        self.stats["netcheck.https_ok"] += 1
+        run.add_https_latency(region, latency)
+
+    def _apply_report(self, report: netcheck.Report) -> None:
+        self.last_report = report
+        self.last_netcheck_wall = wall()
+        self.stats["netcheck.reports"] += 1
+        if report.global_v4 is not None:
+            # Our address as the first STUN reply of this report saw it (tailscaled's GlobalV4).
+            ep = report.global_v4
+            if self.stun_endpoints != [ep]:
+                self.stun_endpoints = [ep]
+                if self.on_endpoints_changed is not None:
+                    self.on_endpoints_changed()
+            self._endpoints_ready.set()
+        home = netcheck.pick_home(report.preferred_derp, self.home_region, self.derp_map,
+                                  control_connected=self.control_connected, rng=self.rng,
+                                  unusable=self._unusable_regions(report.now))
+        latencies = ", ".join(f"{r}: {d * 1000:.1f} ms" for r, d in sorted(report.region_latency.items()))
+        log.debug("netcheck (%s): udp %s, latencies {%s}, preferred %s, home %s",
+                  "full" if report.full else "incremental", report.udp, latencies, report.preferred_derp, home)
+        if home != self.home_region:
+            self._set_home(home, f"netcheck: {latencies or 'no latency'}")
+
+    def net_info(self) -> dict[str, Any]:
+        """Hostinfo.NetInfo as tailscaled reports it (magicsock updateNetInfo)."""
+        info: dict[str, Any] = {"PreferredDERP": self.home_region}
+        report = self.last_report
+        if report is not None:
+            latency = {f"{r}-v4": d for r, d in report.region_v4_latency.items()}
+            latency.update({f"{r}-v6": d for r, d in report.region_v6_latency.items()})
+            if latency:
+                info["DERPLatency"] = latency
+            info["WorkingUDP"] = report.udp
+            if report.mapping_varies_by_dest_ip is not None:
+                info["MappingVariesByDestIP"] = report.mapping_varies_by_dest_ip
+        return info
+
+    def derp_status(self) -> dict[str, Any]:
+        """The home region, every region's last latency and link: for `status`."""
+        report = self.last_report
+        regions = []
+        for region in self._region_ids():
+            reg = (self.derp_map.Regions or {}).get(region)
+            conn = self.derps.get(region)
+            latency = report.region_latency.get(region) if report is not None else None
+            regions.append({
+                "id": region,
+                "code": reg.RegionCode if reg is not None else "",
+                "name": reg.RegionName if reg is not None else "",
+                "latency_ms": round(latency * 1000, 3) if latency is not None else None,
+                "measured_by": ("https" if report is not None and region in report.https_regions
+                                else "stun") if latency is not None else None,
+                "home": region == self.home_region,
+                "link": "connected" if conn is not None and conn.connected else "down" if conn is not None else "none",
+            })
+        when = self.last_netcheck_wall
+        return {
+            "home": self.home_region,
+            "home_changes": self.home_changes,
+            "last_netcheck": (datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")
+                              if when is not None else None),
+            "udp": report.udp if report is not None else None,
+            "regions": regions,
+        }
 
     async def wait_endpoints(self, timeout: float) -> None:
         with trio.move_on_after(timeout):
@@ -530,7 +743,8 @@ class MagicConn:
             self._nursery = nursery
             if self.udp.sock is not None:
                 nursery.start_soon(self._udp_reader)
-                nursery.start_soon(self._stun_loop)
+            nursery.start_soon(self._netcheck_loop)
+            nursery.start_soon(self._derp_cleaner)
             nursery.start_soon(self._disco_timer)
             if self.derp_map is not None:
                 self.set_derp_map(self.derp_map)
@@ -544,6 +758,7 @@ class MagicConn:
         return {
             "counters": dict(self.stats),
             "home_derp": self.home_region,
+            "netcheck_reports": self.netcheck.reports,
             "endpoints": self.endpoints(),
             "derp": {str(r): c.statistics() for r, c in self.derps.items()},
         }

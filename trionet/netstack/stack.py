@@ -142,6 +142,9 @@ class StackCore:
         self._v6 = [a.packed for a in self.addresses if a.version == 6]
         self._local = frozenset(self._v4 + self._v6)
         self.output = output
+        #: destinations served inside this process (MagicDNS's 100.100.100.100): their
+        #: packets go to the callable, not to ``output`` (the network); see NetStack.divert
+        self.divert: dict[bytes, Callable[[bytes], None]] = {}
         self.mtu = mtu
         self.accept_inbound = accept_inbound
         self.tcp_config = tcp_config or TcpConfig()
@@ -251,7 +254,8 @@ class StackCore:
         else:
             hdr = wip6.build_header(src, dst, proto, plen)
         self.stats["ip_out"] += 1
-        self.output(b"".join((hdr, payload, extra)) if extra else hdr + payload)
+        out = self.divert.get(dst, self.output) if self.divert else self.output
+        out(b"".join((hdr, payload, extra)) if extra else hdr + payload)
 
     # ------------------------------------------------------------------ input
     def deliver(self, packet: bytes | bytearray | memoryview, now: float) -> None:
@@ -604,7 +608,7 @@ class StackCore:
         # the IPv4 header's words: pseudo-header sum minus the protocol, plus
         # 0x4500 (version, IHL), 0x4000 (DF), 0x4006 (TTL 64, TCP); then length, ident
         ip_shared = pb + 0xC500 + 20 + hlen
-        output = self.output
+        output = self.divert.get(rip, self.output) if self.divert else self.output
         pack = _IP4_TCP.pack
         ident = self._ident
         for off in range(0, size or 1, mss):

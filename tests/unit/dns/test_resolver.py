@@ -9,6 +9,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.unit.dns.netmaps import BASE, DB, EXTRA, ME, WEB, view
 from trionet.dns import resolver
@@ -290,3 +292,30 @@ def test_a_malformed_dns_config_is_skipped_and_named() -> None:
     assert v.resolvers == ("10.9.9.9",)
     assert len(v.problems) >= 4
     assert records(reply(v, f"web.{BASE}.")) == [WEB[0]]
+
+
+_SEEDS = [dns.message.make_query(n, t, use_edns=e).to_wire() for n, t, e in (
+    (f"web.{BASE}.", "A", None), ("77.0.64.100.in-addr.arpa.", "PTR", 0), ("example.com.", "AAAA", 0))]
+
+
+@settings(max_examples=400, deadline=None)
+@given(seed=st.sampled_from(_SEEDS), flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)),
+                                                     max_size=6), cut=st.integers(0, 200))
+def test_mutated_queries_never_raise_and_replies_parse(seed: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(seed)
+    for at, value in flips:
+        if at < len(data):
+            data[at] = value
+    result = answer(_VIEW, bytes(data[:cut] if cut < len(data) else data), NOW)
+    assert isinstance(result, (Answer, Forward, Drop))
+    if isinstance(result, Answer):
+        dns.message.from_wire(result.wire)  # what we send is a DNS message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_bytes_never_raise(data: bytes) -> None:
+    assert isinstance(answer(_VIEW, data, NOW), (Answer, Forward, Drop))
+
+
+_VIEW = view()

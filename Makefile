@@ -9,10 +9,10 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
 STAMP   := $(VENV)/.installed
-SYSDEPS := wireguard-go wg nft ip curl jq ping
+SYSDEPS := wireguard-go wg nft ip curl jq ping dig
 # Protocol cores that must stay `mypy --strict` clean (setup.cfg lists them too).
 STRICT  := trionet/keys.py trionet/rejects.py trionet/backoff.py trionet/exc_groups.py trionet/netaddr.py trionet/clock.py trionet/status.py trionet/forwarding.py \
-           trionet/threaded.py trionet/httpx_transport.py trionet/noise trionet/proto trionet/wg trionet/netstack \
+           trionet/threaded.py trionet/httpx_transport.py trionet/noise trionet/proto trionet/wg trionet/netstack trionet/dns \
            trionet/derp/frames.py trionet/derp/client.py trionet/magicsock/disco.py trionet/magicsock/stun.py trionet/magicsock/paths.py \
            trionet/control/login.py trionet/magicsock/netcheck.py
 
@@ -34,13 +34,14 @@ wheel: venv
 	$(VPY) -m build --outdir dist .
 
 # Real peers need root tools: wireguard-go + wg (WireGuard peer), nft (loss,
-# DERP-only), iproute2 (namespaces, TUN), curl and jq (stack checks).
+# DERP-only), iproute2 (namespaces, TUN), curl and jq (stack checks), dig
+# (dnsutils: MagicDNS checks).
 sysdeps:
 	@missing=""; for t in $(SYSDEPS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages for:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; \
-	  apt-get install -y -qq wireguard-go wireguard-tools nftables iproute2 curl jq iputils-ping >/dev/null; \
+	  apt-get install -y -qq wireguard-go wireguard-tools nftables iproute2 curl jq iputils-ping dnsutils >/dev/null; \
 	fi
 
 stack-bin: venv

@@ -261,7 +261,8 @@ class Stack:
     """One Headscale and N tailscaled, each in its own namespace, on one bridge."""
 
     def __init__(self, headscale_version: str = NEWEST_HEADSCALE, workdir: Path | None = None,
-                 prefix: str | None = None, subnet: int | None = None, policy: str | None = None) -> None:
+                 prefix: str | None = None, subnet: int | None = None, policy: str | None = None,
+                 dns: dict[str, Any] | None = None) -> None:
         self.version = headscale_version
         self.subnet = subnet if subnet is not None else pick_subnet()
         self.prefix = prefix or f"tn{self.subnet}"
@@ -276,6 +277,7 @@ class Stack:
         self._next_host = 11
         self._started = False
         self.user_id: str = ""
+        self.dns = dns  # keys that replace those of the config's `dns:` section (see dns_config)
         self.policy_path = self.workdir / "hs" / "policy.hujson"
         if policy is not None:  # an ACL policy (HuJSON); none = allow all
             self.policy_path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,6 +356,8 @@ class Stack:
             policy = str(self.policy_path)
         text = (template.replace("@IP@", self.hs_host.ip).replace("@RUN@", str(hsdir))
                 .replace("@TLS@", str(self.workdir / "tls")).replace("@POLICY@", policy))
+        if self.dns is not None:
+            text = dns_config(text, self.dns)
         (hsdir / "config.yaml").write_text(text)
 
     @property
@@ -718,6 +722,17 @@ def _stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def dns_config(config_text: str, dns: dict[str, Any]) -> str:
+    """Headscale's config with these keys set in its `dns:` section (e.g. extra_records,
+    nameservers, override_local_dns: 0.29 refuses override_local_dns without global
+    nameservers, 0.23 ignores the key)."""
+    import yaml
+
+    config = yaml.safe_load(config_text)
+    config["dns"] = {**config.get("dns", {}), **dns}
+    return str(yaml.safe_dump(config, sort_keys=False))
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:

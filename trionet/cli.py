@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--socks5", metavar="[BIND:]PORT", help="run a SOCKS5 proxy into the tailnet")
     up.add_argument("--socks5-auth", metavar="USER:PASS", help="require this SOCKS5 username/password")
     up.add_argument("--http-proxy", metavar="[BIND:]PORT", help="run an HTTP CONNECT proxy into the tailnet")
+    up.add_argument("--dns", metavar="[BIND:]PORT",
+                    help="answer DNS as MagicDNS (100.100.100.100) does, on this UDP+TCP port")
     up.add_argument("--udp-port", type=int, default=0, help="WireGuard/disco UDP port (default: random)")
     up.add_argument("--udp-bind", default="", metavar="ADDR", help="bind UDP to this address only")
     up.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
@@ -129,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
         socks5=cfg.parse_listen(args.socks5, "--socks5") if args.socks5 else None,
         socks5_auth=socks_auth,
         http_proxy=cfg.parse_listen(args.http_proxy, "--http-proxy") if args.http_proxy else None,
+        dns=cfg.parse_listen(args.dns, "--dns") if args.dns else None,
         udp_port=args.udp_port, udp_bind=args.udp_bind, start_timeout=args.timeout, **kwargs)
 
 
@@ -194,6 +197,24 @@ def _fmt_peer(p: dict[str, Any]) -> str:
     return f"{addrs:<16} {p.get('name', '?'):<30} {online:<8} {path}"
 
 
+def _fmt_dns(dns: dict[str, Any]) -> str:
+    """One line: MagicDNS on/off and its domain, where other names go, our listeners."""
+    magic = f"MagicDNS {'on' if dns.get('magic_dns') else 'off'}"
+    if dns.get("base_domain"):
+        magic += f" ({dns['base_domain']})"
+    default = (dns.get("forwarding") or {}).get(".") or []
+    parts = [magic, "resolvers " + (",".join(default) or "none")]
+    split = dns.get("split_routes") or {}
+    if split:
+        parts.append("split " + ",".join(f"{k.rstrip('.')}->{'/'.join(v)}" for k, v in split.items()))
+    if dns.get("extra_records"):
+        parts.append(f"{dns['extra_records']} extra records")
+    listeners = [w.split(" ", 1)[1] for w in dns.get("listeners", []) if w.startswith("udp+tcp ")]
+    if listeners:
+        parts.append("--dns " + ",".join(listeners))
+    return "dns: " + "; ".join(parts)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = _ipc(args, {"cmd": "status"})
     if args.json:
@@ -207,6 +228,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(login_instructions(st["login_url"]))
     print(f"{addrs:<16} {me.get('name', '?'):<30} home DERP {st.get('home_derp') or '-'}")
+    dns = st.get("dns")
+    if dns:
+        print(_fmt_dns(dns))
     for p in st.get("peers", []):
         print(_fmt_peer(p))
     for line in _fmt_derp(st.get("derp") or {}):

@@ -68,6 +68,7 @@ class NodeConfig:
     socks5: Listen | None = None
     socks5_auth: tuple[str, str] | None = attrs.field(default=None, repr=_redact_password)
     http_proxy: Listen | None = None
+    dns: Listen | None = None  # --dns: MagicDNS on a host port, UDP and TCP
     udp_port: int = 0
     udp_bind: str = ""  # "" = all addresses (v4 and v6)
     advertise_endpoints: tuple[str, ...] = ()  # extra "ip:port" to advertise

@@ -41,6 +41,7 @@ from trionet.clock import wall
 from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.control.netmap import Netmap, legacy_derp_region
 from trionet.control.session import ControlSession
+from trionet.dns.driver import MagicDns
 from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
 from trionet.exc_groups import contains
 from trionet.filter import PacketFilter
@@ -104,6 +105,8 @@ class Node:
         self.rejects = RejectLog(log, "node", self.stats)
         self.netmap: Netmap | None = None
         self.filter = PacketFilter()
+        #: MagicDNS: quad-100 in the netstack, `serve_dns`, and every name `resolve` looks up
+        self.dns = MagicDns()
         self.wg: WgDevice | None = None
         self.stack: NetStack | None = None
         self.magic: MagicConn | None = None
@@ -247,6 +250,7 @@ class Node:
         """Every netmap change reaches WireGuard, paths, the filter and the stack."""
         self.netmap = netmap
         assert self.magic is not None
+        self.dns.update(netmap.self_node, netmap.peers.values(), netmap.dns)
         if getattr(change, "derp_map_changed", True) and netmap.derp_map is not None:
             self.magic.set_derp_map(netmap.derp_map)
         me = netmap.self_node
@@ -321,6 +325,7 @@ class Node:
                               output_done=self._flush_outbound)
         assert self._nursery is not None
         self._nursery.start_soon(self.stack.run)
+        self._nursery.start_soon(self.dns.serve_netstack, self.stack)
         self._stack_ready.set()
 
     def _endpoints_changed(self) -> None:
@@ -418,29 +423,24 @@ class Node:
             sleep.deadline = self.wg.soonest
 
     # ------------------------------------------------------------------ names
-    def resolve(self, host: str) -> str:
-        """A tailnet IP for a MagicDNS name, short name, or IP literal."""
+    async def resolve(self, host: str) -> str:
+        """An IP for `host`: an IP literal; a tailnet name (MagicDNS FQDN, short name, an
+        extra record) from the netmap; any other name from the resolvers MagicDNS
+        forwards it to (`self.dns`: the same answers as 100.100.100.100 gives)."""
         if is_ip(host):
             return host
         if self.netmap is None:
             raise TransportError("not connected yet: no netmap to resolve names from")
-        name = host.lower().rstrip(".")
-        for peer in [*self.netmap.peers.values(), *([self.netmap.self_node] if self.netmap.self_node else [])]:
-            fqdn = (peer.Name or "").lower().rstrip(".")
-            short = fqdn.split(".")[0]
-            hostinfo_name = ((peer.Hostinfo.Hostname if peer.Hostinfo else None) or "").lower()
-            if name in (fqdn, short) or (name == hostinfo_name and not short):
-                for addr in peer.Addresses or ():
-                    ip = ipaddress.ip_interface(addr).ip
-                    if ip.version == 4:
-                        return str(ip)
-                if peer.Addresses:
-                    return str(ipaddress.ip_interface(peer.Addresses[0]).ip)
-        raise ConfigError(f"unknown peer {host!r}: not in this node's netmap")
+        return await self.dns.resolve(host)
 
     def _peer_for(self, host: str) -> Any:
-        ip = ipaddress.ip_address(self.resolve(host))
-        assert self.netmap is not None  # resolve() raised without one
+        """The peer with this tailnet name or address."""
+        if self.netmap is None:
+            raise TransportError("not connected yet: no netmap to resolve names from")
+        ip_text = host if is_ip(host) else self.dns.lookup_tailnet(host)
+        if ip_text is None:
+            raise ConfigError(f"unknown peer {host!r}: not in this node's netmap")
+        ip = ipaddress.ip_address(ip_text)
         for peer in self.netmap.peers.values():
             for addr in peer.Addresses or ():
                 if ipaddress.ip_interface(addr).ip == ip:
@@ -456,7 +456,7 @@ class Node:
     async def open_tcp_stream(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
         """A TCP connection to a tailnet host (MagicDNS name, short name or IP)."""
         stack = await self._ready_stack()
-        ip = self.resolve(host)
+        ip = await self.resolve(host)
         try:
             stream: trio.abc.HalfCloseableStream = await stack.open_tcp_stream(ip, port)
         except TrionetError:
@@ -496,6 +496,15 @@ class Node:
         self._attached.append(forward)
         return forward
 
+    async def serve_dns(self, bind: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """MagicDNS on a host port, UDP and TCP (`up --dns`), so host programs can ask it
+        (`dig @127.0.0.1 -p PORT name`). Returns once listening, with (bind, port) (port 0:
+        any free one); it lives until the node stops."""
+        if self._nursery is None or self.status_machine.status in (Status.SHUTTING_DOWN, Status.STOPPED):
+            raise TransportError("the node is not running")
+        where: tuple[str, int] = await self._nursery.start(self.dns.serve_host, bind, port)
+        return where
+
     async def ping(self, peer: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Disco-ping a peer; one result per ping: latency and the path it took."""
         assert self.magic is not None
@@ -522,6 +531,7 @@ class Node:
             "derp": self.magic.derp_status() if self.magic else None,
             "endpoints": self.magic.endpoints() if self.magic else [],
             "peers": self.peers(),
+            "dns": self.dns.status(),
             "stats": self.statistics(),
         }
 
@@ -573,7 +583,7 @@ class _NamedUdp:
         self.endpoint = endpoint
 
     async def send_to(self, data: bytes, host: str, port: int) -> None:
-        await self.endpoint.send(data, (self.node.resolve(host), port))
+        await self.endpoint.send(data, (await self.node.resolve(host), port))
 
     async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
         data, addr = await self.endpoint.receive()

@@ -31,6 +31,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["up", "--login-server", "https://h", "--authkey", "file:/nonexistent/key"], "cannot read"),
         (["up", "--login-server", "https://h", "--authkey", "k", "--udp-bind", "nope"], "not an IP"),
         (["up", "--login-server", "https://h", "--authkey", "k", "--ca-file", "/nonexistent"], "--ca-file"),
+        (["up", "--login-server", "https://h", "--authkey", "k", "--dns", "x"], "--dns"),
         (["up", "--authkey", "k"], "--login-server"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -199,3 +200,20 @@ def test_status_lists_derp_regions_with_latency_link_and_home() -> None:
     assert lines[2].split() == ["999", "hs", "no", "answer", "link", "none"]
     assert lines[3].split() == ["901", "d3", "31.0", "ms", "(https)", "link", "down"]
     assert cli._fmt_derp({}) == []
+
+
+def test_dns_flag_binds_loopback_unless_told() -> None:
+    parser = cli.build_parser()
+    base = ["up", "--login-server", "https://h", "--authkey", "k"]
+    assert cli.config_from_args(parser.parse_args([*base, "--dns", "5353"])).dns == cli.cfg.Listen("127.0.0.1", 5353)
+    assert cli.config_from_args(parser.parse_args([*base, "--dns", "[::1]:53"])).dns == cli.cfg.Listen("::1", 53)
+    assert cli.config_from_args(parser.parse_args(base)).dns is None
+
+
+def test_status_dns_line_names_magicdns_resolvers_and_the_listener() -> None:
+    line = cli._fmt_dns({"magic_dns": True, "base_domain": "ts.test", "forwarding": {".": ["10.0.0.53"]},
+                         "split_routes": {"corp.example.": ["10.1.1.1"]}, "extra_records": 2,
+                         "listeners": ["quad-100 (100.100.100.100, fd7a:115c:a1e0::53) udp+tcp 53",
+                                       "udp+tcp 127.0.0.1:5353"]})
+    assert line == ("dns: MagicDNS on (ts.test); resolvers 10.0.0.53; split corp.example->10.1.1.1; "
+                    "2 extra records; --dns 127.0.0.1:5353")

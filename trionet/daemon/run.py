@@ -59,7 +59,7 @@ class _Daemon:
             if not isinstance(peer, str) or not isinstance(count, int) or not 0 < count <= 100:
                 raise ConfigError('ping needs {"peer": NAME, "count": 1..100}')
             results = await node.ping(peer, count)
-            return {"peer": peer, "ip": node.resolve(peer), "results": results}
+            return {"peer": peer, "ip": await node.resolve(peer), "results": results}
         if cmd in ("down", "disconnect"):  # "disconnect": the name older CLIs send
             return await self.down()
         raise ConfigError(f"unknown command {cmd!r} (status, peers, ping, down)")
@@ -150,6 +150,8 @@ async def start_proxies(node: Node, config: NodeConfig, nursery: trio.Nursery) -
     for server in proxies:
         await nursery.start(server.serve)
         node.attach_statistics(server)  # `status --json` shows its counters (it logs where it listens)
+    if config.dns:  # its counters and address are in `status --json` under "dns"
+        await node.serve_dns(config.dns.bind, config.dns.port)
 
 
 async def run_daemon(config: NodeConfig, as_json: bool = False) -> int:

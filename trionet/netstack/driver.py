@@ -122,6 +122,17 @@ class NetStack:
     def statistics(self) -> dict[str, int]:
         return self.core.statistics()
 
+    def divert(self, address: IPAddress | str, to: Callable[[bytes], None] | None) -> None:
+        """Packets this stack sends to ``address`` go to ``to`` instead of ``output``
+        (None: to ``output`` again). For addresses served in this process, such as
+        MagicDNS's 100.100.100.100: ``to`` must not call back into this stack (queue
+        the packet and deliver it from another task)."""
+        key = ipaddress.ip_address(address).packed
+        if to is None:
+            self.core.divert.pop(key, None)
+        else:
+            self.core.divert[key] = to
+
     # -------------------------------------------------------------------- TCP
     async def open_tcp_stream(self, ip: IPAddress | str, port: int) -> TcpStream:
         conn = self.core.tcp_connect(ipaddress.ip_address(ip), port, trio.current_time())

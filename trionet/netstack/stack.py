@@ -129,6 +129,9 @@ class StackCore:
         self._v6 = [a.packed for a in self.addresses if a.version == 6]
         self._local = frozenset(self._v4 + self._v6)
         self.output = output
+        #: destinations served inside this process (MagicDNS's 100.100.100.100): their
+        #: packets go to the callable, not to ``output`` (the network); see NetStack.divert
+        self.divert: dict[bytes, Callable[[bytes], None]] = {}
         self.mtu = mtu
         self.accept_inbound = accept_inbound
         self.tcp_config = tcp_config or TcpConfig()
@@ -238,7 +241,8 @@ class StackCore:
         else:
             hdr = wip6.build_header(src, dst, proto, plen)
         self.stats["ip_out"] += 1
-        self.output(b"".join((hdr, payload, extra)) if extra else hdr + payload)
+        out = self.divert.get(dst, self.output) if self.divert else self.output
+        out(b"".join((hdr, payload, extra)) if extra else hdr + payload)
 
     # ------------------------------------------------------------------ input
     def deliver(self, packet: bytes | bytearray | memoryview, now: float) -> None:
@@ -559,7 +563,8 @@ class StackCore:
         stats = self.stats
         if len(lip) == 4:
             # both headers in one pack, both checksums summed from the field values
-            count, self._ident = emit_run(self.output, lip, rip, lport, rport, seq, ack, flags, window,
+            output = self.divert.get(rip, self.output) if self.divert else self.output
+            count, self._ident = emit_run(output, lip, rip, lport, rport, seq, ack, flags, window,
                                           options, data, mss, push_last, pb, self._ident)
             stats["tcp_out"] += count
             stats["ip_out"] += count

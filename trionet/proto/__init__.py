@@ -89,6 +89,8 @@ class Node:
     Cap: int = 0
     Tags: list[str] | None = None
     PrimaryRoutes: list[str] | None = None
+    Capabilities: list[str] | None = None  # MagicDNS reads magicdns-aaaa, dns-subdomain-resolve
+    CapMap: dict[str, Any] | None = None
 
 
 @attrs.define

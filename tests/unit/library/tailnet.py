@@ -109,7 +109,7 @@ class LinkedNode(Node):
         self.http = HttpPeer()
         self.peer_stack: NetStack | None = None
 
-    def resolve(self, host: str) -> str:
+    async def resolve(self, host: str) -> str:
         if host == "peer":
             return str(B4)
         if host[0].isdigit():

@@ -41,7 +41,7 @@ class StackDialer:
         self.node = SimpleNamespace(resolve=self.resolve, _nursery=nursery)  # what _NamedUdp needs
         self.dials = 0
 
-    def resolve(self, host: str) -> str:
+    async def resolve(self, host: str) -> str:
         if host == "peer":
             return str(B4)
         if host[0].isdigit():
@@ -50,7 +50,7 @@ class StackDialer:
 
     async def open_tcp_stream(self, host: str, port: int) -> trio.abc.Stream:
         self.dials += 1
-        return await self.stack.open_tcp_stream(self.resolve(host), port)
+        return await self.stack.open_tcp_stream(await self.resolve(host), port)
 
     async def open_udp(self) -> server.UdpEndpoint:
         return _NamedUdp(self.node, self.stack.udp_bind())  # type: ignore[arg-type]

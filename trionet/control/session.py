@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from trionet.backoff import backoff_delay
+from trionet.control import ping
 from trionet.clock import trio_time_of, wall
 from trionet.errors import AuthError, ConfigError, TrionetError
 from trionet.exc_groups import first_leaf
@@ -94,6 +95,7 @@ class ControlSession:
         self._renewed_against: float | None = None  # the expiry our last renewal tried to push back
         self._hold_until_expiry: float | None = None  # renewal refused or not honoured for this expiry
         self._last_renewal = float("-inf")
+        self.pings = ping.PingAnswerer()  # outlives sessions: a repeated URL after a reconnect is a repeat
 
     def __repr__(self) -> str:  # the config and state it holds carry secrets: name neither
         return f"<ControlSession {self.config.login_server} {self.status.status.value}>"
@@ -147,6 +149,7 @@ class ControlSession:
                 self.status.move(Status.REGISTERING, "registering")
             await self._register(conn)
             async with trio.open_nursery() as nursery:
+                conn.on_ping_request = lambda request: self._on_ping_request(request, conn, nursery)
                 nursery.start_soon(self._report_loop, conn)
                 nursery.start_soon(self._renewal_timer, nursery.cancel_scope)
                 async for netmap, change in conn.map_updates(self.magic):
@@ -161,6 +164,13 @@ class ControlSession:
             if self._renewing:
                 return
             raise control.StreamEnded("the map stream ended")
+
+    def _on_ping_request(self, request: Any, conn: Any, nursery: trio.Nursery) -> None:
+        """Headscale 0.29's health probe: answered as tailscaled does, in the background."""
+        how = self.pings.decide(request)
+        if how is not None:
+            ca = str(self.config.ca_file) if self.config.ca_file else None
+            nursery.start_soon(ping.answer, self.pings, how, request["URL"], ca, conn)
 
     # ------------------------------------------------------------ key renewal
     async def _register(self, conn: Any) -> None:

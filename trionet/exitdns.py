@@ -99,7 +99,7 @@ async def _read_body(stream: Any, headers: dict[str, str], first: bytes, peer: s
             while b"\r\n" not in body:
                 if not await more():
                     raise RemoteProtocolError(f"{peer} closed the connection inside a chunked body")
-            size_line, _, rest = bytes(body).partition(b"\r\n")
+            size_line = bytes(body).partition(b"\r\n")[0]
             try:
                 size = int(size_line.split(b";")[0].strip() or b"x", 16)
             except ValueError:
@@ -216,7 +216,7 @@ class ExitDnsResolver:
             self._cache.popitem(last=False)
 
     def make_query(self, name: str, rdtype: int) -> dns.message.QueryMessage:
-        query = dns.message.make_query(name, rdtype)
+        query = dns.message.make_query(name, dns.rdatatype.RdataType(rdtype))
         query.id = self._rng.randrange(65536)
         query.flags |= dns.flags.RD
         return query

@@ -112,7 +112,7 @@ async def test_doh_query_times_out_with_a_transport_error(nursery: trio.Nursery)
             self.keep = _server
             return client
 
-    with pytest.raises(TransportError, match="did not answer within 0.5 s"):
+    with pytest.raises(TransportError, match=r"did not answer within 0\.5 s"):
         await doh_query(Silent(), URL, b"q", timeout=0.5)
 
 

@@ -35,8 +35,8 @@ from typing import Any
 import trio
 
 from trionet.backoff import backoff_delay
-from trionet.control import ping
 from trionet.clock import trio_time_of, wall
+from trionet.control import ping
 from trionet.errors import AuthError, ConfigError, TrionetError
 from trionet.exc_groups import first_leaf
 from trionet.status import Status, StatusMachine

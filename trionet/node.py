@@ -197,7 +197,6 @@ class Node:
                 nursery.start_soon(self._wg_timer)
                 with trio.fail_after(self.config.start_timeout):
                     await self._wait_running(self.control)
-                self._check_exit_node_at_start()
                 task_status.started()
                 await trio.sleep_forever()
         except BaseException as exc:
@@ -266,6 +265,9 @@ class Node:
                     del self._key_by_peer_id[peer_id]
         self._wg_timers_moved()  # new peers may have timers (a persistent keepalive)
         if me is not None and not self._running.is_set():
+            # An unusable --exit-node ends the start here, before anything says Running: the
+            # control session gives up on a ConfigError and the start raises it.
+            self._check_exit_node_at_start()
             self._running.set()
 
     def _apply_peer(self, peer: Any, netmap: Any, seen: set[bytes]) -> None:

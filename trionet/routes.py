@@ -331,17 +331,19 @@ class RouteTable:
         if peer_id is not None:
             return Route(RouteKind.PEER, peer_id, "address")
         exit_id = self.exit_node_id
+        hit = self._lpm.lookup(ip)
+        to_exit_node = hit is not None and hit[0] == exit_id and hit[1] == 0
+        if hit is not None and not to_exit_node:
+            return Route(RouteKind.PEER, hit[0], "subnet")
+        # The LAN exception takes only what would go to the exit node's default route
+        # (tailscaled's LocalRoutes); a subnet route inside the LAN still wins.
         if exit_id is not None and self.prefs.exit_node_allow_lan_access and self.is_lan(ip):
             return Route(RouteKind.HOST, via="lan")
-        hit = self._lpm.lookup(ip)
         if hit is not None:
-            peer_id, plen = hit
-            if peer_id == exit_id and plen == 0:
-                problem = self.exit_node_problem()
-                if problem is not None:
-                    raise NoRouteError(f"cannot reach {ip}: {problem}")
-                return Route(RouteKind.PEER, peer_id, "exit node")
-            return Route(RouteKind.PEER, peer_id, "subnet")
+            problem = self.exit_node_problem()
+            if problem is not None:
+                raise NoRouteError(f"cannot reach {ip}: {problem}")
+            return Route(RouteKind.PEER, hit[0], "exit node")
         raise NoRouteError(self._why_no_route(ip))
 
     def _why_no_route(self, ip: IPAddr) -> str:

@@ -151,7 +151,9 @@ def test_up_with_an_unknown_exit_node_fails_in_one_line(exit_lab: ExitLab, tmp_p
         capture_output=True, text=True, timeout=90, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == "trionet: invalid value 'no-such-node' for --exit-node; must be IP or peer hostname", lines
+    error = "invalid value 'no-such-node' for --exit-node; must be IP or peer hostname"
+    assert lines[-1] == f"trionet: {error}", lines  # told once, last; the lines before are progress
+    assert proc.stderr.count(error) == 1 and "Running" not in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -220,7 +222,7 @@ async def test_library_exit_node_follows_it_offline_and_back(exit_lab: ExitLab, 
 
 
 def test_advertise_tags(exit_lab: ExitLab, tmp_path: Path) -> None:
-    """0.23 tags the node from Hostinfo.RequestTags when tagOwners allow its user; 0.27+ takes tags
+    """0.23 tags the node from Hostinfo.RequestTags when tagOwners allow its user; 0.28+ takes tags
     from a pre-auth key itself and refuses requested ones at registration (state.go)."""
     stack = exit_lab.stack
     daemon = _daemon(stack, tmp_path / "state", "py-tagged", "--advertise-tags", TAG)

@@ -99,9 +99,9 @@ def test_start_fails_clearly_for_an_unusable_exit_node(tmp_path: Path) -> None:
     for selector, message in (("n2", "not advertising an exit node"), ("n9", "must be IP or peer hostname"),
                               ("n4", "offline")):
         node = make_node(tmp_path, exit_node=selector)
-        feed(node, Netmap(), {"Node": SELF, "Peers": [peer(2), peer(4, *EXIT, Online=False)]})
-        with pytest.raises(ExitNodeChoiceError, match=message):
-            node._check_exit_node_at_start()
+        with pytest.raises(ExitNodeChoiceError, match=message):  # before the node counts as running
+            feed(node, Netmap(), {"Node": SELF, "Peers": [peer(2), peer(4, *EXIT, Online=False)]})
+        assert not node._running.is_set()
 
 
 def test_exit_node_going_offline_shows_in_status_and_fails_dials_fast(tmp_path: Path) -> None:

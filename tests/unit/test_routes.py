@@ -117,6 +117,11 @@ def test_lan_access_dials_lan_destinations_from_the_host_only_when_allowed() -> 
                          lan_prefixes=lan, own=OWN)
     assert allowed.route(ip("192.168.1.20")).kind is RouteKind.HOST
     assert allowed.route(ip("198.51.100.7")).kind is RouteKind.PEER
+    subnet_in_lan = RouteTable(peers(node(2, "192.168.1.128/25"), node(3, *EXIT)),
+                               RoutePrefs(exit_node="n3", exit_node_allow_lan_access=True, accept_routes=True),
+                               exit_node_id=3, lan_prefixes=lan, own=OWN)
+    assert subnet_in_lan.route(ip("192.168.1.200")).peer_id == 2  # a subnet route still wins
+    assert subnet_in_lan.route(ip("192.168.1.20")).kind is RouteKind.HOST
     no_exit = RouteTable(ps, RoutePrefs(exit_node_allow_lan_access=True), lan_prefixes=lan, own=OWN)
     with pytest.raises(NoRouteError):  # the flag means nothing without an exit node (as in tailscaled)
         no_exit.route(ip("192.168.1.20"))

@@ -306,8 +306,8 @@ class ControlConnection:
         log.debug("register: authorized %s, node key expired %s", resp.MachineAuthorized, resp.NodeKeyExpired)
         if resp.Error:
             error = _scrub(resp.Error, self.config.auth_key)
-            if "requested tags" in error:  # Headscale >= 0.27 (state.go, createAndSaveNewNode)
-                raise ConfigError(f"the login server refused --advertise-tags: {error}. Headscale 0.27 and "
+            if "requested tags" in error:  # Headscale >= 0.28 (state.go: a pre-auth key brings its own tags)
+                raise ConfigError(f"the login server refused --advertise-tags: {error}. Headscale 0.28 and "
                                   "later take a pre-auth key's tags only from the key itself "
                                   "(preauthkeys create --tags); requested tags need an interactive login, "
                                   "and tagOwners in the policy that allow this user")

@@ -244,8 +244,9 @@ class Node:
             self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
         if getattr(change, "filter_changed", True):
             self.filter.update(rules=netmap.packet_filter or [])
-        unreadable = self._read_peer_routes(netmap)
-        self._rebuild_routes()
+        unreadable, routes_changed = self._read_peer_routes(netmap)
+        if routes_changed or getattr(change, "self_changed", True):
+            self._rebuild_routes()  # (an endpoint or DERP change moves no route: most map messages)
         seen: set[bytes] = set()
         for peer in netmap.peers.values():
             if peer.ID in unreadable:
@@ -298,25 +299,34 @@ class Node:
         self.magic.upsert_peer(key, disco, netmap.home_derp_of(peer), endpoints)
 
     # --------------------------------------------------------------- routing
-    def _read_peer_routes(self, netmap: Any) -> set[int]:
-        """Each peer's prefixes, read again only when the peer changed; the IDs of peers
-        whose AllowedIPs cannot be read (counted and skipped, like any malformed peer)."""
+    def _read_peer_routes(self, netmap: Any) -> tuple[set[int], bool]:
+        """Each peer's prefixes, read again only when the peer changed. Returns the IDs of
+        peers whose AllowedIPs cannot be read (counted and skipped, like any malformed
+        peer) and whether anything routing depends on changed."""
         cache = self._peer_routes
         fresh: dict[int, tuple[Any, PeerRoutes]] = {}
         unreadable: set[int] = set()
+        changed = len(cache) != len(netmap.peers)
         for peer in netmap.peers.values():
             known = cache.get(peer.ID)
             if known is not None and known[0] is peer:
                 fresh[peer.ID] = known
                 continue
             try:
-                fresh[peer.ID] = (peer, PeerRoutes.from_node(peer, home_derp=netmap.home_derp_of(peer)))
+                routes = PeerRoutes.from_node(peer, home_derp=netmap.home_derp_of(peer))
             except (ValueError, TypeError) as exc:
                 self.stats["netmap.bad_peer"] += 1
                 log.debug("netmap: skipping peer %s: %s", getattr(peer, "ID", "?"), exc)
                 unreadable.add(peer.ID)
+                changed = True
+                continue
+            if known is not None and known[1] == routes:
+                routes = known[1]  # the same routing (a new endpoint, say)
+            else:
+                changed = True
+            fresh[peer.ID] = (peer, routes)
         self._peer_routes = fresh
-        return unreadable
+        return unreadable, changed
 
     def _own_nets(self) -> list[Any]:
         me = self.netmap.self_node if self.netmap is not None else None

@@ -119,16 +119,22 @@ class PeerRoutes:
     @classmethod
     def from_node(cls, node: Any, *, home_derp: int = 0) -> PeerRoutes:
         """From a `trionet.proto.Node`; ValueError/TypeError for a malformed one."""
-        addresses = tuple(ipaddress.ip_network(a, strict=False) for a in node.Addresses or ())
+        # Parsing is most of a big netmap's cost here: the AllowedIPs that repeat an
+        # address (nearly all of them) reuse its parse.
+        by_text = {text: ipaddress.ip_network(text, strict=False) for text in node.Addresses or ()}
+        addresses = tuple(by_text.values())
         allowed_text = node.AllowedIPs if node.AllowedIPs is not None else node.Addresses
         selfs: list[IPNet] = []
         routes: list[IPNet] = []
         for text in allowed_text or ():
+            known = by_text.get(text)
+            if known is not None:
+                selfs.append(known)
+                continue
             net = ipaddress.ip_network(text, strict=False)  # not a prefix at all: a malformed peer
             if net.network_address != ipaddress.ip_interface(text).ip:
                 continue  # host bits set: tailscaled logs and skips that prefix
-            single = net.num_addresses == 1
-            if (single and is_tailscale_ip(net.network_address)) or net in addresses:
+            if (net.num_addresses == 1 and is_tailscale_ip(net.network_address)) or net in addresses:
                 selfs.append(net)
             else:
                 routes.append(net)

@@ -139,3 +139,14 @@ async def test_daemon_set_checks_its_request(tmp_path: Path) -> None:
         await daemon.handle({"cmd": "set", "accept_routes": "yes"})
     answer = await daemon.handle({"cmd": "set", "exit_node": "n3"})
     assert isinstance(answer, dict) and answer["exit_node"]["id"] == 3
+
+
+def test_an_endpoint_change_keeps_the_route_table_an_online_change_rebuilds_it(tmp_path: Path) -> None:
+    node = make_node(tmp_path, exit_node="n3")
+    netmap = Netmap()
+    feed(node, netmap, {"Node": SELF, "Peers": [peer(2), peer(3, *EXIT)]})
+    table = node.routes
+    feed(node, netmap, {"PeersChangedPatch": [{"NodeID": 3, "Endpoints": ["10.0.0.9:41641"]}]})
+    assert node.routes is table  # most map messages move endpoints: no routing work for them
+    feed(node, netmap, {"OnlineChange": {3: False}})
+    assert node.routes is not table and node.routes.exit_node_problem() == "exit node n3 is offline"

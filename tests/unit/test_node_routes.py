@@ -13,10 +13,11 @@ import trio
 from trionet import keys, proto
 from trionet.control.netmap import Netmap
 from trionet.daemon.run import _Daemon
-from trionet.errors import ConfigError
+from trionet.errors import ConfigError, TransportError
 from trionet.magicsock.conn import MagicConn
 from trionet.node import Node
-from trionet.routes import ExitNodeChoiceError, NoRouteError
+from trionet.routes import ExitNodeChoiceError, NoRouteError, RoutePrefs
+from trionet.threaded import ThreadedNode
 from trionet.wg import WgDevice
 
 net = ipaddress.ip_network
@@ -150,3 +151,10 @@ def test_an_endpoint_change_keeps_the_route_table_an_online_change_rebuilds_it(t
     assert node.routes is table  # most map messages move endpoints: no routing work for them
     feed(node, netmap, {"OnlineChange": {3: False}})
     assert node.routes is not table and node.routes.exit_node_problem() == "exit node n3 is offline"
+
+
+def test_threaded_node_takes_the_routing_arguments(tmp_path: Path) -> None:
+    threaded = ThreadedNode(login_server="https://hs.test", state_dir=tmp_path, exit_node="ts1", accept_routes=True)
+    assert threaded._node.route_prefs == RoutePrefs(exit_node="ts1", accept_routes=True)
+    with pytest.raises(TransportError, match="not connected yet"):
+        threaded.set_exit_node("ts1")  # not started: no netmap to find it in

@@ -91,6 +91,35 @@ class FileServer:
             self.proc.wait(5)
 
 
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, addr = s.recvfrom(65535)
+    s.sendto(b"echo:" + data, addr)
+"""
+
+
+class UdpEcho:
+    """A UDP echo ("echo:" + datagram) on `host`'s address."""
+
+    def __init__(self, host: Host, port: int = 9999) -> None:
+        self.host = host
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> UdpEcho:
+        self.proc = subprocess.Popen([*self.host.exec_prefix(), sys.executable, "-c", UDP_ECHO, self.host.ip,
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
 DNS_SERVER = r'''
 import json, socket, struct, sys, threading
 import dns.message, dns.rcode, dns.rdatatype, dns.rrset

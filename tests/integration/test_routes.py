@@ -25,6 +25,7 @@ from tests.integration.routed_hosts import (
     WEB_PORT,
     DnsServer,
     FileServer,
+    UdpEcho,
     add_routed_host,
     approve_routes,
     free_port,
@@ -67,6 +68,7 @@ def exit_lab(request: pytest.FixtureRequest) -> Iterator[ExitLab]:
         inet = add_routed_host(stack, "inet", PUBLIC_IP, [ts1], f"{PUBLIC_IP}/32")
         web = FileServer(stack, inet).start()
         servers.append(web)
+        servers.append(UdpEcho(inet).start())
         dns = DnsServer(stack, ts1, {OUTSIDE_NAME: PUBLIC_IP}).start()
         servers.append(dns)
         ts1.cli("set", "--advertise-exit-node")
@@ -180,6 +182,17 @@ async def test_library_exit_node_follows_it_offline_and_back(exit_lab: ExitLab, 
         assert await _get_sha(node, OUTSIDE_NAME) == web.blob_sha256
         assert await _get_sha(node, PUBLIC_IP) == web.blob_sha256
         assert node.statistics()["exit_dns"]["queries"] >= 1
+        # UDP out through the exit node; the reply from an internet address passes WireGuard's
+        # source check (ts1 owns /0) and the packet filter (our outbound flow)
+        udp = await node.open_udp()
+        with trio.fail_after(20):
+            while True:  # the echo server may still be starting
+                await udp.send_to(b"ping", PUBLIC_IP, 9999)
+                with trio.move_on_after(1):
+                    data, src = await udp.receive_from()
+                    break
+        assert (data, src) == (b"echo:ping", (PUBLIC_IP, 9999))
+        udp.close()
 
         await trio.to_thread.run_sync(stack.stop_tailscaled, ts1)
         try:

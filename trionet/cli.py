@@ -1,4 +1,4 @@
-"""`python -m trionet up | status | peers | ping | down`.
+"""`python -m trionet up | status | peers | ping | set | down`.
 
 Words follow the `tailscale` CLI. Every mistake a user can make ends in one
 line on stderr and a non-zero exit, never a traceback.
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give up when not connected within this time (default: 60); "
                     "waiting for a login approval does not count")
     up.add_argument("--json", action="store_true", help="print status changes as JSON lines")
+    _routing_args(up)
+    up.add_argument("--advertise-tags", metavar="TAG,TAG", default="",
+                    help="ACL tags to request for this node (tag:a,tag:b); the policy's tagOwners decide")
 
     for name, helptext in (("status", "show this node and its peers"), ("peers", "list peers")):
         p = sub.add_parser(name, help=helptext, parents=[common])
@@ -101,7 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
     ping.add_argument("--json", action="store_true")
     down = sub.add_parser("down", help="stop the running daemon", parents=[common])
     state_arg(down)
+    set_ = sub.add_parser("set", help="change routing of the running daemon (exit node, routes)",
+                          parents=[common])
+    state_arg(set_)
+    _routing_args(set_, for_set=True)
+    set_.add_argument("--json", action="store_true", help="print the new routing as JSON")
     return parser
+
+
+def _flag_bool(text: str) -> bool:
+    """Go flag syntax, as tailscale takes it: --accept-routes, --accept-routes=false."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _routing_args(p: argparse.ArgumentParser, for_set: bool = False) -> None:
+    """--exit-node, --exit-node-allow-lan-access, --accept-routes: on `up` and on `set`."""
+    p.add_argument("--exit-node", metavar="NAME|IP", default=None,
+                   help="send traffic outside the tailnet through this peer (a name or tailnet IP; "
+                        + ('"" stops using one)' if for_set else "it must offer exit routes)"))
+    p.add_argument("--exit-node-allow-lan-access", type=_flag_bool, nargs="?", const=True, default=None,
+                   metavar="BOOL", help="with an exit node, dial this host's LAN directly, not through it")
+    p.add_argument("--accept-routes", type=_flag_bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="use the subnet routes other nodes advertise (and Headscale approved)")
 
 
 def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
@@ -132,7 +161,10 @@ def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
         socks5_auth=socks_auth,
         http_proxy=cfg.parse_listen(args.http_proxy, "--http-proxy") if args.http_proxy else None,
         dns=cfg.parse_listen(args.dns, "--dns") if args.dns else None,
-        udp_port=args.udp_port, udp_bind=args.udp_bind, start_timeout=args.timeout, **kwargs)
+        udp_port=args.udp_port, udp_bind=args.udp_bind, start_timeout=args.timeout,
+        exit_node=(args.exit_node or "").strip(),
+        exit_node_allow_lan_access=bool(args.exit_node_allow_lan_access),
+        accept_routes=bool(args.accept_routes), advertise_tags=cfg.parse_tags(args.advertise_tags), **kwargs)
 
 
 def _setup_logging(verbose: int, level_name: str | None = None) -> None:
@@ -194,7 +226,14 @@ def _fmt_peer(p: dict[str, Any]) -> str:
     addrs = ",".join(a.split("/")[0] for a in p.get("addresses", [])[:1])
     path = p.get("path") or "-"
     online = "online" if p.get("online") else "offline"
-    return f"{addrs:<16} {p.get('name', '?'):<30} {online:<8} {path}"
+    extra = ""
+    if p.get("exit_node"):
+        extra = "; exit node"
+    elif p.get("exit_node_option"):
+        extra = "; offers exit node"
+    if p.get("routes"):
+        extra += "; routes " + ",".join(p["routes"])
+    return f"{addrs:<16} {p.get('name', '?'):<30} {online:<8} {path}{extra}"
 
 
 def _fmt_dns(dns: dict[str, Any]) -> str:
@@ -231,6 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     dns = st.get("dns")
     if dns:
         print(_fmt_dns(dns))
+    for line in _routing_lines(st):
+        print(line)
     for p in st.get("peers", []):
         print(_fmt_peer(p))
     for line in _fmt_derp(st.get("derp") or {}):
@@ -251,6 +292,26 @@ def _fmt_derp(derp: dict[str, Any]) -> list[str]:
             measured += " (https)"
         home = "  home" if r.get("home") else ""
         lines.append(f"  {r.get('id'):>5} {r.get('code') or '-':<8} {measured:<18} link {r.get('link')}{home}")
+    return lines
+
+
+def _routing_lines(st: dict[str, Any]) -> list[str]:
+    """The exit node in use and the accepted routes, as `status` shows them."""
+    lines = []
+    exit_node = st.get("exit_node")
+    if exit_node:
+        name = exit_node.get("name") or exit_node.get("selected")
+        addrs = ",".join(exit_node.get("addresses", [])[:1])
+        state = "in use" if exit_node.get("usable") else f"NOT USABLE: {exit_node.get('problem')}"
+        extras = [f"DNS {exit_node['dns']}" if exit_node.get("dns") else "no DNS"]
+        if exit_node.get("allow_lan_access"):
+            extras.append("LAN access allowed")
+        lines.append(f"exit node: {name} ({addrs}) {state}; {', '.join(extras)}")
+    routes = st.get("routes") or []
+    if routes:
+        lines.append("accepted routes: " + ", ".join(f"{r['prefix']} via {r['peer']}" for r in routes))
+    elif st.get("accept_routes"):
+        lines.append("accepted routes: none offered")
     return lines
 
 
@@ -277,6 +338,26 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0 if any(r.get("latency_ms") is not None for r in st["results"]) else 1
 
 
+def cmd_set(args: argparse.Namespace) -> int:
+    """`tailscale set` for routing: only the flags given change."""
+    req: dict[str, Any] = {"cmd": "set"}
+    if args.exit_node is not None:
+        req["exit_node"] = args.exit_node.strip()
+    if args.exit_node_allow_lan_access is not None:
+        req["exit_node_allow_lan_access"] = args.exit_node_allow_lan_access
+    if args.accept_routes is not None:
+        req["accept_routes"] = args.accept_routes
+    if len(req) == 1:
+        raise ConfigError("set: nothing to change (--exit-node, --exit-node-allow-lan-access, --accept-routes)")
+    st = _ipc(args, req)
+    if args.json:
+        print(json.dumps({k: v for k, v in st.items() if k != "ok"}, indent=2, sort_keys=True))
+    else:
+        for line in _routing_lines(st) or ["no exit node, no accepted routes"]:
+            print(line)
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     """The daemon answers once its node has stopped; then it exits and removes its socket."""
     answer = _ipc(args, {"cmd": "down"})
@@ -294,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.log_level)
-    handlers = {"up": cmd_up, "status": cmd_status, "peers": cmd_peers, "ping": cmd_ping, "down": cmd_down}
+    handlers = {"up": cmd_up, "status": cmd_status, "peers": cmd_peers, "ping": cmd_ping, "down": cmd_down,
+                "set": cmd_set}
     try:
         return handlers[args.command](args)
     except (TrionetError, BaseExceptionGroup) as exc:

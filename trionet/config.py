@@ -73,6 +73,12 @@ class NodeConfig:
     udp_bind: str = ""  # "" = all addresses (v4 and v6)
     advertise_endpoints: tuple[str, ...] = ()  # extra "ip:port" to advertise
     start_timeout: float = 60.0  # `up` gives up when not Running by then (tailscale up --timeout)
+    exit_node: str = ""  # --exit-node: a peer's tailnet IP, name or StableID; "" = none
+    exit_node_allow_lan_access: bool = False  # --exit-node-allow-lan-access
+    accept_routes: bool = False  # --accept-routes: use peers' approved subnet routes
+    advertise_tags: tuple[str, ...] = ()  # --advertise-tags: Hostinfo.RequestTags
+    # The host's LAN prefixes for --exit-node-allow-lan-access; None = read the host's interfaces
+    lan_prefixes: tuple[str, ...] | None = None
 
     @property
     def ipc_socket(self) -> Path:
@@ -154,3 +160,21 @@ def is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def parse_tags(text: str) -> tuple[str, ...]:
+    """--advertise-tags tag:a,tag:b, checked as tailscaled's CheckTag does (tailcfg.go):
+    "tag:" then a letter, then letters, digits and dashes."""
+    tags: list[str] = []
+    for raw in text.split(","):
+        tag = raw.strip()
+        if not tag:
+            continue
+        name = tag[4:] if tag.startswith("tag:") else ""
+        if not name or not name[0].isascii() or not name[0].isalpha() or not all(
+                c.isascii() and (c.isalnum() or c == "-") for c in name):
+            raise ConfigError(f"--advertise-tags: {tag!r} is not a tag (tag:NAME, NAME of letters, "
+                              "digits and dashes, starting with a letter)")
+        if tag not in tags:
+            tags.append(tag)
+    return tuple(tags)

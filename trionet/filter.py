@@ -8,7 +8,11 @@ Semantics follow tailscale wgengine/filter (filter.go runIn4/runIn6, match.go):
 * TCP without SYN passes (continuations of connections we opened); a SYN
   must match a rule;
 * UDP passes if we recently sent the reverse flow, else must match;
-* TSMP (protocol 99) passes; other protocols need an all-ports rule.
+* TSMP (protocol 99) passes; other protocols need an all-ports rule;
+* a rule that carries only capability grants (``CapGrant``, no ``DstPorts``:
+  what Headscale 0.29 makes of an ``app`` grant) is not a packet rule at all
+  (tailscaled turns it into a match without destinations, which its
+  matchesFamily drops; filter.go New/matchesFamily).
 
 Outbound traffic is not filtered; it only feeds the UDP flow cache.
 """
@@ -98,6 +102,8 @@ def compile_rules(rules: Iterable[Any]) -> list[Match]:
     out = []
     for rule in rules or ():
         try:
+            if _get(rule, "CapGrant") and not _get(rule, "DstPorts"):
+                continue  # capabilities for WhoIs, not packets
             protos = frozenset(_list(_get(rule, "IPProto"))) or DEFAULT_PROTOS
             srcs = tuple(n for s in _list(_get(rule, "SrcIPs")) for n in parse_ip_set(s))
             dsts = []

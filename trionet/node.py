@@ -28,11 +28,13 @@ import math
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 import trio
 
 from trionet import keys as keymod
@@ -41,14 +43,25 @@ from trionet.clock import wall
 from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.control.netmap import Netmap, legacy_derp_region
 from trionet.control.session import ControlSession
-from trionet.dns.driver import MagicDns
+from trionet.dns.driver import MagicDns, default_via_tailnet
 from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
 from trionet.exc_groups import contains
+from trionet.exitdns import doh_query
 from trionet.filter import PacketFilter
 from trionet.magicsock.conn import MagicConn, PathTag
 from trionet.netaddr import split_host_port
 from trionet.netstack import NetStack
 from trionet.rejects import RejectLog
+from trionet.routes import (
+    ExitNodeChoiceError,
+    NoRouteError,
+    PeerRoutes,
+    RouteKind,
+    RoutePrefs,
+    RouteTable,
+    choose_exit_node,
+    lan_prefixes_from_proc,
+)
 from trionet.status import Status, StatusChange, StatusMachine
 from trionet.wg import WgDevice
 
@@ -89,6 +102,9 @@ class Node:
         config: NodeConfig | None = None,
         udp_port: int = 0,
         udp_bind: str = "",
+        exit_node: str | None = None,
+        exit_node_allow_lan_access: bool | None = None,
+        accept_routes: bool | None = None,
     ) -> None:
         if config is None:
             if login_server is None or state_dir is None:
@@ -99,14 +115,28 @@ class Node:
             config = NodeConfig(login_server=check_login_server(login_server), state_dir=Path(state_dir),
                                 auth_key=auth_key, ca_file=Path(ca_file) if ca_file else None,
                                 udp_port=udp_port, udp_bind=udp_bind, **kwargs)
+        routing: dict[str, Any] = {k: v for k, v in (("exit_node", exit_node), ("accept_routes", accept_routes),
+                                     ("exit_node_allow_lan_access", exit_node_allow_lan_access)) if v is not None}
+        if routing:  # keyword arguments win over the config's
+            config = attrs.evolve(config, **routing)
         self.config = config
+        # Routing (trionet.routes): the user's choices, each peer's prefixes, the table built from both.
+        self.route_prefs = RoutePrefs(exit_node=(config.exit_node or "").strip(),
+                                      exit_node_allow_lan_access=config.exit_node_allow_lan_access,
+                                      accept_routes=config.accept_routes)
+        self.routes = RouteTable((), self.route_prefs)
+        self._exit_node_id: int | None = None  # the exit node, pinned by node ID once found
+        self._peer_routes: dict[int, tuple[Any, PeerRoutes]] = {}  # by ID: (the netmap peer it was read from, it)
+        self._lan_prefixes: list[Any] | None = None
+        self._exit_node_warned: str | None = None
+        self._exit_doh_url: str | None = None  # the exit node DNS MagicDNS forwards to, if any
         self.status_machine = StatusMachine(clock=wall)
         self.stats: Counter[str] = Counter()
         self.rejects = RejectLog(log, "node", self.stats)
         self.netmap: Netmap | None = None
         self.filter = PacketFilter()
         #: MagicDNS: quad-100 in the netstack, `serve_dns`, and every name `resolve` looks up
-        self.dns = MagicDns()
+        self.dns = MagicDns(via_tailnet=self._dns_via_tailnet)
         self.wg: WgDevice | None = None
         self.stack: NetStack | None = None
         self.magic: MagicConn | None = None
@@ -260,8 +290,13 @@ class Node:
             self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
         if getattr(change, "filter_changed", True):
             self.filter.update(rules=netmap.packet_filter or [])
+        unreadable, routes_changed = self._read_peer_routes(netmap)
+        if routes_changed or getattr(change, "self_changed", True):
+            self._rebuild_routes()  # (an endpoint or DERP change moves no route: most map messages)
         seen: set[bytes] = set()
         for peer in netmap.peers.values():
+            if peer.ID in unreadable:
+                continue
             try:
                 self._apply_peer(peer, netmap, seen)
             except (ValueError, TypeError) as exc:  # one malformed peer must not cost us the rest
@@ -277,14 +312,16 @@ class Node:
                     del self._key_by_peer_id[peer_id]
         self._wg_timers_moved()  # new peers may have timers (a persistent keepalive)
         if me is not None and not self._running.is_set():
+            # An unusable --exit-node ends the start here, before anything says Running: the
+            # control session gives up on a ConfigError and the start raises it.
+            self._check_exit_node_at_start()
             self._running.set()
 
     def _apply_peer(self, peer: Any, netmap: Any, seen: set[bytes]) -> None:
         """One peer into WireGuard and magicsock; everything parsed before anything changes."""
         assert self.magic is not None
         key = keymod.parse_public(peer.Key, "nodekey:")
-        allowed = peer.AllowedIPs if peer.AllowedIPs is not None else peer.Addresses
-        nets = [_ip_net(a) for a in allowed or ()]
+        nets = self.routes.allowed.get(peer.ID, [])  # what this peer carries under our routing prefs
         disco = keymod.parse_public(peer.DiscoKey, "discokey:") if peer.DiscoKey else None
         endpoints = [e for e in map(_split_endpoint, peer.Endpoints or ()) if e]
         if key == self.magic.node_public:
@@ -306,6 +343,149 @@ class Node:
             # sessions; waiting for our no-reply timer would stall for 15 s.
             self.wg.reset_sessions(key)
         self.magic.upsert_peer(key, disco, netmap.home_derp_of(peer), endpoints)
+
+    # --------------------------------------------------------------- routing
+    def _read_peer_routes(self, netmap: Any) -> tuple[set[int], bool]:
+        """Each peer's prefixes, read again only when the peer changed. Returns the IDs of
+        peers whose AllowedIPs cannot be read (counted and skipped, like any malformed
+        peer) and whether anything routing depends on changed."""
+        cache = self._peer_routes
+        fresh: dict[int, tuple[Any, PeerRoutes]] = {}
+        unreadable: set[int] = set()
+        changed = len(cache) != len(netmap.peers)
+        for peer in netmap.peers.values():
+            known = cache.get(peer.ID)
+            if known is not None and known[0] is peer:
+                fresh[peer.ID] = known
+                continue
+            try:
+                routes = PeerRoutes.from_node(peer, home_derp=netmap.home_derp_of(peer))
+            except (ValueError, TypeError) as exc:
+                self.stats["netmap.bad_peer"] += 1
+                log.debug("netmap: skipping peer %s: %s", getattr(peer, "ID", "?"), exc)
+                unreadable.add(peer.ID)
+                changed = True
+                continue
+            if known is not None and known[1] == routes:
+                routes = known[1]  # the same routing (a new endpoint, say)
+            else:
+                changed = True
+            fresh[peer.ID] = (peer, routes)
+        self._peer_routes = fresh
+        return unreadable, changed
+
+    def _own_nets(self) -> list[Any]:
+        me = self.netmap.self_node if self.netmap is not None else None
+        return [_ip_net(a) for a in me.Addresses or ()] if me is not None else []
+
+    def _lan(self) -> list[Any]:
+        """The host's LAN prefixes (--exit-node-allow-lan-access): the config's, else the
+        host's interfaces (Linux /proc), read once and again at each `set`."""
+        if self._lan_prefixes is None:
+            if self.config.lan_prefixes is not None:
+                self._lan_prefixes = [_ip_net(p) for p in self.config.lan_prefixes]
+            else:
+                self._lan_prefixes = _read_host_lan()
+        return self._lan_prefixes
+
+    def _rebuild_routes(self) -> None:
+        """The route table from the current peers and prefs; WireGuard follows in the caller."""
+        peers = [pr for _, pr in self._peer_routes.values()]
+        prefs = self.route_prefs
+        own = self._own_nets()
+        if prefs.exit_node and self._exit_node_id is None:
+            try:  # pinned by ID once found, as tailscaled turns ExitNodeIP into ExitNodeID
+                self._exit_node_id = choose_exit_node(prefs.exit_node, peers, own).id
+            except ExitNodeChoiceError:
+                pass  # not (yet) usable: the start check or `status` says why
+        lan = self._lan() if prefs.exit_node and prefs.exit_node_allow_lan_access else []
+        self.routes = RouteTable(peers, prefs, exit_node_id=self._exit_node_id if prefs.exit_node else None,
+                                 lan_prefixes=lan, own=own)
+        problem = self.routes.exit_node_problem() if self._exit_node_id is not None else None
+        if problem != self._exit_node_warned:
+            if problem is not None:
+                log.warning("%s: traffic to addresses outside the tailnet fails until it is back", problem)
+            elif self._exit_node_warned is not None:
+                log.info("exit node %s is usable again", prefs.exit_node)
+            self._exit_node_warned = problem
+        self._follow_exit_node_dns()
+
+    def _dns_via_tailnet(self, ip: Any) -> bool:
+        """Whether a DNS resolver at `ip` is asked through the tailnet: a tailnet address,
+        or one the route table sends to a peer (an accepted subnet, the exit node)."""
+        if default_via_tailnet(ip):
+            return True
+        try:
+            return self.routes.route(ip).kind is RouteKind.PEER
+        except NoRouteError:
+            return False
+
+    def _follow_exit_node_dns(self) -> None:
+        """MagicDNS forwards through the exit node's DNS (its peer API DoH) while one that
+        offers it is in use, as tailscaled's quad-100 does; else to Headscale's resolvers."""
+        url = self.routes.doh_url() if self.routes.exit_node_problem() is None else None
+        if url != self._exit_doh_url:
+            self._exit_doh_url = url
+            self.dns.set_exit_node_upstream(None if url is None else partial(doh_query, self, url))
+
+    def _apply_routes_to_wireguard(self) -> None:
+        """Every peer's allowed IPs after the prefs changed: at once, sessions kept."""
+        if self.wg is None:
+            return
+        for peer_id, key in self._key_by_peer_id.items():
+            if key in self.wg.peers:
+                self.wg.set_peer(key, self.routes.allowed.get(peer_id, []))  # (clears its route cache)
+
+    def _check_exit_node_at_start(self) -> None:
+        """`up --exit-node X` / `Node(exit_node=X)`: X must exist, be online and offer exit routes."""
+        if self.route_prefs.exit_node and self._exit_node_id is None:
+            peers = [pr for _, pr in self._peer_routes.values()]
+            choose_exit_node(self.route_prefs.exit_node, peers, self._own_nets())  # raises why
+        problem = self.routes.exit_node_problem()
+        if problem is not None:
+            raise ExitNodeChoiceError(problem)
+
+    def set(self, *, exit_node: str | None = None, accept_routes: bool | None = None,
+            exit_node_allow_lan_access: bool | None = None) -> dict[str, Any]:
+        """Change routing at run time (`tailscale set`): None leaves a setting as it is;
+        ``exit_node=""`` clears it. All is checked before anything changes; WireGuard's
+        allowed IPs follow at once. Returns the new routing status."""
+        prefs = self.route_prefs
+        exit_id = self._exit_node_id
+        if exit_node is not None:
+            selector = exit_node.strip()
+            if selector:
+                if self.netmap is None:
+                    raise TransportError("not connected yet: no netmap to find the exit node in")
+                peers = [pr for _, pr in self._peer_routes.values()]
+                exit_id = choose_exit_node(selector, peers, self._own_nets()).id  # ExitNodeChoiceError
+            else:
+                exit_id = None
+            prefs = attrs.evolve(prefs, exit_node=selector)
+        if accept_routes is not None:
+            prefs = attrs.evolve(prefs, accept_routes=bool(accept_routes))
+        if exit_node_allow_lan_access is not None:
+            prefs = attrs.evolve(prefs, exit_node_allow_lan_access=bool(exit_node_allow_lan_access))
+            self._lan_prefixes = None  # read the host's LAN again: it may have moved
+        self.route_prefs, self._exit_node_id = prefs, exit_id
+        self._rebuild_routes()
+        self._apply_routes_to_wireguard()
+        log.info("routing: exit node %s, accept routes %s, LAN access %s", prefs.exit_node or "none",
+                 prefs.accept_routes, prefs.exit_node_allow_lan_access)
+        return self.routing_status()
+
+    def set_exit_node(self, exit_node: str | None) -> dict[str, Any]:
+        """Use `exit_node` (a peer's tailnet IP, name or StableID) for traffic outside the
+        tailnet; None or "" stops using one. ExitNodeChoiceError when it cannot be used."""
+        return self.set(exit_node=exit_node or "")
+
+    def routing_status(self) -> dict[str, Any]:
+        return {
+            "exit_node": self.routes.exit_node_status(),
+            "accept_routes": self.route_prefs.accept_routes,
+            "exit_node_allow_lan_access": self.route_prefs.exit_node_allow_lan_access,
+            "routes": self.routes.accepted_routes(),
+        }
 
     def _on_node_key_changed(self, node_private: bytes) -> None:
         """Renewed node key: WireGuard and DERP use it now; netstack streams carry on."""
@@ -453,17 +633,41 @@ class Node:
         assert self.stack is not None
         return self.stack
 
+    async def addresses_of(self, host: str) -> list[str]:
+        """`host` as addresses to dial: an IP literal; a tailnet name (MagicDNS name, short
+        name, extra record); else a name resolved as MagicDNS resolves it: through the
+        exit node's DNS when one is in use, else by the resolvers Headscale sends."""
+        if is_ip(host):
+            return [host]
+        if self.netmap is not None and self.routes.prefs.exit_node and self.dns.lookup_tailnet(host) is None:
+            problem = self.routes.exit_node_problem()
+            if problem is not None:  # say why at once, rather than a resolver's timeout
+                raise NoRouteError(f"cannot resolve {host!r}: {problem}")
+        return [await self.resolve(host)]
+
     async def open_tcp_stream(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        """A TCP connection to a tailnet host (MagicDNS name, short name or IP)."""
+        """A TCP connection to `host`: a tailnet host (MagicDNS name, short name or IP), or,
+        through an exit node or an accepted subnet route, any address (names resolved by
+        the exit node's DNS). Each address of a name is tried in turn (IPv4 first).
+        NoRouteError (a TransportError) says at once why an address cannot be reached."""
         stack = await self._ready_stack()
-        ip = await self.resolve(host)
-        try:
-            stream: trio.abc.HalfCloseableStream = await stack.open_tcp_stream(ip, port)
-        except TrionetError:
-            raise
-        except OSError as exc:
-            raise TransportError(f"connecting to {host}:{port} failed: {exc}") from exc
-        return stream
+        first_error: TrionetError | None = None
+        for addr in await self.addresses_of(host):
+            try:
+                # (no netmap, no routes to consult: a stack wired up by hand, as in tests)
+                route = self.routes.route(ipaddress.ip_address(addr)) if self.netmap is not None else None
+                if route is not None and route.kind is RouteKind.HOST:  # LAN, with --exit-node-allow-lan-access
+                    host_stream: trio.abc.HalfCloseableStream = await trio.open_tcp_stream(addr, port)
+                    return host_stream
+                stream: trio.abc.HalfCloseableStream = await stack.open_tcp_stream(addr, port)
+                return stream
+            except TrionetError as exc:
+                first_error = first_error or exc
+            except OSError as exc:
+                first_error = first_error or TransportError(f"connecting to {host}:{port} failed: "
+                                                            f"{exc.strerror or exc}")
+        assert first_error is not None  # addresses_of gives at least one address or raises
+        raise first_error
 
     async def listen_tcp(self, port: int) -> trio.abc.Listener[Any]:
         """Accept TCP connections to this node's tailnet addresses on `port`."""
@@ -530,6 +734,7 @@ class Node:
             "home_derp": self.magic.home_region if self.magic else 0,
             "derp": self.magic.derp_status() if self.magic else None,
             "endpoints": self.magic.endpoints() if self.magic else [],
+            **self.routing_status(),
             "peers": self.peers(),
             "dns": self.dns.status(),
             "stats": self.statistics(),
@@ -545,6 +750,9 @@ class Node:
         out = []
         for peer in sorted(self.netmap.peers.values(), key=lambda p: p.ID):
             info = _node_json(peer)
+            known = self._peer_routes.get(peer.ID)
+            if known is not None:
+                info.update(_peer_routes_json(known[1], self.routes))
             key = self._key_by_peer_id.get(peer.ID)
             if key is not None and self.magic is not None:
                 path = self.magic.paths.peers.get(key)
@@ -565,7 +773,7 @@ class Node:
         return {
             "node": dict(self.stats),
             "control": ({"reconnects": self.control.reconnects, "node_key_renewals": self.control.renewals,
-                         "interactive_logins": self.control.logins}
+                         "interactive_logins": self.control.logins, **self.control.pings.stats}
                         if self.control is not None else {}),
             "filter_drops": dict(self.filter.drops),
             "magicsock": self.magic.statistics() if self.magic else {},
@@ -583,7 +791,11 @@ class _NamedUdp:
         self.endpoint = endpoint
 
     async def send_to(self, data: bytes, host: str, port: int) -> None:
-        await self.endpoint.send(data, (await self.node.resolve(host), port))
+        addr = (await self.node.addresses_of(host))[0]
+        if self.node.netmap is not None and self.node.routes.route(
+                ipaddress.ip_address(addr)).kind is RouteKind.HOST:
+            raise NoRouteError(f"UDP to the LAN address {addr}: only TCP is dialed from the host network")
+        await self.endpoint.send(data, (addr, port))
 
     async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
         data, addr = await self.endpoint.receive()
@@ -606,6 +818,30 @@ def _node_json(node: Any) -> dict[str, Any]:
         "home_derp": node.HomeDERP or legacy_derp_region(node.DERP or ""),
         "endpoints": list(node.Endpoints or ()),
     }
+
+
+def _peer_routes_json(peer: PeerRoutes, table: RouteTable) -> dict[str, Any]:
+    """A peer's routing in `status`: what it offers, what we route to it."""
+    ours = [str(n) for n in table.allowed.get(peer.id, []) if n not in peer.self_prefixes]
+    return {
+        "exit_node_option": peer.offers_exit,
+        "exit_node": peer.id == table.exit_node_id,
+        "primary_routes": [str(n) for n in peer.primary_routes],
+        "routes": ours,
+    }
+
+
+def _read_host_lan() -> list[Any]:
+    """The host's LAN prefixes from /proc (Linux); none elsewhere (LAN access then has no effect)."""
+    try:
+        route = Path("/proc/net/route").read_text()
+    except OSError:
+        return []
+    try:
+        inet6 = Path("/proc/net/if_inet6").read_text()
+    except OSError:
+        inet6 = ""
+    return list(lan_prefixes_from_proc(route, inet6))
 
 
 def _split_endpoint(text: str) -> tuple[str, int] | None:

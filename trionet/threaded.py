@@ -66,9 +66,13 @@ class ThreadedNode:
         config: NodeConfig | None = None,
         udp_port: int = 0,
         udp_bind: str = "",
+        exit_node: str | None = None,
+        exit_node_allow_lan_access: bool | None = None,
+        accept_routes: bool | None = None,
     ) -> None:
         self._node = Node(login_server, auth_key, state_dir, hostname, ca_file, config=config,
-                          udp_port=udp_port, udp_bind=udp_bind)
+                          udp_port=udp_port, udp_bind=udp_bind, exit_node=exit_node,
+                          exit_node_allow_lan_access=exit_node_allow_lan_access, accept_routes=accept_routes)
         self._relays = _Relays()
         self._node.attach_statistics(self._relays)
         self._lock = threading.Lock()  # start() and stop() may come from different threads
@@ -150,6 +154,10 @@ class ThreadedNode:
 
     def peers(self) -> list[dict[str, Any]]:
         return self._call_sync(self._node.peers)
+
+    def set_exit_node(self, exit_node: str | None) -> dict[str, Any]:
+        """`Node.set_exit_node`: use this peer for traffic outside the tailnet (None: stop)."""
+        return self._call_sync(lambda: self._node.set_exit_node(exit_node))
 
     @property
     def running(self) -> bool:

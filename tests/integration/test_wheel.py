@@ -30,7 +30,8 @@ from tests.realstack import REPO, Stack, wait_for
 pytestmark = [pytest.mark.integration]
 
 # The design's runtime set; pytest-trio and the rest of the tooling are dev-only.
-RUNTIME_DEPENDENCIES = {"trio", "trio-websocket", "cryptography", "pynacl", "h2", "zstandard", "attrs", "cattrs"}
+RUNTIME_DEPENDENCIES = {"trio", "trio-websocket", "cryptography", "pynacl", "h2", "zstandard", "attrs", "cattrs",
+                        "dnspython"}
 # Modules the dev extra brings that a user's install must not have.
 DEV_ONLY_MODULES = ("pytest", "pytest_trio", "hypothesis", "mypy", "yaml", "build", "tests")
 

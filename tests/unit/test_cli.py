@@ -33,16 +33,35 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["up", "--login-server", "https://h", "--authkey", "k", "--ca-file", "/nonexistent"], "--ca-file"),
         (["up", "--login-server", "https://h", "--authkey", "k", "--dns", "x"], "--dns"),
         (["up", "--authkey", "k"], "--login-server"),
+        (["up", "--login-server", "https://h", "--authkey", "k", "--advertise-tags", "web"], "is not a tag"),
+        (["up", "--login-server", "https://h", "--authkey", "k", "--advertise-tags", "tag:a b"], "is not a tag"),
+        (["up", "--login-server", "https://h", "--authkey", "k", "--accept-routes=maybe"], "not true or false"),
+        (["set"], "nothing to change"),
+        (["set", "--exit-node", "ts1"], "trionet is not running"),
         (["frobnicate"], "invalid choice"),
     ],
 )
 def test_bad_flags_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
-    proc = run_cli(*args, "--state-dir", str(tmp_path)) if args[0] == "up" else run_cli(*args)
+    proc = run_cli(*args, "--state-dir", str(tmp_path)) if args[0] in ("up", "set") else run_cli(*args)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_routing_flags_reach_the_config(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args([
+        "up", "--login-server", "https://h", "--authkey", "k", "--state-dir", str(tmp_path),
+        "--exit-node", " ts1 ", "--exit-node-allow-lan-access", "--accept-routes=true",
+        "--advertise-tags", "tag:a,tag:b-2,tag:a"])
+    config = cli.config_from_args(args)
+    assert config.exit_node == "ts1"
+    assert config.exit_node_allow_lan_access and config.accept_routes
+    assert config.advertise_tags == ("tag:a", "tag:b-2")
+    plain = cli.config_from_args(cli.build_parser().parse_args(
+        ["up", "--login-server", "https://h", "--authkey", "k", "--state-dir", str(tmp_path)]))
+    assert (plain.exit_node, plain.accept_routes, plain.advertise_tags) == ("", False, ())
 
 
 def test_status_without_daemon(tmp_path: Path) -> None:
@@ -53,7 +72,7 @@ def test_status_without_daemon(tmp_path: Path) -> None:
 
 def test_help_teaches() -> None:
     text = cli.build_parser().format_help()
-    for word in ("up", "status", "peers", "ping", "down"):
+    for word in ("up", "status", "peers", "ping", "set", "down"):
         assert word in text
     up_help = run_cli("up", "--help").stdout
     assert "--forward" in up_help and "examples:" in up_help

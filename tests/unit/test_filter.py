@@ -97,3 +97,23 @@ def test_a_rule_with_a_string_where_a_list_belongs_grants_nothing() -> None:
         f = PacketFilter([bad], [ME])
         assert not f.allow_inbound(syn), bad  # "1" must not be read as 0.0.0.1
     assert PacketFilter([{"SrcIPs": ["*"], "DstPorts": dst}], [ME]).allow_inbound(syn)
+
+
+def test_capability_grant_only_rules_do_not_admit_packets() -> None:
+    """Headscale 0.29 sends an `app` grant as {SrcIPs, CapGrant} without DstPorts, SrcIPs
+    possibly empty; tailscaled ignores such rules for packets, and so do we."""
+    cap_rules = [
+        {"SrcIPs": ["*"], "CapGrant": [{"Dsts": ["100.64.0.5/32"], "CapMap": {"example.com/cap/x": [{}]}}]},
+        {"SrcIPs": [], "CapGrant": [{"Dsts": ["100.64.0.5/32"], "CapMap": {"tailscale.com/cap/relay": None}}]},
+    ]
+    f = PacketFilter(cap_rules, [ME])
+    assert f.matches == []
+    assert not f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 6, tcp(1, 80, 0x02)))
+    assert not f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 17, udp(1, 80)))
+    assert not f.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 1, b"\x08\x00\x00\x00\x00\x01\x00\x01"))
+    # beside an ordinary rule, the grant neither adds nor takes anything away
+    port_80 = {"SrcIPs": ["100.64.0.2"], "DstPorts": [{"IP": "100.64.0.5", "Ports": {"First": 80, "Last": 80}}]}
+    mixed = PacketFilter([*cap_rules, port_80], [ME])
+    assert len(mixed.matches) == 1
+    assert mixed.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 6, tcp(1, 80, 0x02)))
+    assert not mixed.allow_inbound(ip4("100.64.0.2", "100.64.0.5", 6, tcp(1, 81, 0x02)))

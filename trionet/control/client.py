@@ -24,7 +24,7 @@ import platform
 import ssl
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -285,6 +285,9 @@ class ControlConnection:
         self.disco_key = format_key("discokey:", state.disco_public)
         self.netmap = Netmap()
         self.map_messages = 0
+        # Called with each MapResponse.PingRequest, keepalives included (tailscaled's
+        # direct.go looks at it before anything else in a message).
+        self.on_ping_request: Callable[[Any], None] | None = None
 
     def __repr__(self) -> str:  # public keys only: the auth key and private keys stay out of logs
         return f"<ControlConnection {self.config.login_server} as {self.node_key}>"
@@ -296,8 +299,13 @@ class ControlConnection:
     def hostinfo(self, home_region: int = 0, net_info: dict[str, Any] | None = None) -> dict[str, Any]:
         """Our Hostinfo; NetInfo carries the home region (PreferredDERP, which Headscale
         hands our peers as our DERP region) and netcheck's latencies when given."""
-        return {"Hostname": self.config.hostname, "OS": "linux", "IPNVersion": f"trionet-{__version__}",
-                "GoArch": platform.machine(), "NetInfo": {**(net_info or {}), "PreferredDERP": home_region}}
+        info: dict[str, Any] = {"Hostname": self.config.hostname, "OS": "linux",
+                                "IPNVersion": f"trionet-{__version__}", "GoArch": platform.machine(),
+                                "NetInfo": {**(net_info or {}), "PreferredDERP": home_region}}
+        tags = getattr(self.config, "advertise_tags", ())
+        if tags:  # tailscaled: Hostinfo.RequestTags = prefs.AdvertiseTags, in register and map requests
+            info["RequestTags"] = list(tags)
+        return info
 
     async def register(self, renew_to: bytes | None = None, followup: str = "") -> proto.RegisterResponse:
         """Register our node key; with `renew_to`, ask the server to replace it by that key.
@@ -347,7 +355,13 @@ class ControlConnection:
         resp: proto.RegisterResponse = proto.loads(body, proto.RegisterResponse)
         log.debug("register: authorized %s, node key expired %s", resp.MachineAuthorized, resp.NodeKeyExpired)
         if resp.Error:
-            raise AuthError(f"the login server did not {refused}: {_scrub(resp.Error, self.config.auth_key)}")
+            error = _scrub(resp.Error, self.config.auth_key)
+            if "requested tags" in error:  # Headscale >= 0.28 (state.go: a pre-auth key brings its own tags)
+                raise ConfigError(f"the login server refused --advertise-tags: {error}. Headscale 0.28 and "
+                                  "later take a pre-auth key's tags only from the key itself "
+                                  "(preauthkeys create --tags); requested tags need an interactive login, "
+                                  "and tagOwners in the policy that allow this user")
+            raise AuthError(f"the login server did not {refused}: {error}")
         if resp.NodeKeyExpired:
             raise NodeKeyExpired("this node's key has expired; start it with a reusable auth key "
                                  "(--authkey) to log in again")
@@ -454,6 +468,8 @@ class ControlConnection:
                             except zstandard.ZstdError as exc:
                                 raise RemoteProtocolError(f"bad zstd map message: {exc}") from exc
                         resp = proto.loads(raw, proto.MapResponse)
+                        if resp.PingRequest is not None and self.on_ping_request is not None:
+                            self.on_ping_request(resp.PingRequest)
                         change = self.netmap.apply(resp)
                         self.map_messages += 1
                         log.debug("map message %d: %d bytes%s", self.map_messages, len(raw),

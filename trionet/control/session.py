@@ -48,6 +48,7 @@ import trio
 
 from trionet.backoff import backoff_delay
 from trionet.clock import trio_time_of, wall
+from trionet.control import ping
 from trionet.control.login import LOGIN_BACKOFF_MAX, login_backoff_delay
 from trionet.errors import AuthError, ConfigError, TrionetError
 from trionet.exc_groups import first_leaf
@@ -109,6 +110,7 @@ class ControlSession:
         self._last_renewal = float("-inf")
         self.login_url: str | None = None  # set while an interactive login waits for an admin
         self.logins = 0  # interactive logins completed
+        self.pings = ping.PingAnswerer()  # outlives sessions: a repeated URL after a reconnect is a repeat
 
     def __repr__(self) -> str:  # the config and state it holds carry secrets: name neither
         return f"<ControlSession {self.config.login_server} {self.status.status.value}>"
@@ -170,6 +172,7 @@ class ControlSession:
                 self.status.move(Status.REGISTERING, "registering")
             await self._register(conn)
             async with trio.open_nursery() as nursery:
+                conn.on_ping_request = lambda request: self._on_ping_request(request, conn, nursery)
                 nursery.start_soon(self._report_loop, conn)
                 nursery.start_soon(self._renewal_timer, nursery.cancel_scope)
                 async for netmap, change in conn.map_updates(self.magic):
@@ -185,6 +188,13 @@ class ControlSession:
             if self._renewing:
                 return
             raise control.StreamEnded("the map stream ended")
+
+    def _on_ping_request(self, request: Any, conn: Any, nursery: trio.Nursery) -> None:
+        """Headscale 0.29's health probe: answered as tailscaled does, in the background."""
+        how = self.pings.decide(request)
+        if how is not None:
+            ca = str(self.config.ca_file) if self.config.ca_file else None
+            nursery.start_soon(ping.answer, self.pings, how, request["URL"], ca, conn)
 
     # ------------------------------------------------------------ key renewal
     async def _register(self, conn: Any) -> None:

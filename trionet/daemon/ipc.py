@@ -1,6 +1,6 @@
 """IPC: newline-delimited JSON on a Unix socket (mode 0600).
 
-Requests are objects with a "cmd" (status, peers, ping, down); each
+Requests are objects with a "cmd" (status, peers, ping, set, down); each
 answer is one line, {"ok": true, ...} or {"ok": false, "error": "..."}.
 A handler may return `AfterReply(answer, then)`: `then()` runs once the
 answer is written, so `down` can stop the daemon and still be answered.

@@ -1,7 +1,7 @@
 """`trionet up`: the daemon around a Node.
 
 run_daemon (root nursery)          <- SIGINT/SIGTERM cancel here
-|-- ipc server                     (status, peers, ping, down)
+|-- ipc server                     (status, peers, ping, set, down)
 |-- status printer                 (one line per change; a progress line while connecting;
 |                                   the login URL and its approval command, once per URL)
 `-- node scope                     <- `trionet down` cancels here, waits, answers, then the root
@@ -60,9 +60,22 @@ class _Daemon:
                 raise ConfigError('ping needs {"peer": NAME, "count": 1..100}')
             results = await node.ping(peer, count)
             return {"peer": peer, "ip": await node.resolve(peer), "results": results}
+        if cmd == "set":
+            return self.set(request)
         if cmd in ("down", "disconnect"):  # "disconnect": the name older CLIs send
             return await self.down()
-        raise ConfigError(f"unknown command {cmd!r} (status, peers, ping, down)")
+        raise ConfigError(f"unknown command {cmd!r} (status, peers, ping, set, down)")
+
+    def set(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`trionet set`: {"exit_node": NAME|IP|"", "accept_routes": bool, "exit_node_allow_lan_access": bool},
+        each optional; refused whole (nothing changes) when one is wrong."""
+        exit_node = request.get("exit_node")
+        flags = {k: request.get(k) for k in ("accept_routes", "exit_node_allow_lan_access")}
+        if exit_node is not None and not isinstance(exit_node, str):
+            raise ConfigError('set: "exit_node" must be a string ("" clears it)')
+        if any(v is not None and not isinstance(v, bool) for v in flags.values()):
+            raise ConfigError('set: "accept_routes" and "exit_node_allow_lan_access" must be true or false')
+        return self.node.set(exit_node=exit_node, **flags)
 
     async def down(self) -> ipc.AfterReply:
         """Stop the node, say so, then end the daemon (after the answer is out)."""

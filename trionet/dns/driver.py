@@ -621,7 +621,8 @@ class MagicDns:
             raise ConfigError(f"unknown peer {host!r}: not in this node's netmap")
         if not resolver.upstreams_for(view, fqdn):
             raise ConfigError(f"unknown peer {host!r}: not in this node's netmap, and no DNS resolver "
-                              "is configured for other names")
+                              "is configured for other names (Headscale's nameservers, or an exit node's "
+                              "DNS with --exit-node)")
         cached = self._cache.get(fqdn)
         now = trio.current_time()
         if cached is not None and cached[1] > now:

@@ -30,6 +30,11 @@ class Hostinfo:
     OS: str | None = None
     IPNVersion: str | None = None
     GoArch: str | None = None
+    RoutableIPs: list[str] | None = None  # prefixes the node offers to route (announced, maybe unapproved)
+    RequestTags: list[str] | None = None  # ACL tags the node asks for (--advertise-tags)
+    # [{"Proto": "peerapi4", "Port": p}, ...]: kept as dicts, so one odd entry in a
+    # peer's list cannot make the whole map unreadable (read by trionet.routes).
+    Services: list[dict[str, Any]] | None = None
     NetInfo: NetInfo | None = None
 
 

@@ -35,7 +35,8 @@ from trionet.errors import ConfigError, RemoteProtocolError, TrionetError
 from trionet.netaddr import split_host_port
 from trionet.netstack.driver import TcpStream
 from trionet.proxy import socks5
-from trionet.rejects import RejectLog
+from trionet.rejects import RejectLog, should_log
+from trionet.routes import NoRouteError
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,8 @@ class _Buffered:
 def _dial_failure(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "connect_timeout"
+    if isinstance(exc, NoRouteError):  # outside the tailnet without an exit node, exit node offline, ...
+        return "no_route"
     if isinstance(exc, ConfigError):  # a name not in the netmap
         return "unknown_host"
     if _refused(exc):
@@ -250,7 +253,7 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
-_DIAL_FAILURES = frozenset({"connect_timeout", "unknown_host", "connect_refused", "connect_failed"})
+_DIAL_FAILURES = frozenset({"connect_timeout", "unknown_host", "connect_refused", "connect_failed", "no_route"})
 
 
 async def _dial_watching(client: trio.abc.Stream, reader: _Buffered,
@@ -399,6 +402,9 @@ class Proxy:
             st.handshake_errors.reject(exc.kind, exc.detail)
         except _Failed as exc:
             st.failed.reject(exc.reason, exc.detail)
+            if exc.reason == "no_route" and should_log(st.failed[exc.reason]):
+                # the user's mistake or an exit node gone: a SOCKS5 client sees only "network unreachable"
+                log.info("%s: %s", self.name, exc.detail)
         except _STREAM_GONE as exc:
             st.failed.reject("io_error", exc)
         except TrionetError as exc:
@@ -677,6 +683,7 @@ _SOCKS_REPLY = {
     "connect_refused": socks5.Reply.CONNECTION_REFUSED,
     "connect_timeout": socks5.Reply.HOST_UNREACHABLE,
     "connect_failed": socks5.Reply.HOST_UNREACHABLE,
+    "no_route": socks5.Reply.NETWORK_UNREACHABLE,
 }
 
 

@@ -38,8 +38,12 @@ class StackDialer:
 
     def __init__(self, stack: NetStack, nursery: trio.Nursery) -> None:
         self.stack = stack
-        self.node = SimpleNamespace(resolve=self.resolve, _nursery=nursery)  # what _NamedUdp needs
+        # what _NamedUdp needs (no netmap: no route table to consult)
+        self.node = SimpleNamespace(addresses_of=self.addresses_of, netmap=None, _nursery=nursery)
         self.dials = 0
+
+    async def addresses_of(self, host: str) -> list[str]:
+        return [await self.resolve(host)]
 
     async def resolve(self, host: str) -> str:
         if host == "peer":

@@ -779,6 +779,7 @@ class Node:
             "magicsock": self.magic.statistics() if self.magic else {},
             "wireguard": self.wg.statistics() if self.wg else {},
             "netstack": self.stack.statistics() if self.stack else {},
+            "dns": dict(self.dns.stats),
             "attached": {source.name: source.statistics() for source in self._attached},
         }
 

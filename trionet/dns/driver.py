@@ -329,6 +329,7 @@ class MagicDns:
             problem = resolver.check_upstream_reply(fwd.query, reply)
             if problem is not None:
                 raise _UpstreamError(problem)
+            self.stats["exit_node_doh_answers"] += 1
             return reply
         target = parse_upstream(upstream)
         if target is None:
@@ -620,9 +621,12 @@ class MagicDns:
         if resolver.authoritative_zone(view, fqdn) or has_suffix(fqdn, "onion"):
             raise ConfigError(f"unknown peer {host!r}: not in this node's netmap")
         if not resolver.upstreams_for(view, fqdn):
-            raise ConfigError(f"unknown peer {host!r}: not in this node's netmap, and no DNS resolver "
-                              "is configured for other names (Headscale's nameservers, or an exit node's "
-                              "DNS with --exit-node)")
+            # a bare word reads as a peer the user expected in the netmap; a dotted name
+            # as an internet name nobody here can look up
+            what = f"unknown peer {host!r}: not in this node's netmap" if "." not in host.rstrip(".") \
+                else f"cannot resolve {host!r}: not a tailnet name"
+            raise ConfigError(f"{what}, and no DNS resolver is configured for other names "
+                              "(Headscale's nameservers, or an exit node that offers DNS)")
         cached = self._cache.get(fqdn)
         now = trio.current_time()
         if cached is not None and cached[1] > now:

@@ -357,7 +357,7 @@ async def test_the_exit_node_upstream_replaces_the_resolvers() -> None:
     service = make_dns(["127.0.0.1:9"])
     service.set_exit_node_upstream(doh)
     assert records(await service.handle(query("example.com."), tcp=False)) == ["198.51.100.4"]
-    assert len(asked) == 1
+    assert len(asked) == 1 and service.stats["exit_node_doh_answers"] == 1
     assert service.status()["exit_node_doh"] is True
     assert records(await service.handle(query("web."), tcp=False)) == [WEB[0]]  # tailnet names stay ours
 
@@ -395,7 +395,7 @@ async def test_resolve_refuses_names_nobody_answers() -> None:
     service = make_dns([])
     with pytest.raises(ConfigError, match="unknown peer 'nosuch'"):
         await service.resolve("nosuch")  # MagicDNS on: our zone, NXDOMAIN
-    with pytest.raises(ConfigError, match="no DNS resolver is configured"):
+    with pytest.raises(ConfigError, match=r"cannot resolve 'example\.com': not a tailnet name, and no DNS resolver"):
         await service.resolve("example.com")
     async with Upstream(rcode_only(dns.rcode.NXDOMAIN)).running() as upstream:
         with pytest.raises(ConfigError, match="NXDOMAIN"):

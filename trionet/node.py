@@ -44,6 +44,7 @@ from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.control.netmap import Netmap, legacy_derp_region
 from trionet.control.session import ControlSession
 from trionet.dns.driver import MagicDns, default_via_tailnet
+from trionet.dns.view import QUAD100_V4, QUAD100_V6
 from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
 from trionet.exc_groups import contains
 from trionet.exitdns import doh_query
@@ -56,6 +57,7 @@ from trionet.routes import (
     ExitNodeChoiceError,
     NoRouteError,
     PeerRoutes,
+    Route,
     RouteKind,
     RoutePrefs,
     RouteTable,
@@ -645,6 +647,15 @@ class Node:
                 raise NoRouteError(f"cannot resolve {host!r}: {problem}")
         return [await self.resolve(host)]
 
+    def _dial_route(self, addr: str) -> Route | None:
+        """The route table's word on dialing `addr` (NoRouteError when nothing reaches it);
+        None when the netstack takes it as it is: MagicDNS's own addresses, served in
+        this process, or no netmap to consult (a stack wired up by hand, as in tests)."""
+        ip = ipaddress.ip_address(addr)
+        if self.netmap is None or ip in (QUAD100_V4, QUAD100_V6):
+            return None
+        return self.routes.route(ip)
+
     async def open_tcp_stream(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
         """A TCP connection to `host`: a tailnet host (MagicDNS name, short name or IP), or,
         through an exit node or an accepted subnet route, any address (names resolved by
@@ -654,8 +665,7 @@ class Node:
         first_error: TrionetError | None = None
         for addr in await self.addresses_of(host):
             try:
-                # (no netmap, no routes to consult: a stack wired up by hand, as in tests)
-                route = self.routes.route(ipaddress.ip_address(addr)) if self.netmap is not None else None
+                route = self._dial_route(addr)
                 if route is not None and route.kind is RouteKind.HOST:  # LAN, with --exit-node-allow-lan-access
                     host_stream: trio.abc.HalfCloseableStream = await trio.open_tcp_stream(addr, port)
                     return host_stream
@@ -793,8 +803,8 @@ class _NamedUdp:
 
     async def send_to(self, data: bytes, host: str, port: int) -> None:
         addr = (await self.node.addresses_of(host))[0]
-        if self.node.netmap is not None and self.node.routes.route(
-                ipaddress.ip_address(addr)).kind is RouteKind.HOST:
+        route = self.node._dial_route(addr)
+        if route is not None and route.kind is RouteKind.HOST:
             raise NoRouteError(f"UDP to the LAN address {addr}: only TCP is dialed from the host network")
         await self.endpoint.send(data, (addr, port))
 

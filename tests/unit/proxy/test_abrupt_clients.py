@@ -39,7 +39,8 @@ class StackDialer:
     def __init__(self, stack: NetStack, nursery: trio.Nursery) -> None:
         self.stack = stack
         # what _NamedUdp needs (no netmap: no route table to consult)
-        self.node = SimpleNamespace(addresses_of=self.addresses_of, netmap=None, _nursery=nursery)
+        self.node = SimpleNamespace(addresses_of=self.addresses_of, _dial_route=lambda addr: None,
+                                    _nursery=nursery)
         self.dials = 0
 
     async def addresses_of(self, host: str) -> list[str]:

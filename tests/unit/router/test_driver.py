@@ -8,6 +8,7 @@ import ipaddress
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
@@ -49,7 +50,7 @@ async def serve_tcp_echo(nursery: trio.Nursery) -> tuple[int, list[bytes]]:
                 await stream.send_all(data)
             await stream.send_eof()
 
-    listeners = await nursery.start(trio.serve_tcp, handler, 0, )
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
     return listeners[0].socket.getsockname()[1], got
 
 
@@ -211,3 +212,39 @@ async def test_pings_past_the_limit_are_dropped() -> None:
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_ipv6_tcp_is_forwarded_too() -> None:
+    async with linked_stacks() as (a, b), trio.open_nursery() as nursery:
+        router = Router(b, RoutePolicy(["::1/128"]))
+        await nursery.start(router.run)
+        listeners = await nursery.start(partial(trio.serve_tcp, _echo_once, 0, host="::1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            stream = await a.open_tcp_stream("::1", port)
+            await stream.send_all(b"over v6")
+            assert await stream.receive_some() == b"over v6"
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _echo_once(stream: trio.SocketStream) -> None:
+    async with stream:
+        await stream.send_all(await stream.receive_some())
+
+
+async def test_host_error_is_a_rst_and_a_counter_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from trionet.router import driver
+
+    async def out_of_files(dst: bytes, port: int) -> trio.SocketStream:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(driver, "_dial", out_of_files)
+    async with routed() as (client, router):
+        with trio.fail_after(5), pytest.raises(TransportError):
+            await client.open_tcp_stream(LOOPBACK, 9)
+        assert router.statistics()["tcp_host_error"] == 1
+        with trio.fail_after(5), pytest.raises(TransportError):  # and the router still works
+            await client.open_tcp_stream(LOOPBACK, 9)

@@ -52,6 +52,7 @@ from trionet.magicsock.conn import MagicConn, PathTag
 from trionet.netaddr import split_host_port
 from trionet.netstack import NetStack
 from trionet.rejects import RejectLog
+from trionet.router import Router
 from trionet.routes import (
     ExitNodeChoiceError,
     NoRouteError,
@@ -139,6 +140,8 @@ class Node:
         self.dns = MagicDns(via_tailnet=self._dns_via_tailnet)
         self.wg: WgDevice | None = None
         self.stack: NetStack | None = None
+        #: forwards peers' traffic for the routes we advertise and Headscale approved
+        self.router: Router | None = None
         self.magic: MagicConn | None = None
         self.control: ControlSession | None = None
         self.keys: keymod.State | None = None
@@ -288,6 +291,8 @@ class Node:
             self._start_stack(me)
         elif me is not None and self.stack is not None:
             self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
+        if me is not None:
+            self._update_forwarding()
         if getattr(change, "filter_changed", True):
             self.filter.update(rules=netmap.packet_filter or [])
         unreadable, routes_changed = self._read_peer_routes(netmap)
@@ -506,7 +511,33 @@ class Node:
         assert self._nursery is not None
         self._nursery.start_soon(self.stack.run)
         self._nursery.start_soon(self.dns.serve_netstack, self.stack)
+        self.router = Router(self.stack)
+        self._nursery.start_soon(self.router.run)
         self._stack_ready.set()
+
+    def forwarded_prefixes(self) -> list[Any]:
+        """What peers may reach through us: the routes of ours Headscale hands them (our
+        node's AllowedIPs beyond its addresses)."""
+        me = self.netmap.self_node if self.netmap is not None else None
+        if me is None:
+            return []
+        own = {ipaddress.ip_interface(a).ip for a in me.Addresses or ()}
+        out = []
+        for text in me.AllowedIPs or ():
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                continue
+            if not (net.num_addresses == 1 and net.network_address in own):
+                out.append(net)
+        return out
+
+    def _update_forwarding(self) -> None:
+        if self.router is not None:
+            prefixes = self.forwarded_prefixes()
+            if set(prefixes) != set(self.router.policy.prefixes):
+                log.info("forwarding for peers: %s", ", ".join(map(str, prefixes)) or "nothing")
+                self.router.set_prefixes(prefixes)
 
     def _endpoints_changed(self) -> None:
         if self.control is not None:
@@ -779,6 +810,7 @@ class Node:
             "magicsock": self.magic.statistics() if self.magic else {},
             "wireguard": self.wg.statistics() if self.wg else {},
             "netstack": self.stack.statistics() if self.stack else {},
+            "forwarding": self.router.statistics() if self.router else {},
             "dns": dict(self.dns.stats),
             "attached": {source.name: source.statistics() for source in self._attached},
         }

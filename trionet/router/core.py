@@ -151,7 +151,7 @@ class ForwardTable:
 
     def close_tcp(self, flow: Flow, outcome: str) -> None:
         """``outcome``: ``completed``, or why it failed (``refused``, ``unreachable``,
-        ``timeout``, ``host_error``, ``client_gone``, ``peer_reset``, ``host_reset``)."""
+        ``timeout``, ``host_error``, ``client_gone``, ``peer_reset``, ``host_reset``, ``cancelled``)."""
         if self.tcp.get(flow.key) is flow:
             del self.tcp[flow.key]
             self._tcp_per_peer[flow.key[0]] -= 1

@@ -153,16 +153,18 @@ class Router:
     async def _forward_tcp(self, flow: Flow) -> None:
         key = flow.key
         src, sport, dst, dport = key
-        outcome = "completed"
+        outcome = "cancelled"  # (the router stopping while this dials)
+        answered = False
         try:
             try:
                 with trio.fail_after(self.dial_timeout):
                     host = await _dial(dst, dport)
             except (OSError, trio.TooSlowError) as exc:
                 outcome = _dial_outcome(exc)
-                self.stack.refuse_pending(key)
                 log.debug("forward %s -> %s: %s (%s)", _addr(src, sport), _addr(dst, dport), outcome, exc)
                 return
+            outcome = "completed"
+            answered = True
             peer = self.stack.complete_pending(key)
             if peer is None:  # the client reset while we dialed, or the stack is full
                 outcome = "client_gone"
@@ -175,6 +177,8 @@ class Router:
             except RelayFailed as exc:  # one side reset: the other was reset too
                 outcome = "peer_reset" if exc.reason == "client_reset" else "host_reset"
         finally:
+            if not answered:  # a RST for the held SYN, whatever ended the dial
+                self.stack.refuse_pending(key)
             self.table.close_tcp(flow, outcome)
 
     def _udp_socket(self, size: int, sport: int) -> socket.socket:

@@ -26,7 +26,7 @@ import ipaddress
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from itertools import groupby
@@ -38,6 +38,16 @@ import attrs
 import trio
 
 from trionet import keys as keymod
+from trionet.advertise import (
+    Advertised,
+    HostInterfaces,
+    IPNet,
+    advertise_status,
+    approved_routes,
+    host_interfaces_from_proc,
+    local_nets,
+    parse_advertise_routes,
+)
 from trionet.clock import now as clock_now
 from trionet.clock import wall
 from trionet.config import NodeConfig, check_login_server, is_ip
@@ -54,6 +64,7 @@ from trionet.netstack import NetStack
 from trionet.rejects import RejectLog
 from trionet.router import Router
 from trionet.routes import (
+    EXIT_ROUTES,
     ExitNodeChoiceError,
     NoRouteError,
     PeerRoutes,
@@ -106,6 +117,9 @@ class Node:
         exit_node: str | None = None,
         exit_node_allow_lan_access: bool | None = None,
         accept_routes: bool | None = None,
+        advertise_routes: Sequence[str] | str | None = None,
+        advertise_exit_node: bool | None = None,
+        host_resolvers: Sequence[str] | None = None,
     ) -> None:
         if config is None:
             if login_server is None or state_dir is None:
@@ -118,9 +132,22 @@ class Node:
                                 udp_port=udp_port, udp_bind=udp_bind, **kwargs)
         routing: dict[str, Any] = {k: v for k, v in (("exit_node", exit_node), ("accept_routes", accept_routes),
                                      ("exit_node_allow_lan_access", exit_node_allow_lan_access)) if v is not None}
+        if advertise_routes is not None:
+            routing["advertise_routes"] = _advertise_texts(advertise_routes)
+        if advertise_exit_node is not None:
+            routing["advertise_exit_node"] = bool(advertise_exit_node)
+        if host_resolvers is not None:
+            routing["host_resolvers"] = tuple(host_resolvers)
         if routing:  # keyword arguments win over the config's
             config = attrs.evolve(config, **routing)
         self.config = config
+        #: What we offer the tailnet (--advertise-routes, --advertise-exit-node); what Headscale
+        #: approved is in the netmap (`approved_routes`)
+        self.advertised = Advertised.from_prefixes(
+            parse_advertise_routes(",".join(config.advertise_routes)), config.advertise_exit_node)
+        self._host_interfaces: HostInterfaces | None = None  # read when an exit node needs them
+        #: The forwarder's live flows for `routing_status()["forwarding"]`; set by whoever forwards
+        self.forwarding_status: Callable[[], dict[str, Any]] = dict
         # Routing (trionet.routes): the user's choices, each peer's prefixes, the table built from both.
         self.route_prefs = RoutePrefs(exit_node=(config.exit_node or "").strip(),
                                       exit_node_allow_lan_access=config.exit_node_allow_lan_access,
@@ -207,7 +234,8 @@ class Node:
                     log.warning("UDP socket unavailable (%s); using DERP only", exc)
                 self.wg = WgDevice(state.node_private)
                 self.control = ControlSession(self.config, state, self.magic, self._on_netmap,
-                                              self.status_machine, on_node_key_changed=self._on_node_key_changed)
+                                              self.status_machine, on_node_key_changed=self._on_node_key_changed,
+                                              hostinfo_extra=self._hostinfo_extra)
                 await nursery.start(self.magic.run)
                 nursery.start_soon(self.control.run)
                 nursery.start_soon(self._wg_timer)
@@ -290,7 +318,7 @@ class Node:
         if me is not None and self.stack is None:
             self._start_stack(me)
         elif me is not None and self.stack is not None:
-            self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
+            self._update_local_nets()
         if me is not None:
             self._update_forwarding()
         if getattr(change, "filter_changed", True):
@@ -451,10 +479,20 @@ class Node:
             raise ExitNodeChoiceError(problem)
 
     def set(self, *, exit_node: str | None = None, accept_routes: bool | None = None,
-            exit_node_allow_lan_access: bool | None = None) -> dict[str, Any]:
+            exit_node_allow_lan_access: bool | None = None, advertise_routes: Sequence[str] | str | None = None,
+            advertise_exit_node: bool | None = None) -> dict[str, Any]:
         """Change routing at run time (`tailscale set`): None leaves a setting as it is;
-        ``exit_node=""`` clears it. All is checked before anything changes; WireGuard's
-        allowed IPs follow at once. Returns the new routing status."""
+        ``exit_node=""`` clears it, ``advertise_routes=()`` offers no subnet. All is checked
+        before anything changes; WireGuard's allowed IPs follow at once, a change of what we
+        advertise reaches the control server in a lite update. Returns the new routing status."""
+        advertised = self.advertised
+        if advertise_routes is not None or advertise_exit_node is not None:
+            subnets = (parse_advertise_routes(",".join(_advertise_texts(advertise_routes)))
+                       if advertise_routes is not None else advertised.subnets)
+            offer_exit = advertised.exit_node if advertise_exit_node is None else bool(advertise_exit_node)
+            if advertise_routes is not None and advertise_exit_node is None:
+                offer_exit = offer_exit or any(n.prefixlen == 0 for n in subnets)  # "0.0.0.0/0,::/0"
+            advertised = Advertised.from_prefixes(subnets, offer_exit)
         prefs = self.route_prefs
         exit_id = self._exit_node_id
         if exit_node is not None:
@@ -477,6 +515,15 @@ class Node:
         self._apply_routes_to_wireguard()
         log.info("routing: exit node %s, accept routes %s, LAN access %s", prefs.exit_node or "none",
                  prefs.accept_routes, prefs.exit_node_allow_lan_access)
+        if advertised != self.advertised:
+            self.advertised = advertised
+            self._host_interfaces = None  # read the host's interfaces again: they may have changed
+            self._update_local_nets()
+            self._update_forwarding()
+            if self.control is not None:
+                self.control.endpoints_changed()  # the lite update carries the new RoutableIPs
+            log.info("advertising routes %s, exit node %s",
+                     ",".join(map(str, advertised.subnets)) or "none", "yes" if advertised.exit_node else "no")
         return self.routing_status()
 
     def set_exit_node(self, exit_node: str | None) -> dict[str, Any]:
@@ -485,12 +532,59 @@ class Node:
         return self.set(exit_node=exit_node or "")
 
     def routing_status(self) -> dict[str, Any]:
+        try:
+            forwarding = self.forwarding_status()
+        except Exception as exc:  # status must not fail for a bug in the forwarder's report
+            self.rejects.internal_error("forwarding_status", exc)
+            forwarding = {}
         return {
             "exit_node": self.routes.exit_node_status(),
             "accept_routes": self.route_prefs.accept_routes,
             "exit_node_allow_lan_access": self.route_prefs.exit_node_allow_lan_access,
             "routes": self.routes.accepted_routes(),
+            "advertise": advertise_status(self.advertised, self.approved_routes()),
+            "forwarding": forwarding,
         }
+
+    # -------------------------------------------------- subnet router / exit node
+    def approved_routes(self) -> tuple[IPNet, ...]:
+        """The routes of ours that Headscale approved and hands our peers (our netmap node's
+        AllowedIPs beyond its addresses); () before the first netmap."""
+        return approved_routes(self.netmap.self_node if self.netmap is not None else None)
+
+    @property
+    def offers_exit_node(self) -> bool:
+        """Whether we advertise an exit node (approved or not: see `exit_node_approved`)."""
+        return self.advertised.exit_node
+
+    @property
+    def exit_node_approved(self) -> bool:
+        """Whether peers may use us as their exit node: both /0 approved."""
+        approved = self.approved_routes()
+        return self.advertised.exit_node and all(r in approved for r in EXIT_ROUTES)
+
+    def local_nets(self) -> list[IPNet]:
+        """The destinations the inbound packet filter takes as ours: our addresses, the
+        subnets we advertise and, offering an exit node, the internet (§17.3)."""
+        return local_nets(self._own_nets(), self.advertised, self._host_ifaces())
+
+    def _host_ifaces(self) -> HostInterfaces:
+        """The host's interfaces, read (Linux /proc) only when an exit node needs them."""
+        if not self.advertised.exit_node:
+            return HostInterfaces()
+        if self._host_interfaces is None:
+            self._host_interfaces = _read_host_interfaces()
+        return self._host_interfaces
+
+    def _update_local_nets(self) -> None:
+        self.filter.update(local=self.local_nets())
+
+    def _hostinfo_extra(self) -> dict[str, Any]:
+        """Hostinfo fields of ours beyond the config's: RoutableIPs as tailscaled sends them."""
+        extra: dict[str, Any] = {}
+        if self.advertised:
+            extra["RoutableIPs"] = self.advertised.hostinfo_routes()
+        return extra
 
     def _on_node_key_changed(self, node_private: bytes) -> None:
         """Renewed node key: WireGuard and DERP use it now; netstack streams carry on."""
@@ -503,7 +597,7 @@ class Node:
 
     def _start_stack(self, me: Any) -> None:
         addrs = [ipaddress.ip_interface(a).ip for a in me.Addresses or ()]
-        self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
+        self._update_local_nets()
         # Packets reach the stack only through WireGuard, whose AEAD already proved them
         # intact; tailscaled's netstack skips these checksums too.
         self.stack = NetStack(addresses=addrs, output=self._on_ip_out, mtu=1280, verify_checksums=False,
@@ -512,25 +606,16 @@ class Node:
         self._nursery.start_soon(self.stack.run)
         self._nursery.start_soon(self.dns.serve_netstack, self.stack)
         self.router = Router(self.stack)
+        self.forwarding_status = self.router.status
         self._nursery.start_soon(self.router.run)
         self._stack_ready.set()
 
-    def forwarded_prefixes(self) -> list[Any]:
-        """What peers may reach through us: the routes of ours Headscale hands them (our
-        node's AllowedIPs beyond its addresses)."""
-        me = self.netmap.self_node if self.netmap is not None else None
-        if me is None:
-            return []
-        own = {ipaddress.ip_interface(a).ip for a in me.Addresses or ()}
-        out = []
-        for text in me.AllowedIPs or ():
-            try:
-                net = ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                continue
-            if not (net.num_addresses == 1 and net.network_address in own):
-                out.append(net)
-        return out
+    def forwarded_prefixes(self) -> list[IPNet]:
+        """What peers may reach through us: what we advertise that Headscale approved
+        (and hands our peers). An exit node's /0 is shrunk by the packet filter's local
+        nets before the forwarder sees a packet (`local_nets`)."""
+        approved = set(self.approved_routes())
+        return [n for n in self.advertised.routable_ips if n in approved]
 
     def _update_forwarding(self) -> None:
         if self.router is not None:
@@ -862,6 +947,23 @@ def _peer_routes_json(peer: PeerRoutes, table: RouteTable) -> dict[str, Any]:
         "primary_routes": [str(n) for n in peer.primary_routes],
         "routes": ours,
     }
+
+
+def _advertise_texts(routes: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Routes to advertise as the user gave them ("a,b" or a list), checked and normalized."""
+    text = routes if isinstance(routes, str) else ",".join(routes or ())
+    return tuple(str(n) for n in parse_advertise_routes(text))
+
+
+def _read_host_interfaces() -> HostInterfaces:
+    """The host's interface prefixes and addresses from /proc (Linux); none elsewhere."""
+    texts = []
+    for name in ("/proc/net/fib_trie", "/proc/net/if_inet6"):
+        try:
+            texts.append(Path(name).read_text())
+        except OSError:
+            texts.append("")
+    return host_interfaces_from_proc(*texts)
 
 
 def _read_host_lan() -> list[Any]:

@@ -202,28 +202,8 @@ class DnsServer:
 
 
 def approve_routes(stack: Stack, router: Tailscaled, prefixes: Sequence[str], timeout: float = 30) -> None:
-    """Approve `prefixes` that `router` announces (tailscale set --advertise-...), once Headscale
-    has seen them: 0.26+ `nodes approve-routes` (which replaces the approved set: we add to it),
-    0.23 `routes enable` per route ID (an exit route enables both families)."""
-    want = set(prefixes)
-    if stack.users_by_id:  # 0.26 and later
-        def announced() -> dict[str, Any] | None:
-            node = stack.node_by_hostname(router.name)
-            return node if node is not None and want <= set(node.get("available_routes") or []) else None
-
-        node = wait_for(announced, timeout, f"Headscale to see {router.name} announce {sorted(want)}")
-        approved = sorted(set(node.get("approved_routes") or []) | want)
-        stack.headscale("nodes", "approve-routes", "-i", str(node["id"]), "-r", ",".join(approved))
-        return
-
-    def routes() -> list[dict[str, Any]] | None:
-        mine = [r for r in stack.headscale("routes", "list") or []
-                if (r.get("node") or {}).get("name") == router.name and r.get("prefix") in want]
-        return mine if {r["prefix"] for r in mine} == want and all(r.get("advertised") for r in mine) else None
-
-    for route in wait_for(routes, timeout, f"Headscale 0.23 to list {router.name}'s routes {sorted(want)}"):
-        if not route.get("enabled"):
-            stack.headscale("routes", "enable", "-r", str(route["id"]))
+    """Approve `prefixes` that `router` announces (tailscale set --advertise-...): `Stack.approve_routes`."""
+    stack.approve_routes(router.name, prefixes, timeout)
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:

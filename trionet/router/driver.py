@@ -101,7 +101,12 @@ class Router:
         return self.table.statistics()
 
     def status(self) -> dict[str, Any]:
-        return self.table.status(trio.current_time())
+        """Live flow counts and the oldest flows (``ForwardTable.status``)."""
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # asked from outside the node's Trio run (a ThreadedNode's caller)
+            return self.table.status(0.0, limit=0)
+        return self.table.status(now)
 
     # --------------------------------------------------------- ForwardHooks
     def wants(self, dst: bytes) -> bool:

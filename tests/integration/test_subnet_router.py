@@ -10,6 +10,10 @@ sends a real echo request through the tunnel: tailscale wgengine Ping ->
 sendICMPEchoRequest, LocalBackend.PeerForIP). The ACL policy allows SUBNET on
 some ports only: a port it does not allow is dropped by trionet's packet filter
 before any host dial.
+
+Then trionet as an exit node (approved /0s): ts1 uses it to fetch from an
+"internet" address only our namespace reaches, and a private address behind it
+(10/8: not the internet for an exit node) is dropped by our filter.
 """
 
 from __future__ import annotations
@@ -198,3 +202,81 @@ def test_icmp_echo_is_answered_for_a_host_that_answers_and_not_otherwise(lab: Ro
     assert "pong" not in silent.stdout, silent.stdout
     after = forwarding(lab)
     assert after["icmp_echo_answered"] >= 1 and after.get("icmp_echo_failed", 0) > before.get("icmp_echo_failed", 0)
+
+
+# ------------------------------------------------------------------ exit node
+
+@attrs.define
+class ExitLab:
+    stack: Stack
+    ts1: Tailscaled
+    daemon: Daemon
+    web: FileServer
+    internet_ip: str
+    private_ip: str  # an address our namespace reaches but a /0 does not cover (10/8)
+
+
+@pytest.fixture(scope="module", params=HEADSCALE_VERSIONS, ids=lambda v: f"hs{v}")
+def exit_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExitLab]:
+    """trionet offers an exit node (approved); ts1 uses it. The "internet" is one TEST-NET
+    address only our namespace reaches; the allow-all policy leaves it to the exit node."""
+    owner = "alice" if request.param == "0.23.0" else "alice@"
+    stack = Stack(request.param, policy=json.dumps({"tagOwners": {"tag:router": [owner]},
+                                                   "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}))
+    internet_ip = f"198.51.100.{stack.subnet}"  # per stack: our namespace's routes are shared
+    servers: list[Any] = []
+    daemon: Daemon | None = None
+    try:
+        stack.start(tailscaleds=1)
+        ts1 = stack.tailscaleds[0]
+        host = add_routed_host(stack, "inet", internet_ip, [], f"{internet_ip}/32")
+        link_to_our_namespace(stack, host, internet_ip, f"{internet_ip}/32", link_base=204)
+        web = FileServer(stack, host, WEB_PORT, blob_mb=8).start()
+        servers.append(web)
+        state = tmp_path_factory.mktemp("exit") / "state"
+        daemon = Daemon(stack, state, "--advertise-exit-node", hostname="py-exit")
+        daemon.wait_running()
+        stack.approve_routes("py-exit", ["0.0.0.0/0", "::/0"])
+        ours = next(a.split("/")[0] for a in daemon.status()["self"]["addresses"] if "." in a)
+
+        def exit_node_offered() -> bool:
+            peers = ts1.status().get("Peer", {}).values()
+            return any(p.get("ExitNodeOption") for p in peers)
+
+        wait_until(exit_node_offered, 60, "ts1 to see trionet as an exit node")
+        ts1.cli("set", f"--exit-node={ours}")
+        yield ExitLab(stack, ts1, daemon, web, internet_ip, f"10.214.{stack.subnet}.206")
+        daemon.stop()
+    finally:
+        if daemon is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+        for server in servers:
+            server.stop()
+        stack.stop()
+
+
+def test_tailscaled_uses_trionet_as_exit_node(exit_lab: ExitLab, tmp_path: Path) -> None:
+    lab = exit_lab
+    out = tmp_path / "blob"
+    got = subprocess.run([*lab.ts1.host.exec_prefix(), "curl", "-sS", "--max-time", "120", "--socks5",
+                          f"127.0.0.1:{lab.ts1.socks_port}", f"http://{lab.internet_ip}:{WEB_PORT}/blob",
+                          "-o", str(out)], capture_output=True)
+    assert got.returncode == 0, got.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == lab.web.blob_sha256
+    st = lab.daemon.status()
+    assert st["advertise"]["exit_node_approved"], st["advertise"]
+    assert st["stats"]["forwarding"]["tcp_established"] >= 1, st["stats"]["forwarding"]
+
+
+def test_exit_node_does_not_forward_to_private_ranges(exit_lab: ExitLab) -> None:
+    """An exit node is a guest wifi: 10/8 behind it (here our end of a veth link, which
+    our namespace reaches) is not the internet, and is dropped before any dial."""
+    lab = exit_lab
+    before = lab.daemon.status()["stats"]
+    got = subprocess.run([*lab.ts1.host.exec_prefix(), "curl", "-sS", "--max-time", "5", "--socks5",
+                          f"127.0.0.1:{lab.ts1.socks_port}", f"http://{lab.private_ip}:{WEB_PORT}/"],
+                         capture_output=True)
+    assert got.returncode != 0
+    after = lab.daemon.status()["stats"]
+    assert after["forwarding"].get("tcp_attempts", 0) == before["forwarding"].get("tcp_attempts", 0)
+    assert after["node"].get("drop.filtered", 0) > before["node"].get("drop.filtered", 0)  # ts1 sent, we dropped

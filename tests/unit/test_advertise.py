@@ -221,3 +221,16 @@ def test_hostinfo_carries_the_nodes_extra_fields() -> None:
     conn.hostinfo_extra = lambda: {"RoutableIPs": ["10.0.0.0/24"]}
     assert conn.hostinfo()["RoutableIPs"] == ["10.0.0.0/24"]
     assert conn.map_request([], [], 1, stream=False)["Hostinfo"]["RoutableIPs"] == ["10.0.0.0/24"]
+
+
+def test_status_text_says_what_is_advertised_and_what_is_approved() -> None:
+    st = {"advertise": {"routes": ["10.0.0.0/24", "10.9.0.0/16"], "exit_node": True,
+                        "approved_routes": ["10.0.0.0/24"], "exit_node_approved": False,
+                        "pending": ["10.9.0.0/16", "0.0.0.0/0", "::/0"]},
+          "forwarding": {"tcp_flows": 3, "detail": {"x": 1}}}
+    lines = cli._routing_lines(st)
+    assert lines[0] == ("advertising: routes 10.0.0.0/24 (approved), 10.9.0.0/16 (NOT APPROVED); "
+                        "exit node (NOT APPROVED)")
+    assert "approve-routes" in lines[1]
+    assert lines[2] == "forwarding: tcp_flows 3"
+    assert cli._routing_lines({"advertise": {"routes": [], "exit_node": False}, "forwarding": {}}) == []

@@ -72,10 +72,11 @@ def test_up_advertises_routes_and_an_exit_node_that_headscale_approves_and_tails
             return adv if adv["exit_node_approved"] and adv["approved_routes"] == [SUBNET] else None
 
         if stack.users_by_id:
-            # Headscale 0.26+ announces an approval to the other nodes only: the router's own
+            # Headscale 0.29 announces an approval to the other nodes only: the router's own
             # node (whose AllowedIPs say what is approved) comes with its next full map
             # (0.29.2 state.go SetApprovedRoutes sends a PolicyChange without OriginNode, so
-            # batcher.go builds no self node). A restart of Headscale gives one.
+            # batcher.go builds no self node; 0.26.1 sends everyone a full map only when a
+            # primary moved). A restart of Headscale gives one.
             stack.restart_headscale()
         adv = wait_until(approved_here, 60, "trionet to see its routes approved")
         assert adv["pending"] == [], adv

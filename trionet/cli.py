@@ -327,6 +327,27 @@ def _routing_lines(st: dict[str, Any]) -> list[str]:
         lines.append("accepted routes: " + ", ".join(f"{r['prefix']} via {r['peer']}" for r in routes))
     elif st.get("accept_routes"):
         lines.append("accepted routes: none offered")
+    lines.extend(_advertise_lines(st.get("advertise") or {}, st.get("forwarding") or {}))
+    return lines
+
+
+def _advertise_lines(adv: dict[str, Any], forwarding: dict[str, Any]) -> list[str]:
+    """What we offer as a subnet router / exit node and whether Headscale approved it;
+    the forwarder's summary (its scalar counters) when it reports one."""
+    parts = []
+    approved = set(adv.get("approved_routes") or [])
+    if adv.get("routes"):
+        parts.append("routes " + ", ".join(
+            f"{r} ({'approved' if r in approved else 'NOT APPROVED'})" for r in adv["routes"]))
+    if adv.get("exit_node"):
+        parts.append(f"exit node ({'approved' if adv.get('exit_node_approved') else 'NOT APPROVED'})")
+    lines = ["advertising: " + "; ".join(parts)] if parts else []
+    if parts and adv.get("pending"):
+        lines.append("  (approve on Headscale: `headscale nodes approve-routes` on 0.26+, "
+                     "`headscale routes enable` on 0.23-0.25)")
+    summary = [f"{k} {v}" for k, v in sorted(forwarding.items()) if isinstance(v, (int, float, str))]
+    if summary:
+        lines.append("forwarding: " + ", ".join(summary))
     return lines
 
 

@@ -248,6 +248,13 @@ class PacketFilter:
             and any(_in(info.dst, d.nets) and d.first == 0 and d.last == 65535 for d in m.dsts)
             for m in self.matches)
 
+    def would_accept_tcp(self, src: IPAddr, dst: IPAddr, port: int) -> bool:
+        """Whether a TCP SYN from `src` to `dst`:`port` would pass (tailscale's Filter.CheckTCP:
+        the peer API asks it whether a caller may use the internet through us)."""
+        if src.version != dst.version or (self.local and not self.is_local(dst)):
+            return False
+        return self._match(PacketInfo(dst.version, TCP, src, dst, 0, port, tcp_syn_only=True), ports=True)
+
     def check_inbound(self, packet: bytes | bytearray | memoryview) -> tuple[bool, str]:
         info = parse_packet(packet)
         if info is None:

@@ -38,6 +38,7 @@ import attrs
 import trio
 
 from trionet import keys as keymod
+from trionet import peerapi
 from trionet.advertise import (
     Advertised,
     HostInterfaces,
@@ -53,7 +54,7 @@ from trionet.clock import wall
 from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.control.netmap import Netmap, legacy_derp_region
 from trionet.control.session import ControlSession
-from trionet.dns.driver import MagicDns, default_via_tailnet
+from trionet.dns.driver import MagicDns, default_via_tailnet, parse_upstream
 from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
 from trionet.exc_groups import contains
 from trionet.exitdns import doh_query
@@ -61,6 +62,7 @@ from trionet.filter import PacketFilter
 from trionet.magicsock.conn import MagicConn, PathTag
 from trionet.netaddr import split_host_port
 from trionet.netstack import NetStack
+from trionet.peerapi_server import PeerApiServer
 from trionet.rejects import RejectLog
 from trionet.router import Router
 from trionet.routes import (
@@ -165,6 +167,8 @@ class Node:
         self.filter = PacketFilter()
         #: MagicDNS: quad-100 in the netstack, `serve_dns`, and every name `resolve` looks up
         self.dns = MagicDns(via_tailnet=self._dns_via_tailnet)
+        #: The peer API on our tailnet addresses: DNS for the clients of our exit node
+        self.peerapi = PeerApiServer(self._peerapi_access, self._ask_host_resolver)
         self.wg: WgDevice | None = None
         self.stack: NetStack | None = None
         #: forwards peers' traffic for the routes we advertise and Headscale approved
@@ -584,7 +588,43 @@ class Node:
         extra: dict[str, Any] = {}
         if self.advertised:
             extra["RoutableIPs"] = self.advertised.hostinfo_routes()
+        services = self.peerapi.services()
+        if services:  # in the first Hostinfo Headscale 0.23 stores: it tells peers of a change in count only
+            extra["Services"] = services
         return extra
+
+    def _peerapi_access(self, caller: Any) -> peerapi.Access | None:
+        """What the peer API's access rule needs to know of `caller`; None: not a peer."""
+        netmap = self.netmap
+        me = netmap.self_node if netmap is not None else None
+        if netmap is None or me is None:
+            return None
+        peer = next((p for p in netmap.peers.values()
+                     if any(ipaddress.ip_interface(a).ip == caller for a in p.Addresses or ())), None)
+        if peer is None:
+            return None
+        filtered = (netmap.dns or {}).get("ExitNodeFilteredSet") or ()
+        return peerapi.Access(
+            own_addresses=peerapi.own_addresses(me.Addresses or ()),
+            same_user=bool(me.User) and peer.User == me.User,
+            offers_exit_node=self.advertised.exit_node,
+            caller_may_use_internet=self.filter.would_accept_tcp(caller, peerapi.caller_probe_address(caller), 53),
+            filtered_names=tuple(str(n) for n in filtered) if isinstance(filtered, list) else ())
+
+    async def _ask_host_resolver(self, wire: bytes) -> bytes:
+        """A query of our exit node's clients, to the host's resolver: `host_resolvers`'
+        first, else the first nameserver of /etc/resolv.conf, over TCP (as tailscaled)."""
+        if self.config.host_resolvers is not None:
+            first = next(iter(self.config.host_resolvers), None)
+            nameserver = parse_upstream(first) if first is not None else None
+        else:
+            try:
+                text = await trio.Path("/etc/resolv.conf").read_text()
+            except OSError:
+                text = ""
+            ip = peerapi.resolv_conf_nameserver(text)
+            nameserver = (ip, 53) if ip is not None else None
+        return await self.dns.ask_host_resolver(wire, nameserver)
 
     def _on_node_key_changed(self, node_private: bytes) -> None:
         """Renewed node key: WireGuard and DERP use it now; netstack streams carry on."""
@@ -608,14 +648,18 @@ class Node:
         self.router = Router(self.stack)
         self.forwarding_status = self.router.status
         self._nursery.start_soon(self.router.run)
+        self.peerapi.listen(self.stack, addrs)  # now: the first lite update carries its Services
+        self._nursery.start_soon(self.peerapi.serve)
         self._stack_ready.set()
 
     def forwarded_prefixes(self) -> list[IPNet]:
-        """What peers may reach through us: what we advertise that Headscale approved
-        (and hands our peers). An exit node's /0 is shrunk by the packet filter's local
-        nets before the forwarder sees a packet (`local_nets`)."""
-        approved = set(self.approved_routes())
-        return [n for n in self.advertised.routable_ips if n in approved]
+        """What peers may reach through us: what we advertise, as tailscaled forwards it
+        (its filter's local nets are the advertised prefixes, approval not checked). Peers
+        route only what Headscale approved, and Headscale 0.29 tells us of an approval
+        only with a later full netmap, so waiting for it here would refuse approved
+        routes for minutes. The packet filter (the ACLs) sees every packet first, and an
+        exit node's /0 is shrunk there (`local_nets`)."""
+        return list(self.advertised.routable_ips)
 
     def _update_forwarding(self) -> None:
         if self.router is not None:
@@ -897,6 +941,7 @@ class Node:
             "netstack": self.stack.statistics() if self.stack else {},
             "forwarding": self.router.statistics() if self.router else {},
             "dns": dict(self.dns.stats),
+            "peerapi": self.peerapi.statistics(),
             "attached": {source.name: source.statistics() for source in self._attached},
         }
 

@@ -221,3 +221,52 @@ def test_hostinfo_carries_the_nodes_extra_fields() -> None:
     conn.hostinfo_extra = lambda: {"RoutableIPs": ["10.0.0.0/24"]}
     assert conn.hostinfo()["RoutableIPs"] == ["10.0.0.0/24"]
     assert conn.map_request([], [], 1, stream=False)["Hostinfo"]["RoutableIPs"] == ["10.0.0.0/24"]
+
+
+def test_status_text_says_what_is_advertised_and_what_is_approved() -> None:
+    st = {"advertise": {"routes": ["10.0.0.0/24", "10.9.0.0/16"], "exit_node": True,
+                        "approved_routes": ["10.0.0.0/24"], "exit_node_approved": False,
+                        "pending": ["10.9.0.0/16", "0.0.0.0/0", "::/0"]},
+          "forwarding": {"tcp_flows": 3, "detail": {"x": 1}}}
+    lines = cli._routing_lines(st)
+    assert lines[0] == ("advertising: routes 10.0.0.0/24 (approved), 10.9.0.0/16 (NOT APPROVED); "
+                        "exit node (NOT APPROVED)")
+    assert "approve-routes" in lines[1]
+    assert lines[2] == "forwarding: tcp_flows 3"
+    assert cli._routing_lines({"advertise": {"routes": [], "exit_node": False}, "forwarding": {}}) == []
+
+
+async def test_daemon_set_takes_what_to_advertise_and_checks_it(tmp_path: Path) -> None:
+    from trionet.daemon.run import _Daemon
+
+    node = make_node(tmp_path)
+    feed(node, Netmap(), {"Node": _self(), "Peers": [peer(2)]})
+    daemon = _Daemon(node)
+    with pytest.raises(ConfigError, match="list of CIDR prefixes"):
+        await daemon.handle({"cmd": "set", "advertise_routes": "10.0.0.0/24"})
+    with pytest.raises(ConfigError, match="true or false"):
+        await daemon.handle({"cmd": "set", "advertise_exit_node": "yes"})
+    answer = await daemon.handle({"cmd": "set", "advertise_routes": ["10.0.0.0/24"], "advertise_exit_node": True})
+    assert isinstance(answer, dict) and answer["advertise"]["routes"] == ["10.0.0.0/24"]
+    assert answer["advertise"]["exit_node"] and not answer["advertise"]["exit_node_approved"]
+
+
+def test_threaded_node_takes_the_advertising_arguments(tmp_path: Path) -> None:
+    from trionet.threaded import ThreadedNode
+
+    threaded = ThreadedNode(login_server="https://hs.test", state_dir=tmp_path, advertise_routes=["10.0.0.0/24"],
+                            advertise_exit_node=True, host_resolvers=["127.0.0.1:5353"])
+    assert threaded._node.advertised == Advertised((net("10.0.0.0/24"),), exit_node=True)
+    assert threaded._node.config.host_resolvers == ("127.0.0.1:5353",)
+
+
+def test_a_change_of_what_we_advertise_is_reported_in_a_lite_update() -> None:
+    from trionet.control.session import ControlSession
+
+    extra: dict[str, Any] = {}
+    magic = SimpleNamespace(endpoints=lambda: ["192.0.2.1:41641"], home_region=1)
+    session = ControlSession(SimpleNamespace(login_server="https://hs.test"), None, magic, lambda *a: None,
+                             None, hostinfo_extra=lambda: dict(extra))  # type: ignore[arg-type]
+    before = session._report_key()
+    extra["RoutableIPs"] = ["10.0.0.0/24"]
+    assert session._report_key() != before  # the report loop sends a lite update for it

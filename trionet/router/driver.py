@@ -80,7 +80,8 @@ class Router:
         self.dial_timeout = dial_timeout
         self.errors = RejectLog(log, "forwarding", self.table.stats)
         self._nursery: trio.Nursery | None = None
-        self._udp_socks: dict[ConnKey, socket.socket] = {}
+        #: each UDP flow's host socket and the address its datagrams go to
+        self._udp_socks: dict[ConnKey, tuple[socket.socket, tuple[str, int]]] = {}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -126,7 +127,7 @@ class Router:
         now = trio.current_time()
         flow = table.udp.get(key)
         if flow is not None:
-            sock = self._udp_socks[key]
+            sock, to = self._udp_socks[key]
         else:
             flow = table.open_udp(key, now)
             if flow is None:
@@ -137,12 +138,13 @@ class Router:
                 table.close_udp(flow, "host_error")
                 self.errors.reject("udp_socket_error", f"UDP socket for {_addr(dst, dport)}: {exc}")
                 return
-            self._udp_socks[key] = sock
+            to = (str(ipaddress.ip_address(dst)), dport)
+            self._udp_socks[key] = (sock, to)
             assert self._nursery is not None
             self._nursery.start_soon(self._udp_replies, flow, sock)
         table.udp_from_peer(flow, len(payload), now)
         try:
-            sock.sendto(payload, (str(ipaddress.ip_address(dst)), dport))
+            sock.sendto(payload, to)
         except BlockingIOError:
             self.errors.reject("udp_send_full")
         except OSError as exc:  # unreachable, too big, ...: the datagram is lost, the flow stays
@@ -220,7 +222,7 @@ class Router:
             outcome = "host_error"
             self.errors.reject("udp_recv_error", f"UDP from {_addr(dst, dport)}: {exc}")
         finally:
-            if self._udp_socks.get(flow.key) is sock:
+            if self._udp_socks.get(flow.key, (None,))[0] is sock:
                 del self._udp_socks[flow.key]
             tsock.close()
             table.close_udp(flow, outcome)

@@ -31,8 +31,10 @@ GUARDED = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "169.254.0.0/16", "0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32", "100.64.0.0/10",
     "::1/128", "::/128", "fe80::/10", "ff00::/8", "fd7a:115c:a1e0::/48"))
 
-#: tailscaled's forwarded TCP in flight: 8192 on Linux, 2/3 of that per client.
-MAX_TCP = 8192
+#: Forwarded TCP connections, dialing or open, in all (2/3 of it per peer): the netstack's
+#: own connection bound (``netstack.stack.MAX_CONNECTIONS``), which they count against too.
+#: (tailscaled's 8192, 2/3 per client, bounds SYNs in flight: ``StackCore.max_forward_pending``.)
+MAX_TCP = 4096
 MAX_UDP = 4096
 #: tailscaled answers at most 20 forwarded echo requests at once (netstack.go userPing).
 MAX_PINGS = 20

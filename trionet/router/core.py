@@ -41,6 +41,9 @@ MAX_PINGS = 20
 UDP_IDLE = 120.0  # tailscaled: 2 min, reset by any packet either way
 UDP_IDLE_DNS = 30.0  # ... 30 s for flows to port 53
 STATUS_FLOWS = 50  # flows listed in status; the counts are always whole
+ALWAYS_REPORTED = ("tcp_attempts", "tcp_established", "tcp_completed", "tcp_refused", "tcp_unreachable",
+                   "tcp_timeout", "tcp_host_error", "dropped_limit", "udp_flows", "icmp_echo_answered",
+                   "icmp_echo_failed", "bytes_from_peer", "bytes_to_peer")
 
 
 class RoutePolicy:
@@ -215,8 +218,10 @@ class ForwardTable:
 
     # --------------------------------------------------------------- report
     def statistics(self) -> dict[str, int]:
-        """Counters (bytes of ended flows), then gauges of what is live now."""
-        out = dict(self.stats)
+        """Counters (bytes of ended flows), then gauges of what is live now. The main
+        counters are always there, 0 until something happens."""
+        out = dict.fromkeys(ALWAYS_REPORTED, 0)
+        out.update(self.stats)
         out["tcp_dialing"] = sum(1 for f in self.tcp.values() if not f.established)
         out["tcp_open"] = len(self.tcp) - out["tcp_dialing"]
         out["udp_open"] = len(self.udp)

@@ -182,9 +182,9 @@ class RequestReader:
         if "transfer-encoding" in headers:
             return self._fail(501, "chunked", "Transfer-Encoding is not supported; send Content-Length")
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):
             return self._fail(400, "bad_head", "bad Content-Length")
-        self._length = int(length_text)
+        self._length = int(length_text) if len(length_text) <= 12 else MAX_QUERY + 1  # (no 5000-digit int())
         if self._length > MAX_QUERY:
             return self._fail(413, "body_too_large", "query too large")
         connection = headers.get("connection", "").lower()
@@ -235,7 +235,7 @@ def _host_ok(host: str, own: frozenset[IPAddr]) -> bool:
         addr_text, sep, port = host.rpartition(":")
         if ":" in addr_text:
             return False  # a bare IPv6 address needs brackets
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
         return False
     try:
         return ipaddress.ip_address(addr_text) in own

@@ -16,6 +16,8 @@ import dns.rrset
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.unit.netstack.simlink import A4, B4, linked_stacks
 from trionet import peerapi
@@ -66,6 +68,8 @@ def test_a_query_is_asked_of_the_resolver() -> None:
 @pytest.mark.parametrize(("request_", "status", "reject"), [
     (_post(host="100.64.0.9:40000"), 403, "invalid_request"),  # not our address
     (_post(host="100.64.0.1"), 403, "invalid_request"),  # no port
+    (_post(host="100.64.0.1:\u00b2"), 403, "invalid_request"),  # a digit, not ASCII
+    (_post(host="100.64.0.1:" + "9" * 5000), 403, "invalid_request"),
     (_post(referer="http://evil/"), 403, "invalid_request"),
     (_post(origin="http://evil"), 403, "invalid_request"),
     (Request("GET", "/v0/env", {"host": "peer"}, b"", True), 404, "not_found"),
@@ -112,6 +116,8 @@ def test_the_reader_takes_requests_in_turn_and_bounds_them() -> None:
     for raw, kind in [(b"x" * (peerapi.MAX_HEAD + 1), "head_too_large"),
                       (b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (peerapi.MAX_QUERY + 1), "body_too_large"),
                       (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+                      (b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", "bad_head"),  # a digit, not ASCII
+                      (b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "body_too_large"),
                       (b"BREW\r\n\r\n", "bad_head"), (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", "bad_head")]:
         bad = RequestReader()
         bad.feed(raw)
@@ -248,3 +254,18 @@ async def test_the_host_resolver_is_asked_over_tcp() -> None:
         with pytest.raises(TransportError):
             await magic.ask_host_resolver(b"junk", (ipaddress.ip_address("127.0.0.1"), port))
         nursery.cancel_scope.cancel()
+
+
+@given(st.lists(st.binary(max_size=300), max_size=6),
+       st.sampled_from([b"POST /dns-query HTTP/1.1\r\nHost: peer\r\nContent-Type: application/dns-message\r\n",
+                        b"GET /dns-query?dns=", b""]))
+def test_no_input_makes_the_core_raise(chunks: list[bytes], prefix: bytes) -> None:
+    """Whatever a peer sends, the reader and the decision return; nothing raises."""
+    reader = RequestReader()
+    reader.feed(prefix)
+    for chunk in chunks:
+        reader.feed(chunk)
+        while isinstance(got := reader.next_request(), Request):
+            assert isinstance(decide(got, _access()), (Reply, AskResolver))
+        if isinstance(got, BadRequest):
+            break

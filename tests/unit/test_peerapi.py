@@ -269,3 +269,57 @@ def test_no_input_makes_the_core_raise(chunks: list[bytes], prefix: bytes) -> No
             assert isinstance(decide(got, _access()), (Reply, AskResolver))
         if isinstance(got, BadRequest):
             break
+
+
+async def test_http2_with_prior_knowledge_is_served_too() -> None:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    server = _server()
+    async with linked_stacks() as (a, b), trio.open_nursery() as nursery:
+        await _serve(server, b, nursery)
+        stream = await a.open_tcp_stream(B4, server.port4)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        for stream_id in (1, 3):  # two queries on one connection
+            client.send_headers(stream_id, [(":method", "POST"), (":scheme", "http"), (":path", "/dns-query"),
+                                            (":authority", f"{B4}:{server.port4}"),
+                                            ("content-type", "application/dns-message")])
+            client.send_data(stream_id, QUERY, end_stream=True)
+        await stream.send_all(client.data_to_send())
+        answers: dict[int, tuple[str, bytes]] = {}
+        status: dict[int, str] = {}
+        bodies: dict[int, bytes] = {}
+        with trio.fail_after(10):
+            while len(answers) < 2:
+                for event in client.receive_data(await stream.receive_some(65536)):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status[event.stream_id] = dict(event.headers)[b":status"].decode()
+                    elif isinstance(event, h2.events.DataReceived):
+                        client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+                    elif isinstance(event, h2.events.StreamEnded):
+                        answers[event.stream_id] = (status[event.stream_id], bodies[event.stream_id])
+                await stream.send_all(client.data_to_send())
+        assert {sid: st for sid, (st, _) in answers.items()} == {1: "200", 3: "200"}
+        assert dns.message.from_wire(answers[1][1]).answer[0][0].address == "198.51.100.7"
+        await trio.aclose_forcefully(stream)
+        nursery.cancel_scope.cancel()
+    assert server.stats["h2c_connections"] == 1 and server.stats["dns_answers"] == 2
+
+
+def test_a_broken_http2_stream_ends_the_connection_without_raising() -> None:
+    session = peerapi.H2cSession()
+    assert session.feed(peerapi.H2_PREFACE + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x") == []  # DATA on stream 0
+    assert session.failed is not None and session.failed.kind == "h2_protocol"
+
+
+@given(st.lists(st.binary(max_size=200), max_size=5))
+def test_no_http2_input_makes_the_session_raise(chunks: list[bytes]) -> None:
+    session = peerapi.H2cSession()
+    session.feed(peerapi.H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS
+    for chunk in chunks:
+        for _, request in session.feed(chunk):
+            assert isinstance(request, (Request, BadRequest))
+    assert isinstance(session.data_to_send(), bytes)

@@ -494,9 +494,7 @@ class Node:
             subnets = (parse_advertise_routes(",".join(_advertise_texts(advertise_routes)))
                        if advertise_routes is not None else advertised.subnets)
             offer_exit = advertised.exit_node if advertise_exit_node is None else bool(advertise_exit_node)
-            if advertise_routes is not None and advertise_exit_node is None:
-                offer_exit = offer_exit or any(n.prefixlen == 0 for n in subnets)  # "0.0.0.0/0,::/0"
-            advertised = Advertised.from_prefixes(subnets, offer_exit)
+            advertised = Advertised.from_prefixes(subnets, offer_exit)  # (both /0 in the routes: an exit node)
         prefs = self.route_prefs
         exit_id = self._exit_node_id
         if exit_node is not None:

@@ -22,8 +22,10 @@ local.go allowExitNodeDNSProxyToServeName):
   business), whose failure is a 500;
 * 200 with ``Content-Type: application/dns-message`` and the DNS bytes.
 
-This module parses requests (HTTP/1.1 with ``Content-Length``; a chunked body
-is refused) and decides; it never awaits and never reads a clock.
+This module parses requests (HTTP/1.1 with ``Content-Length``, a chunked body
+refused; or HTTP/2 with prior knowledge, "h2c", which Go's server takes on the
+same port: `H2cSession`, the h2 library's) and decides; it never awaits and
+never reads a clock.
 `trionet.peerapi_server` is the Trio driver.
 """
 
@@ -40,15 +42,22 @@ import attrs
 import dns.flags
 import dns.message
 import dns.rcode
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
 
 __all__ = [
     "DNS_PROXY_SERVICE",
     "DOH_CONTENT_TYPE",
+    "H2_PREFACE",
     "MAX_HEAD",
     "MAX_QUERY",
     "Access",
     "AskResolver",
     "BadRequest",
+    "H2cSession",
     "Reply",
     "Request",
     "RequestReader",
@@ -182,14 +191,97 @@ class RequestReader:
         if "transfer-encoding" in headers:
             return self._fail(501, "chunked", "Transfer-Encoding is not supported; send Content-Length")
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):
             return self._fail(400, "bad_head", "bad Content-Length")
-        self._length = int(length_text)
+        self._length = int(length_text) if len(length_text) <= 12 else MAX_QUERY + 1  # (no 5000-digit int())
         if self._length > MAX_QUERY:
             return self._fail(413, "body_too_large", "query too large")
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if parts[2] == "HTTP/1.1" else connection == "keep-alive"
         return parts[0], parts[1], headers, keep_alive
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_MAX_STREAMS = 16  # requests open at once on one HTTP/2 connection
+
+
+class H2cSession:
+    """HTTP/2 with prior knowledge on one connection: frames in, whole requests out (by
+    stream ID), answers back into frames. Bounded like `RequestReader`: a header block
+    of MAX_HEAD bytes, a body of MAX_QUERY, H2_MAX_STREAMS streams at once; a protocol
+    error ends the connection (`failed`)."""
+
+    def __init__(self) -> None:
+        config = h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
+        self._conn = h2.connection.H2Connection(config)
+        self._conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: H2_MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEAD})
+        self._conn.initiate_connection()
+        self._open: dict[int, tuple[dict[str, str], bytearray]] = {}
+        self.failed: BadRequest | None = None
+
+    def feed(self, data: bytes) -> list[tuple[int, Request | BadRequest]]:
+        """The requests (or refusals, by stream) these bytes complete."""
+        out: list[tuple[int, Request | BadRequest]] = []
+        if self.failed is not None:
+            return out
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.H2Error as exc:  # hostile or broken framing: the connection ends
+            self.failed = BadRequest(400, "h2_protocol", str(exc)[:100])
+            return out
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived) and event.stream_id is not None:
+                headers = {str(k).lower(): str(v) for k, v in event.headers or ()}
+                self._open[event.stream_id] = (headers, bytearray())
+            elif isinstance(event, h2.events.DataReceived) and event.stream_id is not None:
+                self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                known = self._open.get(event.stream_id)
+                if known is None:
+                    continue
+                known[1].extend(event.data or b"")
+                if len(known[1]) > MAX_QUERY:
+                    del self._open[event.stream_id]
+                    out.append((event.stream_id, BadRequest(413, "body_too_large", "query too large")))
+            elif isinstance(event, h2.events.StreamEnded) and event.stream_id is not None:
+                done = self._open.pop(event.stream_id, None)
+                if done is not None:
+                    out.append((event.stream_id, self._request(*done)))
+            elif isinstance(event, h2.events.StreamReset) and event.stream_id is not None:
+                self._open.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.failed = BadRequest(400, "h2_closed", "the client ended the connection")
+        return out
+
+    @staticmethod
+    def _request(headers: dict[str, str], body: bytearray) -> Request | BadRequest:
+        method, path = headers.get(":method", ""), headers.get(":path", "")
+        if not method or not path.startswith("/"):
+            return BadRequest(400, "bad_head", "malformed request")
+        plain = {k: v for k, v in headers.items() if not k.startswith(":")}
+        plain["host"] = headers.get(":authority", plain.get("host", ""))
+        return Request(method, path, plain, bytes(body), keep_alive=True)
+
+    def respond(self, stream_id: int, status: int, body: bytes, content_type: str) -> None:
+        """Queue the answer to `stream_id` (flow control permitting; a DNS answer fits the
+        initial window, what does not fit is cut short and the stream reset)."""
+        try:
+            self._conn.send_headers(stream_id, [(":status", str(status)), ("content-type", content_type),
+                                                ("content-length", str(len(body)))])
+            window = self._conn.local_flow_control_window(stream_id)
+            if len(body) > window:
+                self._conn.reset_stream(stream_id)
+                return
+            max_frame = self._conn.max_outbound_frame_size
+            for start in range(0, len(body), max_frame):
+                self._conn.send_data(stream_id, body[start:start + max_frame])
+            self._conn.end_stream(stream_id)
+        except h2.exceptions.H2Error:  # the client reset or closed that stream meanwhile
+            return
+
+    def data_to_send(self) -> bytes:
+        return bytes(self._conn.data_to_send())
 
 
 # ------------------------------------------------------------------ deciding
@@ -235,7 +327,7 @@ def _host_ok(host: str, own: frozenset[IPAddr]) -> bool:
         addr_text, sep, port = host.rpartition(":")
         if ":" in addr_text:
             return False  # a bare IPv6 address needs brackets
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
         return False
     try:
         return ipaddress.ip_address(addr_text) in own

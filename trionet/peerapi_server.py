@@ -3,8 +3,10 @@
 `PeerApiServer.listen` takes tailscaled's port for each of our addresses on the
 node's netstack (synchronously, so the first Hostinfo after it can carry the
 Services); `serve` accepts connections, one task each. Per connection: HTTP/1.1
-requests in turn (keep-alive), each decided by `peerapi.decide`; a DNS query
-goes to `ask` (the host's resolver) with a 5 s limit.
+requests in turn (keep-alive), or HTTP/2 with prior knowledge when it starts
+with that preface (h2c, as tailscaled's server takes it), each decided by
+`peerapi.decide`; a DNS query goes to `ask` (the host's resolver) with a 5 s
+limit.
 
 Bounds: at most MAX_CONNECTIONS connections at once (more are closed at once),
 a request head and body within `peerapi`'s limits, REQUEST_TIMEOUT for a whole
@@ -123,6 +125,13 @@ class PeerApiServer:
             return
         self.stats["connections"] += 1
         reader = peerapi.RequestReader()
+        first = await self._first_bytes(stream)
+        if not first:
+            return
+        if first.startswith(peerapi.H2_PREFACE):
+            await self._serve_h2(stream, caller, first)
+            return
+        reader.feed(first)
         while True:
             request = await self._read_request(stream, reader)
             if request is None:
@@ -139,6 +148,52 @@ class PeerApiServer:
             status, body, content_type = await self._answer(request, access, caller)
             await self._send(stream, peerapi.render(status, body, content_type, request.keep_alive))
             if not request.keep_alive:
+                return
+
+    async def _first_bytes(self, stream: Any) -> bytes:
+        """Enough of the start to tell HTTP/2's preface (h2c) from an HTTP/1.1 request;
+        b"" when the client sent nothing before closing or IDLE_TIMEOUT (counted)."""
+        data = b""
+        with trio.move_on_after(IDLE_TIMEOUT) as waiting:
+            while len(data) < len(peerapi.H2_PREFACE) and peerapi.H2_PREFACE.startswith(data):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+        if waiting.cancelled_caught and not data:
+            self.rejects.reject("idle")
+        return data
+
+    async def _serve_h2(self, stream: Any, caller: peerapi.IPAddr, first: bytes) -> None:
+        """HTTP/2 with prior knowledge: requests answered in turn, as they complete."""
+        self.stats["h2c_connections"] += 1
+        session = peerapi.H2cSession()
+        data = first
+        while True:
+            for stream_id, request in session.feed(data):
+                if isinstance(request, peerapi.BadRequest):
+                    self.rejects.reject(request.kind, caller)
+                    session.respond(stream_id, request.status, (request.message + "\n").encode(),
+                                    "text/plain; charset=utf-8")
+                    continue
+                access = self.access_for(caller)
+                if access is None:
+                    self.rejects.reject("unknown_peer", caller)
+                    return
+                status, body, content_type = await self._answer(request, access, caller)
+                session.respond(stream_id, status, body, content_type)
+            out = session.data_to_send()
+            if out:
+                await self._send(stream, out)
+            if session.failed is not None:
+                self.rejects.reject(session.failed.kind, caller)
+                return
+            with trio.move_on_after(IDLE_TIMEOUT) as waiting:
+                data = await stream.receive_some(65536)
+            if waiting.cancelled_caught:
+                self.rejects.reject("idle")
+                return
+            if not data:
                 return
 
     async def _read_request(self, stream: Any, reader: peerapi.RequestReader) -> \

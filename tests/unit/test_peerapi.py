@@ -16,6 +16,8 @@ import dns.rrset
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.unit.netstack.simlink import A4, B4, linked_stacks
 from trionet import peerapi
@@ -66,6 +68,8 @@ def test_a_query_is_asked_of_the_resolver() -> None:
 @pytest.mark.parametrize(("request_", "status", "reject"), [
     (_post(host="100.64.0.9:40000"), 403, "invalid_request"),  # not our address
     (_post(host="100.64.0.1"), 403, "invalid_request"),  # no port
+    (_post(host="100.64.0.1:\u00b2"), 403, "invalid_request"),  # a digit, not ASCII
+    (_post(host="100.64.0.1:" + "9" * 5000), 403, "invalid_request"),
     (_post(referer="http://evil/"), 403, "invalid_request"),
     (_post(origin="http://evil"), 403, "invalid_request"),
     (Request("GET", "/v0/env", {"host": "peer"}, b"", True), 404, "not_found"),
@@ -112,6 +116,8 @@ def test_the_reader_takes_requests_in_turn_and_bounds_them() -> None:
     for raw, kind in [(b"x" * (peerapi.MAX_HEAD + 1), "head_too_large"),
                       (b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (peerapi.MAX_QUERY + 1), "body_too_large"),
                       (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "chunked"),
+                      (b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", "bad_head"),  # a digit, not ASCII
+                      (b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "body_too_large"),
                       (b"BREW\r\n\r\n", "bad_head"), (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", "bad_head")]:
         bad = RequestReader()
         bad.feed(raw)
@@ -248,3 +254,72 @@ async def test_the_host_resolver_is_asked_over_tcp() -> None:
         with pytest.raises(TransportError):
             await magic.ask_host_resolver(b"junk", (ipaddress.ip_address("127.0.0.1"), port))
         nursery.cancel_scope.cancel()
+
+
+@given(st.lists(st.binary(max_size=300), max_size=6),
+       st.sampled_from([b"POST /dns-query HTTP/1.1\r\nHost: peer\r\nContent-Type: application/dns-message\r\n",
+                        b"GET /dns-query?dns=", b""]))
+def test_no_input_makes_the_core_raise(chunks: list[bytes], prefix: bytes) -> None:
+    """Whatever a peer sends, the reader and the decision return; nothing raises."""
+    reader = RequestReader()
+    reader.feed(prefix)
+    for chunk in chunks:
+        reader.feed(chunk)
+        while isinstance(got := reader.next_request(), Request):
+            assert isinstance(decide(got, _access()), (Reply, AskResolver))
+        if isinstance(got, BadRequest):
+            break
+
+
+async def test_http2_with_prior_knowledge_is_served_too() -> None:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    server = _server()
+    async with linked_stacks() as (a, b), trio.open_nursery() as nursery:
+        await _serve(server, b, nursery)
+        stream = await a.open_tcp_stream(B4, server.port4)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        for stream_id in (1, 3):  # two queries on one connection
+            client.send_headers(stream_id, [(":method", "POST"), (":scheme", "http"), (":path", "/dns-query"),
+                                            (":authority", f"{B4}:{server.port4}"),
+                                            ("content-type", "application/dns-message")])
+            client.send_data(stream_id, QUERY, end_stream=True)
+        await stream.send_all(client.data_to_send())
+        answers: dict[int, tuple[str, bytes]] = {}
+        status: dict[int, str] = {}
+        bodies: dict[int, bytes] = {}
+        with trio.fail_after(10):
+            while len(answers) < 2:
+                for event in client.receive_data(await stream.receive_some(65536)):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status[event.stream_id] = dict(event.headers)[b":status"].decode()
+                    elif isinstance(event, h2.events.DataReceived):
+                        client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+                    elif isinstance(event, h2.events.StreamEnded):
+                        answers[event.stream_id] = (status[event.stream_id], bodies[event.stream_id])
+                await stream.send_all(client.data_to_send())
+        assert {sid: st for sid, (st, _) in answers.items()} == {1: "200", 3: "200"}
+        assert dns.message.from_wire(answers[1][1]).answer[0][0].address == "198.51.100.7"
+        await trio.aclose_forcefully(stream)
+        nursery.cancel_scope.cancel()
+    assert server.stats["h2c_connections"] == 1 and server.stats["dns_answers"] == 2
+
+
+def test_a_broken_http2_stream_ends_the_connection_without_raising() -> None:
+    session = peerapi.H2cSession()
+    assert session.feed(peerapi.H2_PREFACE + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x") == []  # DATA on stream 0
+    assert session.failed is not None and session.failed.kind == "h2_protocol"
+
+
+@given(st.lists(st.binary(max_size=200), max_size=5))
+def test_no_http2_input_makes_the_session_raise(chunks: list[bytes]) -> None:
+    session = peerapi.H2cSession()
+    session.feed(peerapi.H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS
+    for chunk in chunks:
+        for _, request in session.feed(chunk):
+            assert isinstance(request, (Request, BadRequest))
+    assert isinstance(session.data_to_send(), bytes)

@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 DIAL_TIMEOUT = 60.0
 PING_TIMEOUT = 5.0  # `ping -W 3` itself, plus the process's start and end
 UDP_RECV = 65535
-#: Netstack keepalive on a forwarded connection's tailnet side, as the proxies'
-#: (a peer that vanished frees its host socket within minutes, not hours).
+#: Keepalive on both sides of a forwarded connection, as the proxies' (tailscaled turns it
+#: on too): a peer or a destination that vanished without a FIN or RST frees the other
+#: side within minutes, not hours. (idle s, interval s, probes)
 TAILNET_KEEPALIVE = (60.0, 15.0, 4)
+HOST_KEEPALIVE = (60, 15, 4)
 
 HostPing = Callable[[str], Awaitable[bool]]
 
@@ -241,6 +243,12 @@ async def _dial(dst: bytes, port: int) -> trio.SocketStream:
     """One connect to an address (no name, no happy eyeballs): its error as it is."""
     sock = trio.socket.socket(socket.AF_INET if len(dst) == 4 else socket.AF_INET6, socket.SOCK_STREAM)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):  # (Linux; elsewhere the system's timings)
+            idle, interval, count = HOST_KEEPALIVE
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
         await sock.connect((str(ipaddress.ip_address(dst)), port))
     except BaseException:
         sock.close()

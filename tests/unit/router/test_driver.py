@@ -248,3 +248,27 @@ async def test_host_error_is_a_rst_and_a_counter_not_a_crash(monkeypatch: pytest
         assert router.statistics()["tcp_host_error"] == 1
         with trio.fail_after(5), pytest.raises(TransportError):  # and the router still works
             await client.open_tcp_stream(LOOPBACK, 9)
+
+
+async def test_a_slow_dial_holds_the_handshake_and_swallows_the_retransmitted_syns(
+        monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock) -> None:
+    from trionet.router import driver
+
+    real_dial = driver._dial
+
+    async def slow_dial(dst: bytes, port: int) -> trio.SocketStream:
+        await trio.sleep(5)  # the client retransmits its SYN meanwhile (1 s, then 3 s)
+        return await real_dial(dst, port)
+
+    monkeypatch.setattr(driver, "_dial", slow_dial)
+    async with routed() as (client, router), trio.open_nursery() as nursery:
+        port, _ = await serve_tcp_echo(nursery)
+        start = trio.current_time()
+        stream = await client.open_tcp_stream(LOOPBACK, port)
+        assert trio.current_time() - start >= 5  # established only once the host had dialed
+        await stream.send_all(b"late")
+        assert await stream.receive_some() == b"late"
+        assert router.stack.statistics()["tcp_forward_syn_swallowed"] >= 1
+        assert router.statistics()["tcp_attempts"] == 1
+        await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -28,7 +28,7 @@ import trio
 
 from ..netstack.driver import NetStack
 from ..proxy.server import RelayFailed, relay
-from ..rejects import RejectLog
+from ..rejects import RejectLog, should_log
 from .core import ConnKey, Flow, ForwardTable, RoutePolicy
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,10 @@ class Router:
                     host = await _dial(dst, dport)
             except (OSError, trio.TooSlowError) as exc:
                 outcome = _dial_outcome(exc)
-                log.debug("forward %s -> %s: %s (%s)", _addr(src, sport), _addr(dst, dport), outcome, exc)
+                count = self.table.stats["tcp_" + outcome] + 1  # (close_tcp counts it below)
+                if log.isEnabledFor(logging.DEBUG) and should_log(count):  # a flood costs a few lines
+                    log.debug("forwarding: %s -> %s: %s (%d so far): %s", _addr(src, sport), _addr(dst, dport),
+                              outcome, count, exc)
                 return
             outcome = "completed"
             answered = True

@@ -8,7 +8,7 @@ proxy's namespace, so the ratio compares the proxies, not the clients.
 Rows: single stream MB/s (direct and DERP), 64-byte round trip p50/p99,
 200 concurrent connections (aggregate MB/s and setups/s), CPU s/GB, RSS; and
 (bench_router) a tailscaled client's single stream through trionet as subnet
-router beside the same through a tailscaled subnet router.
+router and as exit node, beside the same through a tailscaled router.
 """
 
 from __future__ import annotations
@@ -249,7 +249,8 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
             [*prof, "-m", "trionet", "up", "--login-server", stack.server_url, "--authkey",
              f"file:{keyfile}", "--state-dir", str(state), "--hostname", "bench", "--ca-file",
              str(stack.ca_file), "--udp-bind", stack.local_ip, "--socks5", str(trionet_socks),
-             *(("--advertise-routes", bench_router.prefixes(stack)[0]) if "router" in rows else ())],
+             *(("--advertise-routes", bench_router.prefixes(stack)[0], "--advertise-exit-node")
+               if "router" in rows else ())],
             stdout=(stack.workdir / "trionet.log").open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
         procs.append(daemon)
 
@@ -324,12 +325,13 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
             stack.unblock_udp()
         if "router" in rows:  # ts2 is the client here, ts1 the tailscaled router
             time.sleep(8 if "derp" in rows else 0)  # the direct path back after the DERP row
-            row = bench_router.row(stack, ts1, ts2, "bench", daemon.pid, CLIENT, www / "blob", cpu_split)
-            results["rows"].append(row)
-            print(f"{row['metric']:<44} trionet {row['trionet']:10.2f}  tailscaled {row['tailscaled']:10.2f}  "
-                  f"ratio {row['ratio']:.2f}", flush=True)
-            print(f"{'  router CPU s/GB':<44} trionet {row['trionet_cpu_s_per_gb']:10.1f}  "
-                  f"tailscaled {row['tailscaled_cpu_s_per_gb']:10.1f}", flush=True)
+            for measure in (bench_router.row, bench_router.exit_row):
+                row = measure(stack, ts1, ts2, "bench", daemon.pid, CLIENT, www / "blob", cpu_split)
+                results["rows"].append(row)
+                print(f"{row['metric']:<44} trionet {row['trionet']:10.2f}  tailscaled {row['tailscaled']:10.2f}  "
+                      f"ratio {row['ratio']:.2f}", flush=True)
+                print(f"{'  router CPU s/GB':<44} trionet {row['trionet_cpu_s_per_gb']:10.1f}  "
+                      f"tailscaled {row['tailscaled_cpu_s_per_gb']:10.1f}", flush=True)
         st = subprocess.run([sys.executable, "-m", "trionet", "status", "--json", "--state-dir", str(state)],
                             capture_output=True, text=True)
         if st.returncode == 0:

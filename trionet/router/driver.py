@@ -104,7 +104,11 @@ class Router:
         return self.table.statistics()
 
     def status(self) -> dict[str, Any]:
-        """Live flow counts and the oldest flows (``ForwardTable.status``)."""
+        """Live flow counts and the oldest flows (``ForwardTable.status``); {} while the
+        router forwards nothing and holds no flow (so `status` says nothing of it)."""
+        table = self.table
+        if not (self.policy.prefixes or table.tcp or table.udp or table.pings):
+            return {}
         try:
             now = trio.current_time()
         except RuntimeError:  # asked from outside the node's Trio run (a ThreadedNode's caller)

@@ -41,3 +41,10 @@ def test_statistics_and_status_carry_the_forwarding_section(tmp_path: Path) -> N
     assert node.statistics()["forwarding"]["udp_flows"] == 1
     status = node.routing_status()["forwarding"]
     assert status["udp"] == 1 and status["flows"] == []  # outside a Trio run: counts only, no ages
+
+
+def test_a_node_that_offers_nothing_shows_no_forwarding_in_status(tmp_path: Path) -> None:
+    node, _ = with_router(tmp_path)
+    feed(node, Netmap(), {"Node": SELF, "Peers": [peer(2)]})
+    assert node.routing_status()["forwarding"] == {}
+    assert node.statistics()["forwarding"]["tcp_attempts"] == 0  # the counters are there all the same

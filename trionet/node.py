@@ -90,6 +90,7 @@ OUTBOUND_BURST = 48
 _PEER_AND_PATH = itemgetter(0, 2)  # a wg Transmit's peer and path
 
 MAGIC_DNS_IP = "100.100.100.100"
+RESOLV_CONF = "/etc/resolv.conf"  # the host's resolver, for our exit node's clients (as tailscaled on Linux)
 
 
 class StatisticsSource(Protocol):
@@ -617,7 +618,7 @@ class Node:
             nameserver = parse_upstream(first) if first is not None else None
         else:
             try:
-                text = await trio.Path("/etc/resolv.conf").read_text()
+                text = await trio.Path(RESOLV_CONF).read_text()
             except OSError:
                 text = ""
             ip = peerapi.resolv_conf_nameserver(text)

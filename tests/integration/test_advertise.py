@@ -140,6 +140,8 @@ async def test_a_tailscaled_client_of_the_exit_node_resolves_names_through_its_p
                                               "ts1's name lookup to reach trionet's host resolver")
                 stats = node.statistics()["peerapi"]
                 assert stats["dns_answers"] >= 1 and stats.get("dns_denied", 0) == 0, stats
+                # tailscaled's DoH client speaks HTTP/1.1 to a peer API (protocol-notes-next §22.5)
+                assert stats.get("h2c_connections", 0) == 0, stats
             finally:
                 await trio.to_thread.run_sync(lambda: ts1.cli("set", "--exit-node="))
     finally:

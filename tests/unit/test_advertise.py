@@ -270,3 +270,44 @@ def test_a_change_of_what_we_advertise_is_reported_in_a_lite_update() -> None:
     before = session._report_key()
     extra["RoutableIPs"] = ["10.0.0.0/24"]
     assert session._report_key() != before  # the report loop sends a lite update for it
+
+
+@pytest.mark.parametrize(("host_resolvers", "resolv_conf", "asked"), [
+    (None, "search x\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n", ("192.0.2.53", 53)),
+    (None, "# no nameserver\n", None),  # MagicDNS's own resolvers then
+    (["192.0.2.99:5353", "192.0.2.98"], "nameserver 192.0.2.53\n", ("192.0.2.99", 5353)),
+])
+async def test_our_exit_node_clients_are_answered_by_the_hosts_first_resolver(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_resolvers: list[str] | None, resolv_conf: str,
+        asked: tuple[str, int] | None) -> None:
+    import trionet.node
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(resolv_conf)
+    monkeypatch.setattr(trionet.node, "RESOLV_CONF", str(conf))
+    node = make_node(tmp_path, host_resolvers=host_resolvers)
+    seen: list[Any] = []
+
+    async def ask(wire: bytes, nameserver: Any) -> bytes:
+        seen.append(nameserver)
+        return wire
+
+    monkeypatch.setattr(node.dns, "ask_host_resolver", ask)
+    assert await node._ask_host_resolver(b"query") == b"query"
+    assert seen == [None if asked is None else (ip(asked[0]), asked[1])]
+
+
+def test_the_peer_apis_access_rule_sees_users_the_filter_and_what_we_offer(tmp_path: Path) -> None:
+    node = make_node(tmp_path, advertise_exit_node=True)
+    rules = [{"SrcIPs": ["100.64.0.2"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+    feed(node, Netmap(), {"Node": {**_self(), "User": 1}, "PacketFilter": rules,
+                          "DNSConfig": {"ExitNodeFilteredSet": [".corp.test"]},
+                          "Peers": [peer(2, User=2), peer(3, User=2), peer(4, User=1)]})
+    internet_user = node._peerapi_access(ip("100.64.0.2"))
+    assert internet_user is not None and internet_user.caller_may_use_internet and not internet_user.same_user
+    assert internet_user.filtered_names == (".corp.test",) and ip("100.64.0.1") in internet_user.own_addresses
+    other = node._peerapi_access(ip("100.64.0.3"))
+    assert other is not None and not other.caller_may_use_internet  # no rule lets it out
+    same = node._peerapi_access(ip("100.64.0.4"))
+    assert same is not None and same.same_user
+    assert node._peerapi_access(ip("100.64.0.9")) is None  # not a peer

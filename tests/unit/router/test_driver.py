@@ -272,3 +272,35 @@ async def test_a_slow_dial_holds_the_handshake_and_swallows_the_retransmitted_sy
         assert router.statistics()["tcp_attempts"] == 1
         await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_udp_host_socket_takes_the_clients_source_port_if_free_else_another() -> None:
+    server = await udp_echo_server()
+    port = server.getsockname()[1]
+    seen: list[int] = []
+
+    async def record(sock: trio.socket.SocketType) -> None:
+        while True:
+            data, addr = await sock.recvfrom(65536)
+            seen.append(addr[1])
+            await sock.sendto(data, addr)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("", 0))  # a port the host already uses
+        busy = taken.getsockname()[1]
+        async with routed() as (client, router), trio.open_nursery() as nursery:
+            nursery.start_soon(record, server)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port free on the host just now
+                probe.bind(("", 0))
+                free = probe.getsockname()[1]
+            free_ep = client.udp_bind(free)
+            busy_ep = client.udp_bind(busy)
+            with trio.fail_after(5):
+                await free_ep.send(b"a", (LOOPBACK, port))
+                await free_ep.receive()
+                await busy_ep.send(b"b", (LOOPBACK, port))
+                await busy_ep.receive()  # answered all the same, from another host port
+            assert seen[0] == free_ep.port and seen[1] != busy
+            assert router.statistics()["udp_flows"] == 2
+            nursery.cancel_scope.cancel()
+    server.close()

@@ -14,7 +14,8 @@ SYSDEPS := wireguard-go wg nft ip curl jq ping dig
 STRICT  := trionet/keys.py trionet/rejects.py trionet/backoff.py trionet/exc_groups.py trionet/netaddr.py trionet/clock.py trionet/status.py trionet/forwarding.py \
            trionet/threaded.py trionet/httpx_transport.py trionet/noise trionet/proto trionet/wg trionet/netstack trionet/dns \
            trionet/derp/frames.py trionet/derp/client.py trionet/magicsock/disco.py trionet/magicsock/stun.py trionet/magicsock/paths.py \
-           trionet/control/login.py trionet/magicsock/netcheck.py trionet/routes.py trionet/exitdns.py trionet/control/ping.py
+           trionet/control/login.py trionet/magicsock/netcheck.py trionet/routes.py trionet/exitdns.py trionet/control/ping.py \
+           trionet/advertise.py trionet/filter.py trionet/peerapi.py trionet/peerapi_server.py trionet/router
 
 .PHONY: all venv wheel sysdeps stack-bin stack-up stack-down compose-prepare lint unit integration test demo bench bench-ir soak fuzz clean
 

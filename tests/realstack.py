@@ -437,6 +437,46 @@ class Stack:
                 return node
         return None
 
+    # -- routes (protocol-notes-next §17.2)
+    def _route_rows(self, hostname: str) -> list[dict[str, Any]]:
+        """0.23: `routes list` rows of `hostname` (id, prefix, advertised, enabled, is_primary)."""
+        return [r for r in self.headscale("routes", "list") or []
+                if (r.get("node") or {}).get("name") == hostname
+                or (r.get("node") or {}).get("given_name") == hostname]
+
+    def announced_routes(self, hostname: str) -> set[str]:
+        """The routes Headscale has seen `hostname` announce (Hostinfo.RoutableIPs)."""
+        if self.users_by_id:  # 0.26 and later
+            node = self.node_by_hostname(hostname)
+            return set(node.get("available_routes") or []) if node is not None else set()
+        return {r["prefix"] for r in self._route_rows(hostname) if r.get("advertised")}
+
+    def approved_routes(self, hostname: str) -> set[str]:
+        """The routes of `hostname` an admin (or autoApprovers) approved."""
+        if self.users_by_id:
+            node = self.node_by_hostname(hostname)
+            return set(node.get("approved_routes") or []) if node is not None else set()
+        return {r["prefix"] for r in self._route_rows(hostname) if r.get("enabled")}
+
+    def approve_routes(self, hostname: str, prefixes: Any, timeout: float = 30) -> None:
+        """Approve `prefixes` that node `hostname` announces, once Headscale has seen them:
+        0.26+ `nodes approve-routes -i ID -r a,b` (it replaces the approved set: we add to
+        it), 0.23 `routes enable -r ROUTE_ID` per route (an exit route enables both families)."""
+        want = set(prefixes)
+        wait_for(lambda: want <= self.announced_routes(hostname), timeout,
+                 f"Headscale to see {hostname} announce {sorted(want)}")
+        if self.users_by_id:
+            node = self.node_by_hostname(hostname)
+            assert node is not None
+            approved = sorted(set(node.get("approved_routes") or []) | want)
+            self.headscale("nodes", "approve-routes", "-i", str(node["id"]), "-r", ",".join(approved))
+        else:
+            for route in self._route_rows(hostname):
+                if route.get("prefix") in want and not route.get("enabled"):
+                    self.headscale("routes", "enable", "-r", str(route["id"]))
+        wait_for(lambda: want <= self.approved_routes(hostname), timeout,
+                 f"Headscale to list {sorted(want)} of {hostname} as approved")
+
     # -- tailscaled
     def add_tailscaled(self, name: str | None = None, up: bool = True,
                        env_extra: dict[str, str] | None = None) -> Tailscaled:

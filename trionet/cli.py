@@ -123,7 +123,8 @@ def _flag_bool(text: str) -> bool:
 
 
 def _routing_args(p: argparse.ArgumentParser, for_set: bool = False) -> None:
-    """--exit-node, --exit-node-allow-lan-access, --accept-routes: on `up` and on `set`."""
+    """--exit-node, --exit-node-allow-lan-access, --accept-routes, --advertise-routes,
+    --advertise-exit-node: on `up` and on `set`."""
     p.add_argument("--exit-node", metavar="NAME|IP", default=None,
                    help="send traffic outside the tailnet through this peer (a name or tailnet IP; "
                         + ('"" stops using one)' if for_set else "it must offer exit routes)"))
@@ -131,6 +132,12 @@ def _routing_args(p: argparse.ArgumentParser, for_set: bool = False) -> None:
                    metavar="BOOL", help="with an exit node, dial this host's LAN directly, not through it")
     p.add_argument("--accept-routes", type=_flag_bool, nargs="?", const=True, default=None, metavar="BOOL",
                    help="use the subnet routes other nodes advertise (and Headscale approved)")
+    p.add_argument("--advertise-routes", metavar="CIDR,CIDR", default=None,
+                   help="offer these subnets to the tailnet as a subnet router (Headscale must approve them)"
+                        + ('; "" stops offering any' if for_set else ""))
+    p.add_argument("--advertise-exit-node", type=_flag_bool, nargs="?", const=True, default=None,
+                   metavar="BOOL", help="offer this node as an exit node (0.0.0.0/0 and ::/0; Headscale "
+                   "must approve them)")
 
 
 def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
@@ -164,7 +171,15 @@ def config_from_args(args: argparse.Namespace) -> cfg.NodeConfig:
         udp_port=args.udp_port, udp_bind=args.udp_bind, start_timeout=args.timeout,
         exit_node=(args.exit_node or "").strip(),
         exit_node_allow_lan_access=bool(args.exit_node_allow_lan_access),
-        accept_routes=bool(args.accept_routes), advertise_tags=cfg.parse_tags(args.advertise_tags), **kwargs)
+        accept_routes=bool(args.accept_routes), advertise_tags=cfg.parse_tags(args.advertise_tags),
+        advertise_routes=_advertise_routes(args.advertise_routes),
+        advertise_exit_node=bool(args.advertise_exit_node), **kwargs)
+
+
+def _advertise_routes(text: str | None) -> tuple[str, ...]:
+    from trionet.advertise import parse_advertise_routes
+
+    return tuple(str(n) for n in parse_advertise_routes(text or ""))
 
 
 def _setup_logging(verbose: int, level_name: str | None = None) -> None:
@@ -312,6 +327,27 @@ def _routing_lines(st: dict[str, Any]) -> list[str]:
         lines.append("accepted routes: " + ", ".join(f"{r['prefix']} via {r['peer']}" for r in routes))
     elif st.get("accept_routes"):
         lines.append("accepted routes: none offered")
+    lines.extend(_advertise_lines(st.get("advertise") or {}, st.get("forwarding") or {}))
+    return lines
+
+
+def _advertise_lines(adv: dict[str, Any], forwarding: dict[str, Any]) -> list[str]:
+    """What we offer as a subnet router / exit node and whether Headscale approved it;
+    the forwarder's summary (its scalar counters) when it reports one."""
+    parts = []
+    approved = set(adv.get("approved_routes") or [])
+    if adv.get("routes"):
+        parts.append("routes " + ", ".join(
+            f"{r} ({'approved' if r in approved else 'NOT APPROVED'})" for r in adv["routes"]))
+    if adv.get("exit_node"):
+        parts.append(f"exit node ({'approved' if adv.get('exit_node_approved') else 'NOT APPROVED'})")
+    lines = ["advertising: " + "; ".join(parts)] if parts else []
+    if parts and adv.get("pending"):
+        lines.append("  (approve on Headscale: `headscale nodes approve-routes` on 0.26+, "
+                     "`headscale routes enable` on 0.23-0.25)")
+    summary = [f"{k} {v}" for k, v in sorted(forwarding.items()) if isinstance(v, (int, float, str))]
+    if summary:
+        lines.append("forwarding: " + ", ".join(summary))
     return lines
 
 
@@ -347,8 +383,13 @@ def cmd_set(args: argparse.Namespace) -> int:
         req["exit_node_allow_lan_access"] = args.exit_node_allow_lan_access
     if args.accept_routes is not None:
         req["accept_routes"] = args.accept_routes
+    if args.advertise_routes is not None:
+        req["advertise_routes"] = list(_advertise_routes(args.advertise_routes))
+    if args.advertise_exit_node is not None:
+        req["advertise_exit_node"] = args.advertise_exit_node
     if len(req) == 1:
-        raise ConfigError("set: nothing to change (--exit-node, --exit-node-allow-lan-access, --accept-routes)")
+        raise ConfigError("set: nothing to change (--exit-node, --exit-node-allow-lan-access, --accept-routes, "
+                          "--advertise-routes, --advertise-exit-node)")
     st = _ipc(args, req)
     if args.json:
         print(json.dumps({k: v for k, v in st.items() if k != "ok"}, indent=2, sort_keys=True))

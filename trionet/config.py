@@ -77,6 +77,11 @@ class NodeConfig:
     exit_node_allow_lan_access: bool = False  # --exit-node-allow-lan-access
     accept_routes: bool = False  # --accept-routes: use peers' approved subnet routes
     advertise_tags: tuple[str, ...] = ()  # --advertise-tags: Hostinfo.RequestTags
+    advertise_routes: tuple[str, ...] = ()  # --advertise-routes: subnets offered (normalized CIDRs)
+    advertise_exit_node: bool = False  # --advertise-exit-node: offer 0.0.0.0/0 and ::/0
+    # The DNS servers ("ip" or "ip:port") the peer API's DoH asks for our exit node's
+    # clients; None = the first nameserver of /etc/resolv.conf, as tailscaled on Linux
+    host_resolvers: tuple[str, ...] | None = None
     # The host's LAN prefixes for --exit-node-allow-lan-access; None = read the host's interfaces
     lan_prefixes: tuple[str, ...] | None = None
 

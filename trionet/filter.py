@@ -2,7 +2,9 @@
 
 Semantics follow tailscale wgengine/filter (filter.go runIn4/runIn6, match.go):
 
-* the destination must be one of our addresses;
+* the destination must be one of our "local nets": our addresses, and for a
+  subnet router or exit node what it advertises (`trionet.advertise.local_nets`,
+  a few hundred prefixes once a /0 is shrunk: looked up by bisection);
 * ICMP echo replies and errors always pass; other ICMP passes if any rule
   allows src -> dst on some port;
 * TCP without SYN passes (continuations of connections we opened); a SYN
@@ -19,6 +21,7 @@ Outbound traffic is not filtered; it only feeds the UDP flow cache.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 import struct
@@ -155,6 +158,20 @@ def _in(addr: IPAddr, nets: Sequence[IPNet]) -> bool:
     return any(addr.version == n.version and addr in n for n in nets)
 
 
+def _ranges(nets: Iterable[IPNet]) -> dict[int, tuple[list[int], list[int]]]:
+    """Per IP version: the nets as sorted, merged [start, end] integer ranges."""
+    out: dict[int, tuple[list[int], list[int]]] = {4: ([], []), 6: ([], [])}
+    for net in sorted(nets, key=lambda n: (n.version, int(n.network_address))):
+        starts, ends = out[net.version]
+        first, last = int(net.network_address), int(net.broadcast_address)
+        if ends and first <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], last)
+        else:
+            starts.append(first)
+            ends.append(last)
+    return out
+
+
 class PacketFilter:
     def __init__(self, rules: Iterable[Any] = (), local: Iterable[IPNet] = ()) -> None:
         self.matches = compile_rules(rules)
@@ -163,6 +180,7 @@ class PacketFilter:
         self.drops: Counter[str] = Counter()
         self._rejects = RejectLog(log, "filter", self.drops)
         self._local_raw = self._raw_locals()
+        self._local_ranges = _ranges(self.local)
 
     def _raw_locals(self) -> frozenset[bytes]:
         return frozenset(n.network_address.packed for n in self.local if n.num_addresses == 1)
@@ -173,6 +191,13 @@ class PacketFilter:
         if local is not None:
             self.local = list(local)
             self._local_raw = self._raw_locals()
+            self._local_ranges = _ranges(self.local)
+
+    def is_local(self, addr: IPAddr) -> bool:
+        """Whether `addr` is in the local nets (a destination this node takes packets for)."""
+        starts, ends = self._local_ranges[addr.version]
+        i = bisect.bisect_right(starts, int(addr)) - 1
+        return i >= 0 and int(addr) <= ends[i]
 
     def note_outbound(self, packet: bytes | memoryview) -> None:
         self.note_outbound_many((packet,))
@@ -223,11 +248,18 @@ class PacketFilter:
             and any(_in(info.dst, d.nets) and d.first == 0 and d.last == 65535 for d in m.dsts)
             for m in self.matches)
 
+    def would_accept_tcp(self, src: IPAddr, dst: IPAddr, port: int) -> bool:
+        """Whether a TCP SYN from `src` to `dst`:`port` would pass (tailscale's Filter.CheckTCP:
+        the peer API asks it whether a caller may use the internet through us)."""
+        if src.version != dst.version or (self.local and not self.is_local(dst)):
+            return False
+        return self._match(PacketInfo(dst.version, TCP, src, dst, 0, port, tcp_syn_only=True), ports=True)
+
     def check_inbound(self, packet: bytes | bytearray | memoryview) -> tuple[bool, str]:
         info = parse_packet(packet)
         if info is None:
             return False, "unparseable"
-        if self.local and not _in(info.dst, self.local):
+        if self.local and not self.is_local(info.dst):
             return False, "destination not ours"
         if info.proto in (ICMP4, ICMP6):
             if info.icmp_response:

@@ -26,7 +26,7 @@ import ipaddress
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from itertools import groupby
@@ -38,12 +38,23 @@ import attrs
 import trio
 
 from trionet import keys as keymod
+from trionet import peerapi
+from trionet.advertise import (
+    Advertised,
+    HostInterfaces,
+    IPNet,
+    advertise_status,
+    approved_routes,
+    host_interfaces_from_proc,
+    local_nets,
+    parse_advertise_routes,
+)
 from trionet.clock import now as clock_now
 from trionet.clock import wall
 from trionet.config import NodeConfig, check_login_server, is_ip
 from trionet.control.netmap import Netmap, legacy_derp_region
 from trionet.control.session import ControlSession
-from trionet.dns.driver import MagicDns, default_via_tailnet
+from trionet.dns.driver import MagicDns, default_via_tailnet, parse_upstream
 from trionet.dns.view import QUAD100_V4, QUAD100_V6
 from trionet.errors import ConfigError, StartTimeout, TransportError, TrionetError, find_trionet_error
 from trionet.exc_groups import contains
@@ -52,8 +63,11 @@ from trionet.filter import PacketFilter
 from trionet.magicsock.conn import MagicConn, PathTag
 from trionet.netaddr import split_host_port
 from trionet.netstack import NetStack
+from trionet.peerapi_server import PeerApiServer
 from trionet.rejects import RejectLog
+from trionet.router import Router
 from trionet.routes import (
+    EXIT_ROUTES,
     ExitNodeChoiceError,
     NoRouteError,
     PeerRoutes,
@@ -78,6 +92,7 @@ OUTBOUND_BURST = 48
 _PEER_AND_PATH = itemgetter(0, 2)  # a wg Transmit's peer and path
 
 MAGIC_DNS_IP = "100.100.100.100"
+RESOLV_CONF = "/etc/resolv.conf"  # the host's resolver, for our exit node's clients (as tailscaled on Linux)
 
 
 class StatisticsSource(Protocol):
@@ -107,6 +122,9 @@ class Node:
         exit_node: str | None = None,
         exit_node_allow_lan_access: bool | None = None,
         accept_routes: bool | None = None,
+        advertise_routes: Sequence[str] | str | None = None,
+        advertise_exit_node: bool | None = None,
+        host_resolvers: Sequence[str] | None = None,
     ) -> None:
         if config is None:
             if login_server is None or state_dir is None:
@@ -119,9 +137,22 @@ class Node:
                                 udp_port=udp_port, udp_bind=udp_bind, **kwargs)
         routing: dict[str, Any] = {k: v for k, v in (("exit_node", exit_node), ("accept_routes", accept_routes),
                                      ("exit_node_allow_lan_access", exit_node_allow_lan_access)) if v is not None}
+        if advertise_routes is not None:
+            routing["advertise_routes"] = _advertise_texts(advertise_routes)
+        if advertise_exit_node is not None:
+            routing["advertise_exit_node"] = bool(advertise_exit_node)
+        if host_resolvers is not None:
+            routing["host_resolvers"] = tuple(host_resolvers)
         if routing:  # keyword arguments win over the config's
             config = attrs.evolve(config, **routing)
         self.config = config
+        #: What we offer the tailnet (--advertise-routes, --advertise-exit-node); what Headscale
+        #: approved is in the netmap (`approved_routes`)
+        self.advertised = Advertised.from_prefixes(
+            parse_advertise_routes(",".join(config.advertise_routes)), config.advertise_exit_node)
+        self._host_interfaces: HostInterfaces | None = None  # read when an exit node needs them
+        #: The forwarder's live flows for `routing_status()["forwarding"]`; set by whoever forwards
+        self.forwarding_status: Callable[[], dict[str, Any]] = dict
         # Routing (trionet.routes): the user's choices, each peer's prefixes, the table built from both.
         self.route_prefs = RoutePrefs(exit_node=(config.exit_node or "").strip(),
                                       exit_node_allow_lan_access=config.exit_node_allow_lan_access,
@@ -139,8 +170,12 @@ class Node:
         self.filter = PacketFilter()
         #: MagicDNS: quad-100 in the netstack, `serve_dns`, and every name `resolve` looks up
         self.dns = MagicDns(via_tailnet=self._dns_via_tailnet)
+        #: The peer API on our tailnet addresses: DNS for the clients of our exit node
+        self.peerapi = PeerApiServer(self._peerapi_access, self._ask_host_resolver)
         self.wg: WgDevice | None = None
         self.stack: NetStack | None = None
+        #: forwards peers' traffic for the routes we advertise and Headscale approved
+        self.router: Router | None = None
         self.magic: MagicConn | None = None
         self.control: ControlSession | None = None
         self.keys: keymod.State | None = None
@@ -206,7 +241,8 @@ class Node:
                     log.warning("UDP socket unavailable (%s); using DERP only", exc)
                 self.wg = WgDevice(state.node_private)
                 self.control = ControlSession(self.config, state, self.magic, self._on_netmap,
-                                              self.status_machine, on_node_key_changed=self._on_node_key_changed)
+                                              self.status_machine, on_node_key_changed=self._on_node_key_changed,
+                                              hostinfo_extra=self._hostinfo_extra)
                 await nursery.start(self.magic.run)
                 nursery.start_soon(self.control.run)
                 nursery.start_soon(self._wg_timer)
@@ -289,7 +325,9 @@ class Node:
         if me is not None and self.stack is None:
             self._start_stack(me)
         elif me is not None and self.stack is not None:
-            self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
+            self._update_local_nets()
+        if me is not None:
+            self._update_forwarding()
         if getattr(change, "filter_changed", True):
             self.filter.update(rules=netmap.packet_filter or [])
         unreadable, routes_changed = self._read_peer_routes(netmap)
@@ -448,10 +486,18 @@ class Node:
             raise ExitNodeChoiceError(problem)
 
     def set(self, *, exit_node: str | None = None, accept_routes: bool | None = None,
-            exit_node_allow_lan_access: bool | None = None) -> dict[str, Any]:
+            exit_node_allow_lan_access: bool | None = None, advertise_routes: Sequence[str] | str | None = None,
+            advertise_exit_node: bool | None = None) -> dict[str, Any]:
         """Change routing at run time (`tailscale set`): None leaves a setting as it is;
-        ``exit_node=""`` clears it. All is checked before anything changes; WireGuard's
-        allowed IPs follow at once. Returns the new routing status."""
+        ``exit_node=""`` clears it, ``advertise_routes=()`` offers no subnet. All is checked
+        before anything changes; WireGuard's allowed IPs follow at once, a change of what we
+        advertise reaches the control server in a lite update. Returns the new routing status."""
+        advertised = self.advertised
+        if advertise_routes is not None or advertise_exit_node is not None:
+            subnets = (parse_advertise_routes(",".join(_advertise_texts(advertise_routes)))
+                       if advertise_routes is not None else advertised.subnets)
+            offer_exit = advertised.exit_node if advertise_exit_node is None else bool(advertise_exit_node)
+            advertised = Advertised.from_prefixes(subnets, offer_exit)  # (both /0 in the routes: an exit node)
         prefs = self.route_prefs
         exit_id = self._exit_node_id
         if exit_node is not None:
@@ -474,6 +520,15 @@ class Node:
         self._apply_routes_to_wireguard()
         log.info("routing: exit node %s, accept routes %s, LAN access %s", prefs.exit_node or "none",
                  prefs.accept_routes, prefs.exit_node_allow_lan_access)
+        if advertised != self.advertised:
+            self.advertised = advertised
+            self._host_interfaces = None  # read the host's interfaces again: they may have changed
+            self._update_local_nets()
+            self._update_forwarding()
+            if self.control is not None:
+                self.control.endpoints_changed()  # the lite update carries the new RoutableIPs
+            log.info("advertising routes %s, exit node %s",
+                     ",".join(map(str, advertised.subnets)) or "none", "yes" if advertised.exit_node else "no")
         return self.routing_status()
 
     def set_exit_node(self, exit_node: str | None) -> dict[str, Any]:
@@ -482,12 +537,95 @@ class Node:
         return self.set(exit_node=exit_node or "")
 
     def routing_status(self) -> dict[str, Any]:
+        try:
+            forwarding = self.forwarding_status()
+        except Exception as exc:  # status must not fail for a bug in the forwarder's report
+            self.rejects.internal_error("forwarding_status", exc)
+            forwarding = {}
         return {
             "exit_node": self.routes.exit_node_status(),
             "accept_routes": self.route_prefs.accept_routes,
             "exit_node_allow_lan_access": self.route_prefs.exit_node_allow_lan_access,
             "routes": self.routes.accepted_routes(),
+            "advertise": advertise_status(self.advertised, self.approved_routes()),
+            "forwarding": forwarding,
         }
+
+    # -------------------------------------------------- subnet router / exit node
+    def approved_routes(self) -> tuple[IPNet, ...]:
+        """The routes of ours that Headscale approved and hands our peers (our netmap node's
+        AllowedIPs beyond its addresses); () before the first netmap."""
+        return approved_routes(self.netmap.self_node if self.netmap is not None else None)
+
+    @property
+    def offers_exit_node(self) -> bool:
+        """Whether we advertise an exit node (approved or not: see `exit_node_approved`)."""
+        return self.advertised.exit_node
+
+    @property
+    def exit_node_approved(self) -> bool:
+        """Whether peers may use us as their exit node: both /0 approved."""
+        approved = self.approved_routes()
+        return self.advertised.exit_node and all(r in approved for r in EXIT_ROUTES)
+
+    def local_nets(self) -> list[IPNet]:
+        """The destinations the inbound packet filter takes as ours: our addresses, the
+        subnets we advertise and, offering an exit node, the internet (§17.3)."""
+        return local_nets(self._own_nets(), self.advertised, self._host_ifaces())
+
+    def _host_ifaces(self) -> HostInterfaces:
+        """The host's interfaces, read (Linux /proc) only when an exit node needs them."""
+        if not self.advertised.exit_node:
+            return HostInterfaces()
+        if self._host_interfaces is None:
+            self._host_interfaces = _read_host_interfaces()
+        return self._host_interfaces
+
+    def _update_local_nets(self) -> None:
+        self.filter.update(local=self.local_nets())
+
+    def _hostinfo_extra(self) -> dict[str, Any]:
+        """Hostinfo fields of ours beyond the config's: RoutableIPs as tailscaled sends them."""
+        extra: dict[str, Any] = {}
+        if self.advertised:
+            extra["RoutableIPs"] = self.advertised.hostinfo_routes()
+        services = self.peerapi.services()
+        if services:  # in the first Hostinfo Headscale 0.23 stores: it tells peers of a change in count only
+            extra["Services"] = services
+        return extra
+
+    def _peerapi_access(self, caller: Any) -> peerapi.Access | None:
+        """What the peer API's access rule needs to know of `caller`; None: not a peer."""
+        netmap = self.netmap
+        me = netmap.self_node if netmap is not None else None
+        if netmap is None or me is None:
+            return None
+        peer = next((p for p in netmap.peers.values()
+                     if any(ipaddress.ip_interface(a).ip == caller for a in p.Addresses or ())), None)
+        if peer is None:
+            return None
+        filtered = (netmap.dns or {}).get("ExitNodeFilteredSet") or ()
+        return peerapi.Access(
+            own_addresses=peerapi.own_addresses(me.Addresses or ()),
+            same_user=bool(me.User) and peer.User == me.User,
+            offers_exit_node=self.advertised.exit_node,
+            caller_may_use_internet=self.filter.would_accept_tcp(caller, peerapi.caller_probe_address(caller), 53),
+            filtered_names=tuple(str(n) for n in filtered) if isinstance(filtered, list) else ())
+
+    async def _ask_host_resolver(self, wire: bytes) -> bytes:
+        """A query of our exit node's clients, to the host's resolver: `host_resolvers`'
+        first, else the first nameserver of /etc/resolv.conf, over TCP (as tailscaled)."""
+        if self.config.host_resolvers is not None:
+            first = next(iter(self.config.host_resolvers), None)
+            nameserver = parse_upstream(first) if first is not None else None
+        else:
+            try:
+                text = await trio.Path(RESOLV_CONF).read_text()
+            except OSError:
+                text = ""
+            ip = peerapi.resolv_conf_nameserver(text)
+            nameserver = (ip, 53) if ip is not None else None
+        return await self.dns.ask_host_resolver(wire, nameserver)
 
     def _on_node_key_changed(self, node_private: bytes) -> None:
         """Renewed node key: WireGuard and DERP use it now; netstack streams carry on."""
@@ -500,7 +638,7 @@ class Node:
 
     def _start_stack(self, me: Any) -> None:
         addrs = [ipaddress.ip_interface(a).ip for a in me.Addresses or ()]
-        self.filter.update(local=[_ip_net(a) for a in me.Addresses or ()])
+        self._update_local_nets()
         # Packets reach the stack only through WireGuard, whose AEAD already proved them
         # intact; tailscaled's netstack skips these checksums too.
         self.stack = NetStack(addresses=addrs, output=self._on_ip_out, mtu=1280, verify_checksums=False,
@@ -508,7 +646,28 @@ class Node:
         assert self._nursery is not None
         self._nursery.start_soon(self.stack.run)
         self._nursery.start_soon(self.dns.serve_netstack, self.stack)
+        self.router = Router(self.stack)
+        self.forwarding_status = self.router.status
+        self._nursery.start_soon(self.router.run)
+        self.peerapi.listen(self.stack, addrs)  # now: the first lite update carries its Services
+        self._nursery.start_soon(self.peerapi.serve)
         self._stack_ready.set()
+
+    def forwarded_prefixes(self) -> list[IPNet]:
+        """What peers may reach through us: what we advertise, as tailscaled forwards it
+        (its filter's local nets are the advertised prefixes, approval not checked). Peers
+        route only what Headscale approved, and Headscale 0.29 tells us of an approval
+        only with a later full netmap, so waiting for it here would refuse approved
+        routes for minutes. The packet filter (the ACLs) sees every packet first, and an
+        exit node's /0 is shrunk there (`local_nets`)."""
+        return list(self.advertised.routable_ips)
+
+    def _update_forwarding(self) -> None:
+        if self.router is not None:
+            prefixes = self.forwarded_prefixes()
+            if set(prefixes) != set(self.router.policy.prefixes):
+                log.info("forwarding for peers: %s", ", ".join(map(str, prefixes)) or "nothing")
+                self.router.set_prefixes(prefixes)
 
     def _endpoints_changed(self) -> None:
         if self.control is not None:
@@ -789,7 +948,9 @@ class Node:
             "magicsock": self.magic.statistics() if self.magic else {},
             "wireguard": self.wg.statistics() if self.wg else {},
             "netstack": self.stack.statistics() if self.stack else {},
+            "forwarding": self.router.statistics() if self.router else {},
             "dns": dict(self.dns.stats),
+            "peerapi": self.peerapi.statistics(),
             "attached": {source.name: source.statistics() for source in self._attached},
         }
 
@@ -840,6 +1001,23 @@ def _peer_routes_json(peer: PeerRoutes, table: RouteTable) -> dict[str, Any]:
         "primary_routes": [str(n) for n in peer.primary_routes],
         "routes": ours,
     }
+
+
+def _advertise_texts(routes: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Routes to advertise as the user gave them ("a,b" or a list), checked and normalized."""
+    text = routes if isinstance(routes, str) else ",".join(routes or ())
+    return tuple(str(n) for n in parse_advertise_routes(text))
+
+
+def _read_host_interfaces() -> HostInterfaces:
+    """The host's interface prefixes and addresses from /proc (Linux); none elsewhere."""
+    texts = []
+    for name in ("/proc/net/fib_trie", "/proc/net/if_inet6"):
+        try:
+            texts.append(Path(name).read_text())
+        except OSError:
+            texts.append("")
+    return host_interfaces_from_proc(*texts)
 
 
 def _read_host_lan() -> list[Any]:

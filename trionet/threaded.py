@@ -22,7 +22,7 @@ import logging
 import math
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,10 +69,15 @@ class ThreadedNode:
         exit_node: str | None = None,
         exit_node_allow_lan_access: bool | None = None,
         accept_routes: bool | None = None,
+        advertise_routes: Sequence[str] | str | None = None,
+        advertise_exit_node: bool | None = None,
+        host_resolvers: Sequence[str] | None = None,
     ) -> None:
         self._node = Node(login_server, auth_key, state_dir, hostname, ca_file, config=config,
                           udp_port=udp_port, udp_bind=udp_bind, exit_node=exit_node,
-                          exit_node_allow_lan_access=exit_node_allow_lan_access, accept_routes=accept_routes)
+                          exit_node_allow_lan_access=exit_node_allow_lan_access, accept_routes=accept_routes,
+                          advertise_routes=advertise_routes, advertise_exit_node=advertise_exit_node,
+                          host_resolvers=host_resolvers)
         self._relays = _Relays()
         self._node.attach_statistics(self._relays)
         self._lock = threading.Lock()  # start() and stop() may come from different threads
@@ -158,6 +163,15 @@ class ThreadedNode:
     def set_exit_node(self, exit_node: str | None) -> dict[str, Any]:
         """`Node.set_exit_node`: use this peer for traffic outside the tailnet (None: stop)."""
         return self._call_sync(lambda: self._node.set_exit_node(exit_node))
+
+    def set(self, **changes: Any) -> dict[str, Any]:
+        """`Node.set`: change routing and what we advertise (exit_node, accept_routes,
+        exit_node_allow_lan_access, advertise_routes, advertise_exit_node)."""
+        return self._call_sync(lambda: self._node.set(**changes))
+
+    def routing_status(self) -> dict[str, Any]:
+        """`Node.routing_status()`: the exit node in use, accepted routes, what we advertise."""
+        return self._call_sync(self._node.routing_status)
 
     @property
     def running(self) -> bool:

@@ -6,7 +6,9 @@ trionet's `--socks5` (in our namespace) and tailscaled ts2's `--socks5-server`
 proxy's namespace, so the ratio compares the proxies, not the clients.
 
 Rows: single stream MB/s (direct and DERP), 64-byte round trip p50/p99,
-200 concurrent connections (aggregate MB/s and setups/s), CPU s/GB, RSS.
+200 concurrent connections (aggregate MB/s and setups/s), CPU s/GB, RSS; and
+(bench_router) a tailscaled client's single stream through trionet as subnet
+router and as exit node, beside the same through a tailscaled router.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.bench import bench_router
 from tests.realstack import NEWEST_HEADSCALE, REPO, Stack, build, wait_for
 
 CLIENT = r'''
@@ -213,10 +216,10 @@ def run_client(ns: list[str], mode: str, host: str, port: int, proxy_port: int, 
 
 def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] | None = None,
          conns: int = 200, profile: Path | None = None) -> dict[str, Any]:
-    """``only``: a subset of {"stream", "upload", "rr", "concurrent", "derp"}; ``profile``: run the
+    """``only``: a subset of {"stream", "upload", "rr", "concurrent", "derp", "router"}; ``profile``: run the
     trionet daemon under pyinstrument and write its report there (HTML; text for
     .txt, a session for .pyisession)."""
-    rows = only or frozenset(("stream", "upload", "rr", "concurrent", "derp"))
+    rows = only or frozenset(("stream", "upload", "rr", "concurrent", "derp", "router"))
     trionet_socks = free_port()
     build((NEWEST_HEADSCALE,))
     stack = Stack(NEWEST_HEADSCALE).start(tailscaleds=2)
@@ -245,7 +248,9 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
         daemon = subprocess.Popen(
             [*prof, "-m", "trionet", "up", "--login-server", stack.server_url, "--authkey",
              f"file:{keyfile}", "--state-dir", str(state), "--hostname", "bench", "--ca-file",
-             str(stack.ca_file), "--udp-bind", stack.local_ip, "--socks5", str(trionet_socks)],
+             str(stack.ca_file), "--udp-bind", stack.local_ip, "--socks5", str(trionet_socks),
+             *(("--advertise-routes", bench_router.prefixes(stack)[0], "--advertise-exit-node")
+               if "router" in rows else ())],
             stdout=(stack.workdir / "trionet.log").open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
         procs.append(daemon)
 
@@ -318,6 +323,15 @@ def main(out_json: Path | None = None, blob_mb: int = 200, only: frozenset[str] 
             print(f"{'  CPU s/GB over DERP':<44} trionet {row['trionet_cpu_s_per_gb']:10.1f}  "
                   f"tailscaled {row['tailscaled_cpu_s_per_gb']:10.1f}")
             stack.unblock_udp()
+        if "router" in rows:  # ts2 is the client here, ts1 the tailscaled router
+            time.sleep(8 if "derp" in rows else 0)  # the direct path back after the DERP row
+            for measure in (bench_router.row, bench_router.exit_row):
+                row = measure(stack, ts1, ts2, "bench", daemon.pid, CLIENT, www / "blob", cpu_split)
+                results["rows"].append(row)
+                print(f"{row['metric']:<44} trionet {row['trionet']:10.2f}  tailscaled {row['tailscaled']:10.2f}  "
+                      f"ratio {row['ratio']:.2f}", flush=True)
+                print(f"{'  router CPU s/GB':<44} trionet {row['trionet_cpu_s_per_gb']:10.1f}  "
+                      f"tailscaled {row['tailscaled_cpu_s_per_gb']:10.1f}", flush=True)
         st = subprocess.run([sys.executable, "-m", "trionet", "status", "--json", "--state-dir", str(state)],
                             capture_output=True, text=True)
         if st.returncode == 0:
@@ -352,7 +366,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="?", type=Path, help="write the results here")
     ap.add_argument("--json", dest="json_opt", type=Path, help="same as the positional argument")
-    ap.add_argument("--only", default="", help="comma-separated rows: stream,upload,rr,concurrent,derp")
+    ap.add_argument("--only", default="", help="comma-separated rows: stream,upload,rr,concurrent,derp,router")
     ap.add_argument("--conns", type=int, default=200, help="connections in the concurrent row")
     ap.add_argument("--blob-mb", type=int, default=200, help="single-stream transfer size")
     ap.add_argument("--profile", type=Path,

@@ -6,6 +6,8 @@ router (10.214.N.x/30) and, in each router's namespace, a route to the host's
 prefix over that link. Neither the test LAN nor our own namespace has a route
 there, so trionet reaches it only through the tailnet. tailscaled in userspace
 mode dials such destinations from its own namespace with ordinary sockets.
+``link_to_our_namespace`` is the other way round, for trionet as the router: an
+address only our own namespace reaches.
 
 Small servers to run there (``serve_files``), and a DNS server for a router's
 namespace (``DnsServer``): ``ip netns exec`` bind-mounts /etc/netns/NS/resolv.conf
@@ -61,6 +63,24 @@ def add_routed_host(stack: Stack, name: str, address: str, routers: Sequence[Tai
         run(["ip", "-n", host.netns, "link", "set", host_if, "up"])
         run(["ip", "-n", router.host.netns, "route", "add", route, "via", host_ip])
     return host
+
+
+def link_to_our_namespace(stack: Stack, host: Host, address: str, route: str, link_base: int = 200) -> None:
+    """Give `host` `address` too (on its loopback) and make `route` reachable from our own
+    namespace, where trionet runs, and from nowhere else: one veth link from here
+    (10.214.<subnet>.<link_base + 1, + 2>/30) and our route for `route` over it. For
+    trionet as the subnet router or exit node. The link and the route go with the
+    host's namespace (Stack.stop)."""
+    ours, theirs = f"10.214.{stack.subnet}.{link_base + 1}", f"10.214.{stack.subnet}.{link_base + 2}"
+    link = f"{stack.prefix}-{host.name}"[:15]
+    if address != host.ip:
+        run(["ip", "-n", host.netns, "addr", "add", f"{address}/32", "dev", "lo"])
+    run(["ip", "link", "add", link, "type", "veth", "peer", "name", "to-us", "netns", host.netns])
+    run(["ip", "addr", "add", f"{ours}/30", "dev", link])
+    run(["ip", "link", "set", link, "up"])
+    run(["ip", "-n", host.netns, "addr", "add", f"{theirs}/30", "dev", "to-us"])
+    run(["ip", "-n", host.netns, "link", "set", "to-us", "up"])
+    run(["ip", "route", "add", route, "via", theirs])
 
 
 class FileServer:
@@ -202,28 +222,8 @@ class DnsServer:
 
 
 def approve_routes(stack: Stack, router: Tailscaled, prefixes: Sequence[str], timeout: float = 30) -> None:
-    """Approve `prefixes` that `router` announces (tailscale set --advertise-...), once Headscale
-    has seen them: 0.26+ `nodes approve-routes` (which replaces the approved set: we add to it),
-    0.23 `routes enable` per route ID (an exit route enables both families)."""
-    want = set(prefixes)
-    if stack.users_by_id:  # 0.26 and later
-        def announced() -> dict[str, Any] | None:
-            node = stack.node_by_hostname(router.name)
-            return node if node is not None and want <= set(node.get("available_routes") or []) else None
-
-        node = wait_for(announced, timeout, f"Headscale to see {router.name} announce {sorted(want)}")
-        approved = sorted(set(node.get("approved_routes") or []) | want)
-        stack.headscale("nodes", "approve-routes", "-i", str(node["id"]), "-r", ",".join(approved))
-        return
-
-    def routes() -> list[dict[str, Any]] | None:
-        mine = [r for r in stack.headscale("routes", "list") or []
-                if (r.get("node") or {}).get("name") == router.name and r.get("prefix") in want]
-        return mine if {r["prefix"] for r in mine} == want and all(r.get("advertised") for r in mine) else None
-
-    for route in wait_for(routes, timeout, f"Headscale 0.23 to list {router.name}'s routes {sorted(want)}"):
-        if not route.get("enabled"):
-            stack.headscale("routes", "enable", "-r", str(route["id"]))
+    """Approve `prefixes` that `router` announces (tailscale set --advertise-...): `Stack.approve_routes`."""
+    stack.approve_routes(router.name, prefixes, timeout)
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:

@@ -288,6 +288,8 @@ class ControlConnection:
         # Called with each MapResponse.PingRequest, keepalives included (tailscaled's
         # direct.go looks at it before anything else in a message).
         self.on_ping_request: Callable[[Any], None] | None = None
+        # Hostinfo fields the node adds (RoutableIPs, Services): see ControlSession.
+        self.hostinfo_extra: Callable[[], dict[str, Any]] | None = None
 
     def __repr__(self) -> str:  # public keys only: the auth key and private keys stay out of logs
         return f"<ControlConnection {self.config.login_server} as {self.node_key}>"
@@ -305,6 +307,8 @@ class ControlConnection:
         tags = getattr(self.config, "advertise_tags", ())
         if tags:  # tailscaled: Hostinfo.RequestTags = prefs.AdvertiseTags, in register and map requests
             info["RequestTags"] = list(tags)
+        if self.hostinfo_extra is not None:
+            info.update(self.hostinfo_extra())
         return info
 
     async def register(self, renew_to: bytes | None = None, followup: str = "") -> proto.RegisterResponse:

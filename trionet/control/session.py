@@ -38,6 +38,7 @@ same URL. A key that expires later, with no auth key, leads back here.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import random
@@ -86,8 +87,12 @@ def renewal_due(expiry: float, key_since: float | None, now: float) -> float:
 class ControlSession:
     def __init__(self, config: Any, state: Any, magic: Any, on_netmap: Callable[[Any, Any], None],
                  status: StatusMachine, rng: random.Random | None = None,
-                 on_node_key_changed: Callable[[bytes], None] | None = None) -> None:
+                 on_node_key_changed: Callable[[bytes], None] | None = None,
+                 hostinfo_extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
+        # Hostinfo fields the node decides as it runs (RoutableIPs, the peer API's Services):
+        # sent in every register and map request; a change is reported by a lite update.
+        self.hostinfo_extra = hostinfo_extra
         self.state = state
         self.magic = magic
         self.on_netmap = on_netmap
@@ -119,7 +124,8 @@ class ControlSession:
         self._endpoints_dirty.set()
 
     def _report_key(self) -> tuple[Any, ...]:
-        return (tuple(self.magic.endpoints()), self.magic.home_region)
+        extra = self.hostinfo_extra() if self.hostinfo_extra is not None else {}
+        return (tuple(self.magic.endpoints()), self.magic.home_region, json.dumps(extra, sort_keys=True))
 
     async def run(self) -> None:
         failures = 0
@@ -168,6 +174,7 @@ class ControlSession:
 
         self._renewing = False
         async with control.open_session(self.config, self.state) as conn:
+            conn.hostinfo_extra = self.hostinfo_extra
             if self.status.status is Status.CONNECTING:
                 self.status.move(Status.REGISTERING, "registering")
             await self._register(conn)
@@ -354,7 +361,8 @@ class ControlSession:
             await conn.lite_update(self.magic.endpoints(), self.magic.endpoint_types(),
                                    self.magic.home_region, net_info=net_info)
             self._reported = key
-            log.info("reported endpoints %s, home DERP %s", key[0], key[1])
+            log.info("reported endpoints %s, home DERP %s%s", key[0], key[1],
+                     f", {key[2]}" if key[2] != "{}" else "")
 
 
 def _when(ts: float | None) -> str:

@@ -67,15 +67,20 @@ class _Daemon:
         raise ConfigError(f"unknown command {cmd!r} (status, peers, ping, set, down)")
 
     def set(self, request: dict[str, Any]) -> dict[str, Any]:
-        """`trionet set`: {"exit_node": NAME|IP|"", "accept_routes": bool, "exit_node_allow_lan_access": bool},
-        each optional; refused whole (nothing changes) when one is wrong."""
+        """`trionet set`: {"exit_node": NAME|IP|"", "accept_routes": bool, "exit_node_allow_lan_access": bool,
+        "advertise_routes": [CIDR, ...], "advertise_exit_node": bool}, each optional; refused whole
+        (nothing changes) when one is wrong."""
         exit_node = request.get("exit_node")
-        flags = {k: request.get(k) for k in ("accept_routes", "exit_node_allow_lan_access")}
+        flags = {k: request.get(k) for k in ("accept_routes", "exit_node_allow_lan_access", "advertise_exit_node")}
         if exit_node is not None and not isinstance(exit_node, str):
             raise ConfigError('set: "exit_node" must be a string ("" clears it)')
         if any(v is not None and not isinstance(v, bool) for v in flags.values()):
-            raise ConfigError('set: "accept_routes" and "exit_node_allow_lan_access" must be true or false')
-        return self.node.set(exit_node=exit_node, **flags)
+            raise ConfigError('set: "accept_routes", "exit_node_allow_lan_access" and "advertise_exit_node" '
+                              "must be true or false")
+        routes = request.get("advertise_routes")
+        if routes is not None and (not isinstance(routes, list) or not all(isinstance(r, str) for r in routes)):
+            raise ConfigError('set: "advertise_routes" must be a list of CIDR prefixes')
+        return self.node.set(exit_node=exit_node, advertise_routes=routes, **flags)
 
     async def down(self) -> ipc.AfterReply:
         """Stop the node, say so, then end the daemon (after the answer is out)."""

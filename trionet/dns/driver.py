@@ -422,9 +422,9 @@ class MagicDns:
             self.rejects.reject(f"upstream_reply_{problem}")
         return problem is None
 
-    async def _tcp_exchange(self, ip: IPAddress, port: int, fwd: Forward) -> bytes:
+    async def _tcp_exchange(self, ip: IPAddress, port: int, fwd: Forward, via_host: bool = False) -> bytes:
         stream: trio.abc.Stream
-        if self.stack is not None and self.via_tailnet(ip):
+        if not via_host and self.stack is not None and self.via_tailnet(ip):
             stream = await self.stack.open_tcp_stream(ip, port)
         else:
             stream = await trio.open_tcp_stream(str(ip), port)
@@ -441,6 +441,31 @@ class MagicDns:
         if problem is not None:
             raise _UpstreamError(f"reply_{problem}")
         return reply
+
+    async def ask_host_resolver(self, wire: bytes, nameserver: tuple[IPAddress, int] | None) -> bytes:
+        """A query from a client of our exit node (the peer API's DoH), answered as tailscaled
+        on Linux answers it (tsdns.go HandlePeerDNSQuery): `nameserver` (the host's first
+        resolv.conf entry) over TCP, so no 512-byte limit; with none, or quad-100 itself,
+        the resolvers MagicDNS forwards to. TransportError when no answer comes."""
+        parsed = resolver.parse_query(wire)
+        if not isinstance(parsed, Query):
+            raise TransportError("not a DNS query")
+        self.stats["exit_client_queries"] += 1
+        if nameserver is None or nameserver[0] in (QUAD100_V4, QUAD100_V6):
+            reply = await self.handle(wire, tcp=True)
+            if reply is None:
+                raise TransportError("MagicDNS dropped the query")
+            return reply
+        try:
+            with trio.fail_after(TCP_TIMEOUT):
+                return await self._tcp_exchange(nameserver[0], nameserver[1], Forward(parsed, wire, ()),
+                                                via_host=True)
+        except _UpstreamError as exc:
+            self.rejects.reject(f"host_resolver_{exc.kind}", nameserver)
+            raise TransportError(f"the host's resolver {nameserver[0]} failed: {exc.kind}") from None
+        except trio.TooSlowError:
+            self.rejects.reject("host_resolver_timeout", nameserver)
+            raise TransportError(f"the host's resolver {nameserver[0]} did not answer") from None
 
     # ----------------------------------------------------------------- servers
     async def _serve_udp(self, sock: _Datagrams, udp_max: int) -> None:

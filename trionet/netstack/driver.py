@@ -19,7 +19,9 @@ from ..errors import TransportError
 from .stack import (
     MAX_CONNECTIONS,
     UDP_QUEUE_BYTES,
+    ConnKey,
     EchoWaiter,
+    ForwardHooks,
     IPAddress,
     ListenerCore,
     PacketInfo,
@@ -132,6 +134,35 @@ class NetStack:
             self.core.divert.pop(key, None)
         else:
             self.core.divert[key] = to
+
+    # ------------------------------------------------------------- forwarding
+    def set_forwarder(self, hooks: ForwardHooks | None) -> None:
+        """Packets for addresses not ours that ``hooks.wants`` go to ``hooks`` (a
+        ``trionet.router.Router``); None: they are dropped again."""
+        self.core.forwarder = hooks
+
+    def complete_pending(self, key: ConnKey) -> TcpStream | None:
+        """Answer a held forwarded SYN (see ``StackCore.complete_pending``): its stream,
+        still in SYN_RECEIVED, or None if the client went away or the stack is full."""
+        conn = self.core.complete_pending(key, trio.current_time())
+        stream = None if conn is None else TcpStream(self, conn)
+        self.after_core_call(conn)
+        return stream
+
+    def refuse_pending(self, key: ConnKey) -> None:
+        """RST a held forwarded SYN: its destination could not be reached."""
+        self.core.refuse_pending(key)
+        self.after_core_call()
+
+    def send_udp_from(self, src: bytes, sport: int, dst: bytes, dport: int, data: bytes) -> bool:
+        """A datagram from any address (a forwarded flow's reply); False if too big."""
+        sent = self.core.udp_send_from(src, sport, dst, dport, data)
+        self.after_core_call()
+        return sent
+
+    def echo_reply_from(self, src: bytes, dst: bytes, ident: int, seq: int, payload: bytes) -> None:
+        self.core.echo_reply_from(src, dst, ident, seq, payload)
+        self.after_core_call()
 
     # -------------------------------------------------------------------- TCP
     async def open_tcp_stream(self, ip: IPAddress | str, port: int) -> TcpStream:

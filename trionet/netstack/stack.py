@@ -29,7 +29,7 @@ import logging
 import random
 import zlib
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ..errors import LocalProtocolError, TransportError
 from ..rejects import RejectLog
@@ -67,8 +67,41 @@ class ConnectionLimitError(TransportError):
 #: in-flight forwarded connections on Linux (2048 elsewhere), a client 2/3 of that.
 #: Each of ours costs a few KiB idle and up to its buffers busy.
 MAX_CONNECTIONS = 4096
+#: SYNs for forwarded destinations whose host-side dial is still running (tailscaled's
+#: gVisor forwarder: 8192 in flight on Linux), and per client address (2/3 of that).
+MAX_FORWARD_PENDING = 8192
 #: A UDP socket's queue, in bytes (Linux's rmem_default is 208 KiB), beside its count.
 UDP_QUEUE_BYTES = 256 << 10
+
+
+ConnKey = tuple[bytes, int, bytes, int]  # (remote address, remote port, local address, local port)
+
+
+class ForwardHooks(Protocol):
+    """What a router (``trionet.router``) tells the stack, and is told by it, about
+    packets for addresses that are not the stack's own. All called synchronously from
+    inside a core call: they must not call back into the stack."""
+
+    def wants(self, dst: bytes) -> bool:
+        """Is ``dst`` (a packed address, not one of ours) forwarded at all?"""
+
+    def tcp_syn(self, key: ConnKey) -> bool:
+        """A new connection to a forwarded address: start dialing it (then call
+        ``complete_pending`` or ``refuse_pending``), or False to drop the SYN."""
+
+    def udp_datagram(self, src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> None:
+        """A datagram for a forwarded address."""
+
+    def icmp_echo(self, src: bytes, dst: bytes, ident: int, seq: int, payload: bytes) -> None:
+        """An echo request for a forwarded address (answer with ``echo_reply_from``)."""
+
+
+class PendingSyn(NamedTuple):
+    """A forwarded connection's SYN, held while the host dials its destination."""
+
+    seq: int
+    wnd: int
+    opts: wtcp.TcpOptions
 
 
 class ListenerCore:
@@ -123,7 +156,9 @@ class StackCore:
                  mtu: int = 1280, accept_inbound: Callable[[PacketInfo], bool] | None = None,
                  tcp_config: TcpConfig | None = None, seed: int | None = None,
                  verify_checksums: bool = True, max_connections: int = MAX_CONNECTIONS,
-                 max_connections_per_peer: int | None = None) -> None:
+                 max_connections_per_peer: int | None = None,
+                 max_forward_pending: int = MAX_FORWARD_PENDING,
+                 max_forward_pending_per_peer: int | None = None) -> None:
         self.addresses = [ipaddress.ip_address(a) for a in addresses]
         self._v4 = [a.packed for a in self.addresses if a.version == 4]
         self._v6 = [a.packed for a in self.addresses if a.version == 6]
@@ -160,6 +195,14 @@ class StackCore:
         #: every listener's half-open connections, oldest first (evicted when the table is full)
         self._half_open: dict[tuple[bytes, int, bytes, int], TcpConnection] = {}
         self._pseudo: dict[tuple[bytes, bytes, int], int] = {}
+        #: packets for addresses not ours go to it (None: they are dropped as not_for_us)
+        self.forwarder: ForwardHooks | None = None
+        #: forwarded SYNs held until the host-side dial ends (``complete_pending``)
+        self.pending: dict[ConnKey, PendingSyn] = {}
+        self.max_forward_pending = max_forward_pending
+        self.max_forward_pending_per_peer = (max_forward_pending * 2 // 3 if max_forward_pending_per_peer is None
+                                             else max_forward_pending_per_peer)
+        self._pending_per_peer: dict[bytes, int] = {}
         self._ident = 0
         self._batch: set[TcpConnection] = set()
         #: the receive fast path (``deliver_many``); off only to test it against the slow path
@@ -196,6 +239,7 @@ class StackCore:
         out["udp_queued_datagrams"] = sum(len(u.queue) for u in self.udp.values())
         out["udp_queued_bytes"] = sum(u.queued_bytes for u in self.udp.values())
         out["icmp_echo_waiting"] = len(self.echo)
+        out["tcp_forward_pending"] = len(self.pending)
         return out
 
     def _drop(self, reason: str) -> None:
@@ -406,7 +450,7 @@ class StackCore:
         try:
             if v == 4:
                 ihl, total, _id, ff, _ttl, proto, src, dst = wip4.unpack(buf, self.verify_checksums)
-                if dst not in self._local:
+                if dst not in self._local and not self._forwarded(dst):
                     raise WireError("not_for_us")
                 if ff & 0x3FFF:
                     raise WireError("ipv4_fragment")
@@ -421,7 +465,7 @@ class StackCore:
                     raise WireError("unknown_protocol")
             elif v == 6:
                 plen6, nxt6, _hops, src6, dst6 = wip6.unpack(buf)
-                if dst6 not in self._local:
+                if dst6 not in self._local and not self._forwarded(dst6):
                     raise WireError("not_for_us")
                 body = buf[40:40 + plen6]
                 if nxt6 == 6:
@@ -434,6 +478,10 @@ class StackCore:
                 raise WireError("bad_ip_version")
         except WireError as e:
             self._drop(e.reason)
+
+    def _forwarded(self, dst: bytes) -> bool:
+        fwd = self.forwarder
+        return fwd is not None and fwd.wants(dst)
 
     # -------------------------------------------------------------------- TCP
     def _tcp_in(self, v: int, src: bytes, dst: bytes, seg: memoryview, now: float) -> None:
@@ -451,10 +499,23 @@ class StackCore:
                 return
             self._batch.add(conn)
             return
+        if self.pending and key in self.pending:
+            if flags & RST:  # the client gave up: the dial's end finds nothing to complete
+                self._forget_pending(key)
+                self.stats["tcp_forward_client_reset"] += 1
+            else:  # a retransmitted SYN (or junk) while the host dials: the SYN-ACK comes after
+                self.stats["tcp_forward_syn_swallowed"] += 1
+            return
         if flags & RST:
             self.stats["tcp_rst_no_socket"] += 1
             return
-        lst = self.listeners.get(dport)
+        lst: ListenerCore | None = None
+        if dst not in self._local:  # (then _input found it forwarded): no listeners there
+            if flags & (SYN | ACK) == SYN:
+                self._forward_syn(v, key, seq, wnd, opts)
+                return
+        else:
+            lst = self.listeners.get(dport)
         if lst is not None and not lst.closed and flags & (SYN | ACK) == SYN:
             self._tcp_syn(v, lst, key, seq, wnd, opts, now)
             return
@@ -506,6 +567,77 @@ class StackCore:
         if t is not None and (self.timer_hint is None or t < self.timer_hint):
             self.timer_hint = t
         self.stats["tcp_passive_opens"] += 1
+
+    def _forward_syn(self, v: int, key: ConnKey, seq: int, wnd: int, opts: wtcp.TcpOptions) -> None:
+        """A SYN for a forwarded address: held (no SYN-ACK yet) while the forwarder
+        dials the destination from the host. Over a limit it is dropped, as gVisor's
+        forwarder leaves it unhandled: the client retries, by then perhaps in room."""
+        src = key[0]
+        if self.accept_inbound is not None:
+            info = PacketInfo(v, 6, ipaddress.ip_address(src), ipaddress.ip_address(key[2]), key[1], key[3])
+            if not self.accept_inbound(info):
+                self._drop("filtered")
+                return
+        if len(self.pending) >= self.max_forward_pending:
+            self._drop("forward_pending_limit")
+            return
+        if self._pending_per_peer.get(src, 0) >= self.max_forward_pending_per_peer:
+            self._drop("forward_pending_limit_peer")
+            return
+        if (self._peer_conns.get(src, 0) >= self.max_connections_per_peer
+                or len(self.conns) >= self.max_connections):
+            self._drop("forward_conn_limit")
+            return
+        fwd = self.forwarder
+        assert fwd is not None  # (_input let the packet in because of it)
+        if not fwd.tcp_syn(key):
+            self._drop("forward_refused")  # the forwarder's own limits (it counts why)
+            return
+        self.pending[key] = PendingSyn(seq, wnd, opts)
+        self._pending_per_peer[src] = self._pending_per_peer.get(src, 0) + 1
+        self.stats["tcp_forward_syns"] += 1
+
+    def _forget_pending(self, key: ConnKey) -> PendingSyn | None:
+        syn = self.pending.pop(key, None)
+        if syn is not None:
+            left = self._pending_per_peer[key[0]] - 1
+            if left:
+                self._pending_per_peer[key[0]] = left
+            else:
+                del self._pending_per_peer[key[0]]
+        return syn
+
+    def complete_pending(self, key: ConnKey, now: float) -> TcpConnection | None:
+        """The host reached the destination of a held SYN: answer it with a SYN-ACK.
+        The connection (SYN_RECEIVED) is the caller's, or None if the client reset
+        meanwhile or the stack is full (then the client gets a RST)."""
+        self._now = now
+        syn = self._forget_pending(key)
+        if syn is None:
+            return None
+        if self._peer_conns.get(key[0], 0) >= self.max_connections_per_peer:
+            self._refuse_syn(key, syn.seq, "tcp_conn_limit_peer", self.max_connections_per_peer)
+            return None
+        if len(self.conns) >= self.max_connections:
+            if not self._half_open:
+                self._refuse_syn(key, syn.seq, "tcp_conn_limit_total", self.max_connections)
+                return None
+            self._evict(next(iter(self._half_open.values())))
+        conn = self._new_conn(key, now)
+        conn.open_passive(syn.seq, syn.wnd, syn.opts, now)
+        self.touched.append(conn)  # so the driver brings its timer forward (SYN-ACK retransmission)
+        self.stats["tcp_forward_completed"] += 1
+        return conn
+
+    def refuse_pending(self, key: ConnKey) -> None:
+        """The host could not reach the destination of a held SYN: RST at once, as
+        tailscaled does (no ICMP)."""
+        syn = self._forget_pending(key)
+        if syn is None:
+            return
+        src, sport, dst, dport = key
+        self.stats["tcp_forward_refused"] += 1
+        self._tcp_raw(dst, dport, src, sport, RST | ACK, 0, (syn.seq + 1) & MASK, 0)
 
     def _refuse_syn(self, key: tuple[bytes, int, bytes, int], seq: int, kind: str, limit: int) -> None:
         """A SYN past a connection limit: RST, so the client fails now instead of
@@ -659,6 +791,9 @@ class StackCore:
     def _udp_in(self, v: int, src: bytes, dst: bytes, body: memoryview) -> None:
         pseudo = self._pseudo_base(src, dst, 17) + len(body)
         h = wudp.parse(body, pseudo, require_checksum=(v == 6))
+        if dst not in self._local:  # (then _input found it forwarded)
+            self._udp_forward(v, src, dst, h.src_port, h.dst_port, body[8:h.length])
+            return
         sock = self.udp.get(h.dst_port)
         if sock is None or sock.closed:
             self._drop("udp_no_socket")
@@ -677,6 +812,28 @@ class StackCore:
         sock.queued_bytes += size
         self.stats["udp_in"] += 1
         self.touched.append(sock)
+
+    def _udp_forward(self, v: int, src: bytes, dst: bytes, sport: int, dport: int, payload: memoryview) -> None:
+        if self.accept_inbound is not None and not self.accept_inbound(
+                PacketInfo(v, 17, ipaddress.ip_address(src), ipaddress.ip_address(dst), sport, dport)):
+            self._drop("filtered")
+            return
+        fwd = self.forwarder
+        assert fwd is not None
+        self.stats["udp_forward_in"] += 1
+        fwd.udp_datagram(src, sport, dst, dport, bytes(payload))
+
+    def udp_send_from(self, src: bytes, sport: int, dst: bytes, dport: int, data: bytes) -> bool:
+        """A datagram from any address (a forwarded flow's reply comes from the address
+        the client sent to); False if it does not fit the MTU (dropped, counted)."""
+        overhead = (20 if len(src) == 4 else 40) + 8
+        if len(data) + overhead > self.mtu or len(src) != len(dst):
+            self._drop("udp_forward_too_big")
+            return False
+        dg = wudp.build(sport, dport, data, self._pseudo_base(src, dst, 17))
+        self.stats["udp_forward_out"] += 1
+        self._ip_out(src, dst, 17, dg)
+        return True
 
     def udp_bind(self, port: int = 0, queue_limit: int = 256,
                  queue_bytes_limit: int = UDP_QUEUE_BYTES) -> UdpSocketCore:
@@ -715,7 +872,16 @@ class StackCore:
         m = wicmp.parse(body, pseudo)
         req, rep = ((wicmp.V4_ECHO_REQUEST, wicmp.V4_ECHO_REPLY) if v == 4
                     else (wicmp.V6_ECHO_REQUEST, wicmp.V6_ECHO_REPLY))
-        if m.type == req:
+        if m.type == req and dst not in self._local:  # (then _input found it forwarded)
+            if self.accept_inbound is not None and not self.accept_inbound(
+                    PacketInfo(v, proto, ipaddress.ip_address(src), ipaddress.ip_address(dst), 0, 0)):
+                self._drop("filtered")
+                return
+            fwd = self.forwarder
+            assert fwd is not None
+            self.stats["icmp_forward_echo"] += 1
+            fwd.icmp_echo(src, dst, m.ident, m.seq, bytes(m.payload))
+        elif m.type == req:
             if self.accept_inbound is not None and not self.accept_inbound(
                     PacketInfo(v, proto, ipaddress.ip_address(src), ipaddress.ip_address(dst),
                                0, 0)):
@@ -734,6 +900,15 @@ class StackCore:
                 self.stats["icmp_unmatched_reply"] += 1
         else:
             self.stats["icmp_ignored"] += 1
+
+    def echo_reply_from(self, src: bytes, dst: bytes, ident: int, seq: int, payload: bytes) -> None:
+        """An echo reply from ``src`` (a forwarded address the host could ping) to ``dst``."""
+        if len(src) == 4:
+            self._ip_out(src, dst, 1, wicmp.build(wicmp.V4_ECHO_REPLY, 0, ident, seq, payload))
+        else:
+            p = self._pseudo_base(src, dst, 58) + 8 + len(payload)
+            self._ip_out(src, dst, 58, wicmp.build(wicmp.V6_ECHO_REPLY, 0, ident, seq, payload, p))
+        self.stats["icmp_forward_echo_replied"] += 1
 
     def ping_start(self, dst: IPAddress, payload: bytes = b"") -> tuple[
             tuple[bytes, int, int], EchoWaiter]:
@@ -780,4 +955,5 @@ class StackCore:
             self.rejects.internal_error("flush", exc)
 
 
-__all__ = ["EchoWaiter", "ListenerCore", "PacketInfo", "StackCore", "UdpSocketCore"]
+__all__ = ["ConnKey", "EchoWaiter", "ForwardHooks", "ListenerCore", "PacketInfo", "PendingSyn", "StackCore",
+           "UdpSocketCore"]

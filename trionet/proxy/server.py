@@ -104,6 +104,9 @@ class _Failed(Exception):
         self.detail = detail
 
 
+RelayFailed = _Failed  # what `relay` raises when a side breaks, by a name for other modules
+
+
 _STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -309,7 +312,8 @@ async def _dial_watching(client: trio.abc.Stream, reader: _Buffered,
 
 
 async def _one_way(src: trio.abc.Stream, dst: trio.abc.Stream, src_name: str, dst_name: str,
-                   src_eof: bool, broken: list[str], cancel: trio.CancelScope) -> None:
+                   src_eof: bool, broken: list[str], cancel: trio.CancelScope,
+                   counts: list[int] | None = None, index: int = 0) -> None:
     side = src_name  # whose failure an exception would be
     try:
         if not src_eof:
@@ -320,6 +324,8 @@ async def _one_way(src: trio.abc.Stream, dst: trio.abc.Stream, src_name: str, ds
                 side = dst_name
                 await dst.send_all(data)
                 side = src_name
+                if counts is not None:
+                    counts[index] += len(data)
         side = dst_name
         if isinstance(dst, trio.abc.HalfCloseableStream):
             await dst.send_eof()
@@ -331,10 +337,12 @@ async def _one_way(src: trio.abc.Stream, dst: trio.abc.Stream, src_name: str, ds
 
 
 async def relay(client: trio.abc.Stream, target: trio.abc.Stream, early: bytes | bytearray = b"",
-                client_eof: bool = False) -> None:
+                client_eof: bool = False, counts: list[int] | None = None) -> None:
     """Send ``early`` to the target, then copy both ways until both directions ended
     with EOF (half-closes pass through); then close both. If either side breaks, the
-    other is reset and `_Failed` (``client_reset`` / ``target_reset``) is raised."""
+    other is reset and `RelayFailed` (``client_reset`` / ``target_reset``) is raised.
+    ``counts`` (optional): bytes copied [client to target, target to client] are added
+    to it as they go."""
     broken: list[str] = []
     try:
         if early:
@@ -345,9 +353,9 @@ async def relay(client: trio.abc.Stream, target: trio.abc.Stream, early: bytes |
         if not broken:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_one_way, client, target, "client", "target", client_eof, broken,
-                                   nursery.cancel_scope)
+                                   nursery.cancel_scope, counts, 0)
                 nursery.start_soon(_one_way, target, client, "target", "client", False, broken,
-                                   nursery.cancel_scope)
+                                   nursery.cancel_scope, counts, 1)
     finally:
         # Shielded: in a relay cancelled while the node runs on (a forward closed), the
         # first close's checkpoint would raise Cancelled and leave the other side open.

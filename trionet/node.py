@@ -649,7 +649,8 @@ class Node:
         self.router = Router(self.stack)
         self.forwarding_status = self.router.status
         self._nursery.start_soon(self.router.run)
-        self.peerapi.listen(self.stack, addrs)  # now: the first lite update carries its Services
+        # now: the first lite update carries its Services; the ports --serve takes are left to it
+        self.peerapi.listen(self.stack, addrs, reserved={s.tailnet_port for s in self.config.serves})
         self._nursery.start_soon(self.peerapi.serve)
         self._stack_ready.set()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import trio
@@ -65,9 +65,11 @@ class PeerApiServer:
             return []
         return peerapi.services(self.port4 or None, self.port6 or None)
 
-    def listen(self, stack: NetStack, addresses: Sequence[peerapi.IPAddr]) -> None:
+    def listen(self, stack: NetStack, addresses: Sequence[peerapi.IPAddr],
+               reserved: Collection[int] = ()) -> None:
         """Listen on tailscaled's port for each address family we have (the first of its
-        5 candidates that is free). A netstack listener takes the port on every address."""
+        5 candidates that is free and not `reserved`: ports the user's --serve takes once
+        the node runs). A netstack listener takes the port on every address."""
         for family in (4, 6):
             addr = next((a for a in addresses if a.version == family), None)
             if addr is None:
@@ -75,6 +77,8 @@ class PeerApiServer:
             for port in peerapi.peerapi_port_candidates(addr):
                 if port in (self.port4, self.port6):  # the other family's listener has it already
                     break
+                if port in reserved:
+                    continue
                 try:
                     self._listeners.append(stack.listen_tcp(port))
                 except LocalProtocolError:  # taken (by --serve, say): tailscaled tries the next

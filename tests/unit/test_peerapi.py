@@ -323,3 +323,13 @@ def test_no_http2_input_makes_the_session_raise(chunks: list[bytes]) -> None:
         for _, request in session.feed(chunk):
             assert isinstance(request, (Request, BadRequest))
     assert isinstance(session.data_to_send(), bytes)
+
+
+async def test_the_port_skips_one_taken_now_and_one_serve_will_take() -> None:
+    first, second, third = peerapi.peerapi_port_candidates(B4)[:3]
+    server = _server()
+    async with linked_stacks() as (_, b):
+        b.listen_tcp(first)  # taken already
+        server.listen(b, [B4], reserved={second})  # --serve asked for it: left free
+        assert server.port4 == third
+        b.listen_tcp(second)  # the --serve listener starts later and gets its port

@@ -36,6 +36,7 @@ from typing import Any
 import attrs
 
 from trionet.errors import ConfigError
+from trionet.routes import ALL_V4, ALL_V6, CGNAT, EXIT_ROUTES, TAILSCALE_ULA, IPAddr, IPNet
 
 __all__ = [
     "EXIT_ROUTES",
@@ -50,20 +51,12 @@ __all__ = [
     "shrink_default_route",
 ]
 
-IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-ALL_V4 = ipaddress.IPv4Network("0.0.0.0/0")
-ALL_V6 = ipaddress.IPv6Network("::/0")
-EXIT_ROUTES: tuple[IPNet, IPNet] = (ALL_V4, ALL_V6)
-_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
-_TAILSCALE_ULA = ipaddress.IPv6Network("fd7a:115c:a1e0::/48")
 
 #: What a /0 never covers (tailscale local.go, removeFromDefaultRoute).
 REMOVE_FROM_DEFAULT_ROUTE: tuple[IPNet, ...] = tuple(ipaddress.ip_network(p) for p in (
     "192.168.0.0/16", "172.16.0.0/12", "10.0.0.0/8",  # RFC 1918
-    "169.254.0.0/16", "224.0.0.0/4", str(_CGNAT),
-    "fe80::/10", "ff00::/8", str(_TAILSCALE_ULA)))
+    "169.254.0.0/16", "224.0.0.0/4", str(CGNAT),
+    "fe80::/10", "ff00::/8", str(TAILSCALE_ULA)))
 
 
 def _sort_key(net: IPNet) -> tuple[int, int, int]:
@@ -225,7 +218,7 @@ _FIB_LEAF = re.compile(r"^\s*\|-- (\d+\.\d+\.\d+\.\d+)\s*$")
 
 
 def _is_tailscale(ip: IPAddr) -> bool:
-    return ip in _CGNAT if ip.version == 4 else ip in _TAILSCALE_ULA
+    return ip in CGNAT if ip.version == 4 else ip in TAILSCALE_ULA
 
 
 def host_interfaces_from_proc(fib_trie: str, if_inet6: str) -> HostInterfaces:

@@ -42,7 +42,6 @@ from trionet import peerapi
 from trionet.advertise import (
     Advertised,
     HostInterfaces,
-    IPNet,
     advertise_status,
     approved_routes,
     host_interfaces_from_proc,
@@ -69,6 +68,7 @@ from trionet.router import Router
 from trionet.routes import (
     EXIT_ROUTES,
     ExitNodeChoiceError,
+    IPNet,
     NoRouteError,
     PeerRoutes,
     Route,

@@ -1,13 +1,13 @@
 """trionet as a subnet router and exit node, against real Headscale and tailscaled: what it
-advertises is approved on Headscale and seen by a tailscaled peer.
+advertises is approved on Headscale and seen by a tailscaled peer, and the DNS an exit
+node's clients ask through its peer API leads them to a fetch through it.
 
-Forwarding the traffic itself is not tested here (the forwarder lives elsewhere); what is
-proven is the advertising, the approval as both sides see it, and the DNS an exit node's
-clients ask through its peer API.
+The forwarding itself (TCP, UDP, ICMP, refusals, policy) is tested in test_subnet_router.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 from collections.abc import Iterator
@@ -18,7 +18,14 @@ import pytest
 import trio
 
 from tests.integration.dns_upstream import UpstreamDns
-from tests.integration.routed_hosts import free_port, wait_until
+from tests.integration.routed_hosts import (
+    WEB_PORT,
+    FileServer,
+    add_routed_host,
+    free_port,
+    link_to_our_namespace,
+    wait_until,
+)
 from tests.integration.test_node import Daemon
 from tests.realstack import HEADSCALE_VERSIONS, Stack, run
 from trionet import Node
@@ -27,7 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.netns]
 
 SUBNET = "10.77.0.0/24"
 HOST_ONLY_NAME = "only.trionet-host.test"  # known to trionet's host resolver alone
-HOST_ONLY_IP = "192.0.2.77"
 EXIT = ["0.0.0.0/0", "::/0"]
 ALLOW_ALL = json.dumps({"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]})
 
@@ -109,11 +115,16 @@ def test_up_advertises_routes_and_an_exit_node_that_headscale_approves_and_tails
 
 async def test_a_tailscaled_client_of_the_exit_node_resolves_names_through_its_peer_api(
         lab: Stack, tmp_path: Path) -> None:
-    """ts1 uses trionet as its exit node; a SOCKS5 dial by name on ts1 asks trionet's peer API
+    """ts1 uses trionet as its exit node; a SOCKS5 fetch by name on ts1 asks trionet's peer API
     DoH, which asks trionet's host resolver (a test server on 127.0.0.1 given as
-    host_resolvers). The dial itself needs the forwarder; the name's journey does not."""
+    host_resolvers), and the fetch goes through trionet to an "internet" host only our
+    namespace reaches."""
     stack, ts1 = lab, lab.tailscaleds[0]
-    resolver = UpstreamDns("127.0.0.1", {HOST_ONLY_NAME: HOST_ONLY_IP}, port=free_port()).start()
+    internet_ip = f"203.0.113.{stack.subnet}"  # TEST-NET-3, per stack: our namespace's routes are shared
+    host = add_routed_host(stack, "dnsweb", internet_ip, [], f"{internet_ip}/32")
+    link_to_our_namespace(stack, host, internet_ip, f"{internet_ip}/32", link_base=208)
+    web = FileServer(stack, host, WEB_PORT, blob_mb=4).start()
+    resolver = UpstreamDns("127.0.0.1", {HOST_ONLY_NAME: internet_ip}, port=free_port()).start()
     hostname = "py-exit-dns"
     try:
         async with Node(login_server=stack.server_url, auth_key=stack.preauth_key(), state_dir=tmp_path,
@@ -130,14 +141,20 @@ async def test_a_tailscaled_client_of_the_exit_node_resolves_names_through_its_p
             await trio.to_thread.run_sync(wait_until, offered, 30, "ts1 to see trionet as an exit node")
             await trio.to_thread.run_sync(lambda: ts1.cli("set", f"--exit-node={my_ip}"))
             try:
-                def resolved_through_us() -> bool:
-                    # the fetch fails without a forwarder; the name must have come through us
-                    run([*ts1.host.exec_prefix(), "curl", "-sS", "--max-time", "5", "--socks5-hostname",
-                         f"127.0.0.1:{ts1.socks_port}", f"http://{HOST_ONLY_NAME}/"], check=False, timeout=20)
-                    return HOST_ONLY_NAME + "." in resolver.asked
+                out = tmp_path / "blob"
 
-                await trio.to_thread.run_sync(wait_until, resolved_through_us, 60,
-                                              "ts1's name lookup to reach trionet's host resolver")
+                def fetched_by_name() -> bool:
+                    # until ts1 has taken us as its exit node the name does not resolve
+                    got = run([*ts1.host.exec_prefix(), "curl", "-sS", "--max-time", "30", "--socks5-hostname",
+                               f"127.0.0.1:{ts1.socks_port}", f"http://{HOST_ONLY_NAME}:{WEB_PORT}/blob",
+                               "-o", str(out)], check=False, timeout=60)
+                    return got.returncode == 0
+
+                await trio.to_thread.run_sync(wait_until, fetched_by_name, 60,
+                                              "ts1's fetch by a name only trionet's host resolver knows")
+                assert hashlib.sha256(out.read_bytes()).hexdigest() == web.blob_sha256
+                assert HOST_ONLY_NAME + "." in resolver.asked  # the name came through our peer API
+                assert node.statistics()["forwarding"]["tcp_established"] >= 1
                 stats = node.statistics()["peerapi"]
                 assert stats["dns_answers"] >= 1 and stats.get("dns_denied", 0) == 0, stats
                 # tailscaled's DoH client speaks HTTP/1.1 to a peer API (protocol-notes-next §22.5)
@@ -146,3 +163,4 @@ async def test_a_tailscaled_client_of_the_exit_node_resolves_names_through_its_p
                 await trio.to_thread.run_sync(lambda: ts1.cli("set", "--exit-node="))
     finally:
         resolver.stop()
+        web.stop()

@@ -124,7 +124,7 @@ class Router:
         flow = self.table.open_tcp(key, trio.current_time())
         if flow is None:
             return False
-        self._nursery.start_soon(self._forward_tcp, flow)
+        self._nursery.start_soon(self._guarded, "tcp_flow", self._forward_tcp, flow)
         return True
 
     def udp_datagram(self, src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> None:
@@ -147,7 +147,7 @@ class Router:
             to = (str(ipaddress.ip_address(dst)), dport)
             self._udp_socks[key] = (sock, to)
             assert self._nursery is not None
-            self._nursery.start_soon(self._udp_replies, flow, sock)
+            self._nursery.start_soon(self._guarded, "udp_flow", self._udp_replies, flow, sock)
         table.udp_from_peer(flow, len(payload), now)
         try:
             sock.sendto(payload, to)
@@ -160,9 +160,17 @@ class Router:
         if not self.table.start_ping():
             return
         assert self._nursery is not None
-        self._nursery.start_soon(self._answer_echo, src, dst, ident, seq, payload)
+        self._nursery.start_soon(self._guarded, "icmp_echo", self._answer_echo, src, dst, ident, seq, payload)
 
     # ---------------------------------------------------------------- tasks
+    async def _guarded(self, kind: str, task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """One flow's task: a bug of ours in it is counted and ends that flow only (each
+        task releases its flow in its own `finally`), never the router or the node."""
+        try:
+            await task(*args)
+        except Exception as exc:
+            self.errors.internal_error(kind, exc)
+
     async def _forward_tcp(self, flow: Flow) -> None:
         key = flow.key
         src, sport, dst, dport = key

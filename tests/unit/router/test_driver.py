@@ -304,3 +304,30 @@ async def test_udp_host_socket_takes_the_clients_source_port_if_free_else_anothe
             assert router.statistics()["udp_flows"] == 2
             nursery.cancel_scope.cancel()
     server.close()
+
+
+async def test_a_bug_in_one_flow_is_counted_and_the_router_keeps_forwarding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trionet.router import driver
+
+    real_dial = driver._dial
+    calls: list[int] = []
+
+    async def buggy_once(dst: bytes, port: int) -> trio.SocketStream:
+        calls.append(port)
+        if len(calls) == 1:
+            raise KeyError("a bug of ours")  # not a host error: nothing expects it
+        return await real_dial(dst, port)
+
+    monkeypatch.setattr(driver, "_dial", buggy_once)
+    async with routed() as (client, router), trio.open_nursery() as nursery:
+        port, _got = await serve_tcp_echo(nursery)
+        with trio.fail_after(5), pytest.raises(TransportError):  # the held SYN still gets its RST
+            await client.open_tcp_stream(LOOPBACK, port)
+        stats = router.statistics()
+        assert stats["internal_error.tcp_flow"] == 1 and not router.table.tcp
+        with trio.fail_after(10):  # and the next connection is forwarded
+            stream = await client.open_tcp_stream(LOOPBACK, port)
+            await stream.send_all(b"still here")
+            assert await stream.receive_some() == b"still here"
+            await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -157,14 +157,7 @@ class ForwardTable:
     def close_tcp(self, flow: Flow, outcome: str) -> None:
         """``outcome``: ``completed``, or why it failed (``refused``, ``unreachable``,
         ``timeout``, ``host_error``, ``client_gone``, ``peer_reset``, ``host_reset``, ``cancelled``)."""
-        if self.tcp.get(flow.key) is flow:
-            del self.tcp[flow.key]
-            self._tcp_per_peer[flow.key[0]] -= 1
-            if not self._tcp_per_peer[flow.key[0]]:
-                del self._tcp_per_peer[flow.key[0]]
-        self.stats["tcp_" + outcome] += 1
-        self.stats["bytes_from_peer"] += flow.bytes_from_peer
-        self.stats["bytes_to_peer"] += flow.bytes_to_peer
+        self._release(flow, self.tcp, self._tcp_per_peer, "tcp_" + outcome)
 
     # ------------------------------------------------------------------ UDP
     def open_udp(self, key: ConnKey, now: float) -> Flow | None:
@@ -194,12 +187,18 @@ class ForwardTable:
 
     def close_udp(self, flow: Flow, outcome: str) -> None:
         """``outcome``: ``idle`` (timed out) or a host error's kind."""
-        if self.udp.get(flow.key) is flow:
-            del self.udp[flow.key]
-            self._udp_per_peer[flow.key[0]] -= 1
-            if not self._udp_per_peer[flow.key[0]]:
-                del self._udp_per_peer[flow.key[0]]
-        self.stats["udp_closed_" + outcome] += 1
+        self._release(flow, self.udp, self._udp_per_peer, "udp_closed_" + outcome)
+
+    def _release(self, flow: Flow, flows: dict[ConnKey, Flow], per_peer: collections.Counter[bytes],
+                 counter: str) -> None:
+        """A closed flow leaves its table and its peer's count (once: a flow already
+        replaced under its key is not the one there), and its bytes join the totals."""
+        if flows.get(flow.key) is flow:
+            del flows[flow.key]
+            per_peer[flow.key[0]] -= 1
+            if not per_peer[flow.key[0]]:
+                del per_peer[flow.key[0]]
+        self.stats[counter] += 1
         self.stats["bytes_from_peer"] += flow.bytes_from_peer
         self.stats["bytes_to_peer"] += flow.bytes_to_peer
 
